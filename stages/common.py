@@ -1,0 +1,119 @@
+"""Helpers every stage shares: the HAM10000 schema, atomic outputs, logging, CLI plumbing.
+
+Look here before writing a helper of your own.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+# The exact HAM10000 metadata columns, in the original order.
+HAM_COLUMNS: tuple[str, ...] = ("lesion_id", "image_id", "dx", "dx_type", "age", "sex", "localization")
+# The seven HAM10000 diagnoses; "malignant" is mel + bcc + akiec.
+CLASSES: tuple[str, ...] = ("akiec", "bcc", "bkl", "df", "mel", "nv", "vasc")
+MALIGNANT: tuple[str, ...] = ("akiec", "bcc", "mel")
+DX_TYPES: tuple[str, ...] = ("histo", "follow_up", "consensus", "confocal")
+SEXES: tuple[str, ...] = ("male", "female", "unknown")
+LOCALIZATIONS: tuple[str, ...] = (
+    "abdomen", "acral", "back", "chest", "ear", "face", "foot", "genital", "hand",
+    "lower extremity", "neck", "scalp", "trunk", "unknown", "upper extremity",
+)  # fmt: skip
+
+log = logging.getLogger(__name__)
+
+
+class StageError(RuntimeError):
+    """An expected failure with a message meant for the user (no traceback is shown)."""
+
+
+def n_workers(requested: int = 0) -> int:
+    """Worker processes to use: ``requested``, or every core this process may run on when 0."""
+    if requested > 0:
+        return requested
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+@contextlib.contextmanager
+def atomic_dir(target: str | Path) -> Iterator[Path]:
+    """Yield a fresh temp dir beside ``target``; on success it replaces ``target`` in one rename.
+
+    On any exception the temp dir is removed and ``target`` is left exactly as it was, so a
+    failed or killed stage never leaves half an output (the previous good one stays).
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        yield tmp
+        old = None
+        if target.exists() or target.is_symlink():
+            old = target.with_name(f".{target.name}.old-{os.getpid()}")
+            os.replace(target, old)
+        os.replace(tmp, target)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_file(target: str | Path, mode: str = "w", **open_kw: Any) -> Iterator[Any]:
+    """Open a temp file beside ``target`` for writing; rename it over ``target`` on success."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.tmp-", dir=target.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        with open(tmp, mode, **open_kw) as fh:
+            yield fh
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: str | Path, data: Any) -> None:
+    """Write flat, sorted, human-diffable JSON atomically (``dvc metrics diff`` reads it)."""
+    with atomic_file(path, "w", encoding="utf-8") as fh:
+        json.dump(data, fh, indent=2, sort_keys=True, allow_nan=False)
+        fh.write("\n")
+
+
+def setup_logging(verbose: bool = False) -> None:
+    """Configure the root logger for a stage's command line; called only from ``main()``."""
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stderr,
+        force=True,
+    )
+
+
+def run_main(fn: Callable[[], int | None]) -> int:
+    """Run a stage's ``main`` body: expected failures print one line and exit 1, no traceback."""
+    from stages.params import ParamsError
+
+    try:
+        return int(fn() or 0)
+    except (StageError, ParamsError) as e:
+        log.error("%s", e)
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

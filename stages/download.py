@@ -1,0 +1,281 @@
+"""Download stage: bring a HAM10000-layout data set into ``data/raw``.
+
+Sources (``download.source``):
+
+* ``synthetic`` - the embedded default, drawn procedurally from ``base.seed`` (offline);
+* ``local:PATH`` - a folder or ``.zip`` in HAM10000 layout: a metadata table (``.csv`` or
+  Dataverse's ``.tab``, LF or CRLF, ages ``80`` or ``80.0``) and ``<image_id>.jpg`` files anywhere
+  below it (the original release splits them over ``HAM10000_images_part_1/`` and ``_part_2/``);
+* ``dataverse`` - the real release from Harvard Dataverse (resumable, checksummed).
+
+Output: ``metadata.csv`` (exact HAM10000 columns, LF, ages numeric or empty) and
+``images/<image_id>.jpg`` (source bytes unchanged). The output folder is replaced in one rename
+only when everything succeeded, so a failed download leaves the previous ``data/raw`` intact.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import logging
+import shutil
+import sys
+import tempfile
+import zipfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+import pandas as pd
+from tqdm import tqdm
+
+from stages.common import HAM_COLUMNS, StageError, atomic_dir, run_main, setup_logging
+from stages.params import DownloadParams, load_params
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg"}
+METADATA_SUFFIXES = {".csv", ".tab", ".tsv"}
+
+
+@dataclass(frozen=True)
+class DownloadResult:
+    source: str
+    n_rows: int
+    n_images: int
+
+
+# --------------------------------------------------------------------------- zip handling
+
+
+def safe_extract_zip(zip_path: Path, dest: Path) -> None:
+    """Extract ``zip_path`` into ``dest``, refusing any entry that would land outside it.
+
+    Why not ``ZipFile.extractall``: it silently rewrites ``../`` and absolute names; a crafted
+    archive should be an error the user hears about, not a quietly different file tree.
+    """
+    dest = dest.resolve()
+    try:
+        zf = zipfile.ZipFile(zip_path)
+    except (zipfile.BadZipFile, OSError) as e:
+        raise StageError(f"{zip_path}: not a readable zip archive ({e})") from None
+    with zf:
+        for info in zf.infolist():
+            name = info.filename
+            parts = PurePosixPath(name.replace("\\", "/")).parts
+            target = (dest / Path(*parts)).resolve() if parts else dest
+            if name.startswith(("/", "\\")) or ".." in parts or not target.is_relative_to(dest):
+                raise StageError(f"{zip_path}: refusing entry {name!r} that escapes the target folder")
+            if (info.external_attr >> 16) & 0o170000 == 0o120000:
+                raise StageError(f"{zip_path}: refusing symbolic link entry {name!r}")
+        for info in tqdm(zf.infolist(), desc=f"extract {zip_path.name}", unit="file", leave=False):
+            zf.extract(info, dest)
+
+
+# --------------------------------------------------------------------------- metadata
+
+
+def read_metadata_table(path: Path) -> pd.DataFrame:
+    """Read a HAM10000 metadata table (.csv or Dataverse .tab) as strings, exact columns."""
+    raw = path.read_bytes()
+    text = raw.decode("utf-8-sig", errors="replace")
+    first = text.split("\n", 1)[0]
+    sep = "\t" if ("\t" in first or path.suffix.lower() in (".tab", ".tsv")) else ","
+    try:
+        df = pd.read_csv(io.StringIO(text), sep=sep, dtype=str, keep_default_na=False)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError) as e:
+        raise StageError(f"{path}: cannot parse metadata table: {e}") from None
+    df.columns = [c.strip().strip('"') for c in df.columns]
+    missing = [c for c in HAM_COLUMNS if c not in df.columns]
+    if missing:
+        raise StageError(
+            f"{path}: missing HAM10000 column(s) {missing}; found {list(df.columns)}"
+        )
+    extra = [c for c in df.columns if c not in HAM_COLUMNS]
+    if extra:
+        log.warning("%s: ignoring extra column(s) %s", path, extra)
+    df = df[list(HAM_COLUMNS)].apply(lambda s: s.str.strip())
+    df["age"] = df["age"].map(_normalise_age)
+    return df
+
+
+def _normalise_age(value: str) -> str:
+    """``80`` and ``80.0`` (and Dataverse's ``NA``) become ``80.0`` / empty, as in the CSV release.
+
+    Anything else is kept verbatim so the validate stage can name the row.
+    """
+    if value in ("", "NA", "NaN", "nan", "null", "None"):
+        return ""
+    try:
+        return f"{float(value):.1f}"
+    except ValueError:
+        return value
+
+
+def write_metadata_csv(df: pd.DataFrame, path: Path) -> None:
+    with open(path, "w", newline="", encoding="utf-8") as fh:
+        df.to_csv(fh, index=False, lineterminator="\n", quoting=csv.QUOTE_MINIMAL)
+
+
+# --------------------------------------------------------------------------- local import
+
+
+def _find_metadata(root: Path) -> Path:
+    candidates = sorted(
+        p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in METADATA_SUFFIXES
+    )
+    with_columns = []
+    for p in candidates:
+        with open(p, "rb") as fh:
+            head = fh.readline().decode("utf-8-sig", errors="replace")
+        if all(c in head for c in ("lesion_id", "image_id", "dx")):
+            with_columns.append(p)
+    if not with_columns:
+        raise StageError(
+            f"{root}: no HAM10000 metadata table found (a .csv or .tab whose header has "
+            f"lesion_id,image_id,dx,...)"
+        )
+    if len(with_columns) > 1:
+        # Prefer the one named like the release; otherwise refuse to guess.
+        named = [p for p in with_columns if "metadata" in p.name.lower()]
+        if len(named) != 1:
+            raise StageError(f"{root}: several metadata tables found, keep one: {with_columns}")
+        return named[0]
+    return with_columns[0]
+
+
+def _index_images(root: Path) -> dict[str, Path]:
+    """Map image_id -> file. When one id exists in several folders (e.g. a thumbnail folder and
+    a folder of a few full-size originals), take the folder that holds the most images, so the
+    import is one consistent set rather than a mix of resolutions."""
+    by_id: dict[str, list[Path]] = {}
+    for p in root.rglob("*"):
+        if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file() and not p.name.startswith("._"):
+            by_id.setdefault(p.stem, []).append(p)
+    folder_size: dict[Path, int] = {}
+    for paths in by_id.values():
+        for p in paths:
+            folder_size[p.parent] = folder_size.get(p.parent, 0) + 1
+    chosen: dict[str, Path] = {}
+    n_multi = 0
+    for image_id, paths in by_id.items():
+        if len(paths) > 1:
+            n_multi += 1
+            paths = sorted(paths, key=lambda p: (-folder_size[p.parent], str(p)))
+        chosen[image_id] = paths[0]
+    if n_multi:
+        log.info(
+            "%d image id(s) exist in several folders; using the copy in the largest folder", n_multi
+        )
+    return chosen
+
+
+def import_folder(src: Path, out_dir: Path) -> DownloadResult:
+    """Import a HAM10000-layout folder into ``out_dir`` (metadata.csv + images/)."""
+    meta_path = _find_metadata(src)
+    df = read_metadata_table(meta_path)
+    images = _index_images(src)
+    if not images:
+        raise StageError(f"{src}: no .jpg images found below this folder")
+    log.info("importing %s: %d metadata rows (%s), %d images", src, len(df), meta_path.name, len(images))
+    n_no_file = int((~df["image_id"].isin(images)).sum())
+    if n_no_file:
+        log.warning("%d metadata row(s) have no image file (the validate stage reports them)", n_no_file)
+    write_metadata_csv(df, out_dir / "metadata.csv")
+    img_dir = out_dir / "images"
+    img_dir.mkdir()
+    for image_id, path in tqdm(sorted(images.items()), desc="copy images", unit="img"):
+        shutil.copyfile(path, img_dir / f"{image_id}.jpg")
+    return DownloadResult(source=f"local:{src}", n_rows=len(df), n_images=len(images))
+
+
+def import_local(path: Path, out_dir: Path, *, scratch: Path) -> DownloadResult:
+    """``local:PATH``: a folder, or a zip that is first extracted (safely) into ``scratch``."""
+    if not path.exists():
+        raise StageError(f"download.source: local path {str(path)!r} does not exist")
+    if path.is_dir():
+        return import_folder(path, out_dir)
+    if zipfile.is_zipfile(path):
+        staging = Path(tempfile.mkdtemp(prefix="extract-", dir=scratch))
+        try:
+            safe_extract_zip(path, staging)
+            return import_folder(staging, out_dir)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    raise StageError(f"download.source: {str(path)!r} is neither a folder nor a zip archive")
+
+
+def import_dataverse_files(files: dict[str, Path], out_dir: Path, *, scratch: Path) -> DownloadResult:
+    """Turn the verified Dataverse files (zips + metadata table) into ``out_dir``."""
+    staging = Path(tempfile.mkdtemp(prefix="dataverse-", dir=scratch))
+    try:
+        for name, path in files.items():
+            if zipfile.is_zipfile(path):
+                safe_extract_zip(path, staging / Path(name).stem)
+            else:
+                shutil.copyfile(path, staging / path.name)
+        return import_folder(staging, out_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- stage
+
+
+def run(params: DownloadParams, *, seed: int, out_dir: Path, cache_dir: Path) -> DownloadResult:
+    """Fetch the configured source into ``out_dir``, replacing it only on success."""
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    local = params.local_path
+    # Resolve the source before touching the output, so a bad source fails fast.
+    if local is not None and not local.exists():
+        raise StageError(f"download.source: local path {str(local)!r} does not exist")
+    with atomic_dir(out_dir) as tmp:
+        if params.source == "synthetic":
+            from stages.synthetic import generate
+
+            res = generate(params.synthetic, seed, tmp)
+            result = DownloadResult("synthetic", res.n_images, res.n_images)
+        elif params.source == "dataverse":
+            from stages.dataverse import fetch_dataverse
+
+            files = fetch_dataverse(params.dataverse, cache_dir)
+            result = import_dataverse_files(files, tmp, scratch=cache_dir)
+        else:
+            assert local is not None
+            result = import_local(local, tmp, scratch=cache_dir)
+    log.info("data/raw: %d metadata rows, %d images from %s", result.n_rows, result.n_images, result.source)
+    return result
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(
+        prog="python -m stages.download",
+        description="Bring a HAM10000-layout data set into OUT (metadata.csv + images/). "
+        "The source is params.yaml's download.source: synthetic | dataverse | local:PATH.",
+    )
+    ap.add_argument("--params", type=Path, default=Path("params.yaml"), help="params file (default: %(default)s)")
+    ap.add_argument("--out", type=Path, required=True, help="output folder, e.g. data/raw")
+    ap.add_argument(
+        "--cache", type=Path, required=True, help="folder kept between runs for partial downloads"
+    )
+    ap.add_argument("--source", help="override download.source (e.g. local:../shared/data/ham10000)")
+    ap.add_argument("-v", "--verbose", action="store_true")
+    args = ap.parse_args(argv)
+    setup_logging(args.verbose)
+
+    def body() -> int:
+        params = load_params(args.params)
+        section = params.download
+        if args.source:
+            import dataclasses
+
+            section = dataclasses.replace(section, source=args.source)
+        run(section, seed=params.base.seed, out_dir=args.out, cache_dir=args.cache)
+        return 0
+
+    return run_main(body)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,340 @@
+"""Typed, validated view of ``params.yaml``.
+
+``params.yaml`` is read here and nowhere else. Every section becomes a frozen dataclass; the
+loader walks the dataclass fields, so an unknown or misspelled key, a missing key, a wrong type
+or a value out of range fails at load time with a message naming the full key
+(``split.fractions.train``), never later as a ``KeyError`` deep inside a stage.
+
+Bounds live next to the field (``_f(0.7, lo=0, hi=1)``), choices are ``Literal`` types, and
+rules that tie several fields together live in ``__post_init__`` and raise :class:`ParamsError`.
+A stage receives its own section (``load_params(path).split``), never the whole file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+__all__ = ["ParamsError", "Params", "load_params", "parse_params"]
+
+
+class ParamsError(ValueError):
+    """A problem in params.yaml; the message always names the key."""
+
+
+def _f(default: Any, *, lo: float | None = None, hi: float | None = None, **kw: Any) -> Any:
+    """A dataclass field with inclusive numeric bounds checked by the loader."""
+    if isinstance(default, (list, dict, set)):
+        raise TypeError("use a tuple or default_factory for mutable defaults")
+    return field(default=default, metadata={"lo": lo, "hi": hi}, **kw)
+
+
+# --------------------------------------------------------------------------- sections
+
+
+@dataclass(frozen=True)
+class BaseParams:
+    seed: int = _f(42, lo=0, hi=2**31 - 1)
+
+
+@dataclass(frozen=True)
+class SyntheticParams:
+    """The embedded default data set: HAM10000-shaped, drawn procedurally from the seed."""
+
+    n_images: int = _f(700, lo=7, hi=200_000)
+    width: int = _f(200, lo=32, hi=4096)
+    height: int = _f(150, lo=32, hi=4096)
+    max_images_per_lesion: int = _f(6, lo=1, hi=6)
+    jpeg_quality: int = _f(90, lo=50, hi=100)
+    # Fraction of lesions drawn a second time under a different lesion_id (same physical lesion
+    # catalogued twice, as happens in real archives): the split stage must still group them.
+    cross_id_duplicate_rate: float = _f(0.02, lo=0.0, hi=0.5)
+
+
+@dataclass(frozen=True)
+class DataverseParams:
+    """Harvard Dataverse release of HAM10000 (doi:10.7910/DVN/DBW86T)."""
+
+    base_url: str = "https://dataverse.harvard.edu"
+    doi: str = "doi:10.7910/DVN/DBW86T"
+    files: tuple[str, ...] = (
+        "HAM10000_images_part_1.zip",
+        "HAM10000_images_part_2.zip",
+        "HAM10000_metadata.tab",
+    )
+    timeout_s: float = _f(30.0, lo=0.1, hi=3600)
+    retries: int = _f(5, lo=0, hi=50)
+    backoff_s: float = _f(2.0, lo=0.0, hi=600)
+    chunk_bytes: int = _f(1 << 20, lo=1024, hi=1 << 30)
+
+
+@dataclass(frozen=True)
+class DownloadParams:
+    # "synthetic" | "dataverse" | "local:PATH" (folder or .zip in HAM10000 layout; a relative
+    # PATH is taken from the repository root, where dvc runs the stage).
+    source: str = "synthetic"
+    synthetic: SyntheticParams = field(default_factory=SyntheticParams)
+    dataverse: DataverseParams = field(default_factory=DataverseParams)
+
+    def __post_init__(self) -> None:
+        if self.source in ("synthetic", "dataverse"):
+            return
+        if self.source.startswith("local:") and len(self.source) > len("local:"):
+            return
+        raise ParamsError(
+            f"download.source: unknown source {self.source!r}; "
+            "use 'synthetic', 'dataverse' or 'local:PATH'"
+        )
+
+    @property
+    def local_path(self) -> Path | None:
+        return Path(self.source[len("local:") :]) if self.source.startswith("local:") else None
+
+
+@dataclass(frozen=True)
+class FractionsParams:
+    train: float = _f(0.70, lo=0.0, hi=1.0)
+    val: float = _f(0.15, lo=0.0, hi=1.0)
+    test: float = _f(0.15, lo=0.0, hi=1.0)
+
+    def __post_init__(self) -> None:
+        total = self.train + self.val + self.test
+        if not math.isclose(total, 1.0, abs_tol=1e-6):
+            raise ParamsError(f"split.fractions: train+val+test must be 1.0, got {total:g}")
+        if min(self.train, self.val, self.test) <= 0:
+            raise ParamsError("split.fractions: every fraction must be > 0")
+
+
+@dataclass(frozen=True)
+class SplitParams:
+    # Hamming radius for *candidate* retrieval only; candidates are verified before grouping.
+    hash_radius: int = _f(8, lo=0, hi=32)
+    hash_size: int = _f(8, lo=4, hi=16)
+    # Verification of a candidate pair: similarity of the two images after alignment, in [0, 1].
+    verify_threshold: float = _f(0.90, lo=0.0, hi=1.0)
+    max_group_size: int = _f(12, lo=1, hi=1000)
+    fractions: FractionsParams = field(default_factory=FractionsParams)
+    dedupe_majority_in_train: bool = False
+    eval_images: Literal["all", "canonical"] = "all"
+    workers: int = _f(0, lo=0, hi=256)  # 0 = all cores
+
+
+@dataclass(frozen=True)
+class ValidateParams:
+    image_id_pattern: str = r"^ISIC_\d{7}$"
+    min_class_count: int = _f(5, lo=0, hi=1_000_000)
+    on_image_error: Literal["fail", "quarantine"] = "fail"
+    on_non_rgb: Literal["convert", "reject"] = "convert"
+    min_side: int = _f(32, lo=1, hi=100_000)
+    max_side: int = _f(8192, lo=1, hi=100_000)
+    max_pixels: int = _f(100_000_000, lo=1, hi=10**10)
+    fraction_tolerance: float = _f(0.05, lo=0.0, hi=1.0)
+    workers: int = _f(0, lo=0, hi=256)
+
+    def __post_init__(self) -> None:
+        try:
+            re.compile(self.image_id_pattern)
+        except re.error as e:
+            raise ParamsError(f"validate.image_id_pattern: not a valid regex: {e}") from None
+        if self.min_side > self.max_side:
+            raise ParamsError("validate.min_side must be <= validate.max_side")
+
+
+@dataclass(frozen=True)
+class PrepareParams:
+    image_size: int = _f(64, lo=16, hi=1024)
+    aspect: Literal["pad", "crop"] = "crop"
+    shard_size: int = _f(2048, lo=16, hi=1_000_000)
+    workers: int = _f(0, lo=0, hi=256)
+
+
+BACKBONES = (
+    "efficientnetb0",
+    "efficientnetb1",
+    "efficientnetb3",
+    "mobilenet",
+    "mobilenetv2",
+    "resnet50",
+    "densenet121",
+    "custom_cnn",
+)
+
+
+@dataclass(frozen=True)
+class TrainParams:
+    backbones: tuple[str, ...] = ("mobilenetv2", "custom_cnn")
+    weights: str = "imagenet"  # "imagenet" | "none" | path to a weights file
+    weights_fallback: Literal["scratch", "fail"] = "scratch"
+    epochs: int = _f(5, lo=1, hi=10_000)
+    batch_size: int = _f(32, lo=1, hi=4096)
+    learning_rate: float = _f(1e-3, lo=1e-8, hi=10.0)
+    loss: Literal["focal", "weighted_ce"] = "focal"
+    focal_gamma: float = _f(2.0, lo=0.0, hi=10.0)
+
+    def __post_init__(self) -> None:
+        if not self.backbones:
+            raise ParamsError("train.backbones: list at least one backbone")
+        for b in self.backbones:
+            if b not in BACKBONES:
+                raise ParamsError(f"train.backbones: unknown backbone {b!r}; choose from {BACKBONES}")
+
+
+@dataclass(frozen=True)
+class EvaluateParams:
+    bootstrap_samples: int = _f(1000, lo=0, hi=100_000)
+    tta: bool = False
+
+
+@dataclass(frozen=True)
+class EnsembleParams:
+    members: tuple[str, ...] = ("mobilenetv2", "custom_cnn")
+    weights: Literal["equal", "fitted"] = "fitted"
+
+
+@dataclass(frozen=True)
+class CalibrateParams:
+    target_recall: float = _f(0.95, lo=0.0, hi=1.0)
+    recall_bound: Literal["point", "lower_ci"] = "point"
+    ece_bins: int = _f(15, lo=2, hi=1000)
+
+
+@dataclass(frozen=True)
+class DriftParams:
+    threshold: float = _f(0.5, lo=0.0, hi=1.0)  # share of drifted features that flags drift
+
+
+@dataclass(frozen=True)
+class Params:
+    base: BaseParams = field(default_factory=BaseParams)
+    download: DownloadParams = field(default_factory=DownloadParams)
+    split: SplitParams = field(default_factory=SplitParams)
+    validate: ValidateParams = field(default_factory=ValidateParams)
+    prepare: PrepareParams = field(default_factory=PrepareParams)
+    train: TrainParams = field(default_factory=TrainParams)
+    evaluate: EvaluateParams = field(default_factory=EvaluateParams)
+    ensemble: EnsembleParams = field(default_factory=EnsembleParams)
+    calibrate: CalibrateParams = field(default_factory=CalibrateParams)
+    drift: DriftParams = field(default_factory=DriftParams)
+
+    def __post_init__(self) -> None:
+        unknown = set(self.ensemble.members) - set(self.train.backbones)
+        if unknown:
+            raise ParamsError(
+                f"ensemble.members: {sorted(unknown)} not in train.backbones {list(self.train.backbones)}"
+            )
+
+
+# --------------------------------------------------------------------------- loader
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _convert(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; return it in the dataclass's shape."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ParamsError(f"{key}: expected a mapping of keys, got {value!r}")
+        return _build(tp, value, f"{key}.")
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ParamsError(f"{key}: {value!r} is not one of {list(choices)}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        errors = []
+        for arm in typing.get_args(tp):
+            if arm is type(None) and value is None:
+                return None
+            try:
+                return _convert(value, arm, key)
+            except ParamsError as e:
+                errors.append(str(e))
+        raise ParamsError(errors[0] if errors else f"{key}: bad value {value!r}")
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ParamsError(f"{key}: expected a list, got {value!r}")
+        (item_tp, _ellipsis) = typing.get_args(tp)
+        return tuple(_convert(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value))
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ParamsError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        # YAML's `1e3` is a float and `true` is a bool: neither is an int here.
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ParamsError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ParamsError(f"{key}: expected a number, got {value!r}")
+        if not math.isfinite(value):
+            raise ParamsError(f"{key}: expected a finite number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ParamsError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise TypeError(f"{key}: unsupported annotation {_type_name(tp)}")  # a bug in this module
+
+
+def _build(cls: type, raw: dict[str, Any], prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        import difflib
+
+        key = unknown[0]
+        close = difflib.get_close_matches(key, list(fields), n=1)
+        hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
+        raise ParamsError(f"{prefix}{key}: unknown key{hint}; known keys: {sorted(fields)}")
+    kwargs = {}
+    for name, f in fields.items():
+        key = f"{prefix}{name}"
+        if name not in raw:
+            continue  # the dataclass default applies
+        value = _convert(raw[name], hints[name], key)
+        lo, hi = f.metadata.get("lo"), f.metadata.get("hi")
+        if lo is not None and value < lo:
+            raise ParamsError(f"{key}: {value!r} is below the minimum {lo}")
+        if hi is not None and value > hi:
+            raise ParamsError(f"{key}: {value!r} is above the maximum {hi}")
+        kwargs[name] = value
+    return cls(**kwargs)
+
+
+def parse_params(raw: dict[str, Any] | None) -> Params:
+    """Build :class:`Params` from an already-parsed mapping (tests feed dicts directly)."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ParamsError(f"params: expected a mapping at the top level, got {type(raw).__name__}")
+    return _build(Params, raw, "")
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """Read and validate ``params.yaml``; raise :class:`ParamsError` naming the bad key."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ParamsError(f"{path}: params file not found") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ParamsError(f"{path}: not valid YAML: {e}") from None
+    try:
+        return parse_params(raw)
+    except ParamsError as e:
+        raise ParamsError(f"{path}: {e}") from None

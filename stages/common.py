@@ -93,13 +93,25 @@ def write_json(path: str | Path, data: Any) -> None:
         fh.write("\n")
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is *now* (pytest and Prefect swap it between calls)."""
+
+    @property  # type: ignore[override]
+    def stream(self):  # noqa: D401
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value) -> None:
+        pass
+
+
 def setup_logging(verbose: bool = False) -> None:
     """Configure the root logger for a stage's command line; called only from ``main()``."""
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
-        stream=sys.stderr,
+        handlers=[_StderrHandler()],
         force=True,
     )
 
@@ -111,7 +123,7 @@ def run_main(fn: Callable[[], int | None]) -> int:
     try:
         return int(fn() or 0)
     except (StageError, ParamsError) as e:
-        log.error("%s", e)
+        # One line, no traceback: these are the user's to fix, and the message names what.
         print(f"error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

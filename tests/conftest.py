@@ -56,3 +56,61 @@ def write_raw(root: Path, rows: list[dict], *, size=(64, 48)) -> Path:
             w.writerow({k: full[k] for k in HAM_COLUMNS})
             make_jpeg(root / "images" / f"{r['image_id']}.jpg", size=size, seed=i)
     return root
+
+
+# --------------------------------------------------------------------------- e2e: a repo copy
+
+_NOT_COPIED = ("data/", "models/", "metrics/", "reports/", "dvc.lock", ".dvc/cache", ".dvc/tmp")
+
+
+def run_cmd(args: list[str], cwd: Path, *, check: bool = True, timeout: float = 1800, env=None):
+    """Run a real command with the venv's bin first on PATH (dvc stages call `python -m ...`)."""
+    import subprocess
+    import sys
+
+    full_env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"}
+    full_env.update(env or {})
+    proc = subprocess.run(
+        args, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout, check=False
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(
+            f"{' '.join(args)} exited {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}"
+            f"\n--- stderr\n{proc.stderr[-4000:]}"
+        )
+    return proc
+
+
+@pytest.fixture
+def repo_copy(tmp_path: Path) -> Path:
+    """A fresh git + DVC repository holding the project's files (no data, no cache, no lock),
+    as a user's clone would, so e2e tests run the real `dvc` commands without touching ours."""
+    import shutil
+    import subprocess
+
+    files = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
+        cwd=REPO, capture_output=True, text=True, check=True,
+    ).stdout.split("\0")
+    dest = tmp_path / "repo"
+    for rel in files:
+        if not rel or rel.startswith(_NOT_COPIED) or not (REPO / rel).is_file():
+            continue
+        (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO / rel, dest / rel)
+    for args in (
+        ["git", "init", "-q"],
+        ["git", "-c", "user.email=t@t", "-c", "user.name=t", "add", "-A"],
+        ["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "copy"],
+    ):
+        run_cmd(args, dest)
+    return dest
+
+
+@pytest.fixture
+def range_server(tmp_path: Path):
+    """A fake Dataverse on 127.0.0.1 (tests/range_server.py) serving the files put in ``.root``."""
+    from range_server import RangeServer
+
+    with RangeServer(tmp_path / "served") as server:
+        yield server

@@ -89,9 +89,7 @@ def read_metadata_table(path: Path) -> pd.DataFrame:
     df.columns = [c.strip().strip('"') for c in df.columns]
     missing = [c for c in HAM_COLUMNS if c not in df.columns]
     if missing:
-        raise StageError(
-            f"{path}: missing HAM10000 column(s) {missing}; found {list(df.columns)}"
-        )
+        raise StageError(f"{path}: missing HAM10000 column(s) {missing}; found {list(df.columns)}")
     extra = [c for c in df.columns if c not in HAM_COLUMNS]
     if extra:
         log.warning("%s: ignoring extra column(s) %s", path, extra)
@@ -122,9 +120,7 @@ def write_metadata_csv(df: pd.DataFrame, path: Path) -> None:
 
 
 def _find_metadata(root: Path) -> Path:
-    candidates = sorted(
-        p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in METADATA_SUFFIXES
-    )
+    candidates = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in METADATA_SUFFIXES)
     with_columns = []
     for p in candidates:
         with open(p, "rb") as fh:
@@ -165,14 +161,15 @@ def _index_images(root: Path) -> dict[str, Path]:
             paths = sorted(paths, key=lambda p: (-folder_size[p.parent], str(p)))
         chosen[image_id] = paths[0]
     if n_multi:
-        log.info(
-            "%d image id(s) exist in several folders; using the copy in the largest folder", n_multi
-        )
+        log.info("%d image id(s) exist in several folders; using the copy in the largest folder", n_multi)
     return chosen
 
 
-def import_folder(src: Path, out_dir: Path) -> DownloadResult:
-    """Import a HAM10000-layout folder into ``out_dir`` (metadata.csv + images/)."""
+def import_folder(src: Path, out_dir: Path, *, move: bool = False) -> DownloadResult:
+    """Import a HAM10000-layout folder into ``out_dir`` (metadata.csv + images/).
+
+    ``move`` renames the images instead of copying them: for our own scratch folders (an
+    extracted archive), so the 2.6 GB release is not held on disk three times over."""
     meta_path = _find_metadata(src)
     df = read_metadata_table(meta_path)
     images = _index_images(src)
@@ -185,8 +182,9 @@ def import_folder(src: Path, out_dir: Path) -> DownloadResult:
     write_metadata_csv(df, out_dir / "metadata.csv")
     img_dir = out_dir / "images"
     img_dir.mkdir()
+    transfer = shutil.move if move else shutil.copyfile
     for image_id, path in tqdm(sorted(images.items()), desc="copy images", unit="img"):
-        shutil.copyfile(path, img_dir / f"{image_id}.jpg")
+        transfer(path, img_dir / f"{image_id}.jpg")
     return DownloadResult(source=f"local:{src}", n_rows=len(df), n_images=len(images))
 
 
@@ -200,7 +198,10 @@ def import_local(path: Path, out_dir: Path, *, scratch: Path) -> DownloadResult:
         staging = Path(tempfile.mkdtemp(prefix="extract-", dir=scratch))
         try:
             safe_extract_zip(path, staging)
-            return import_folder(staging, out_dir)
+            try:
+                return import_folder(staging, out_dir, move=True)
+            except StageError as e:  # name the archive, not our scratch folder
+                raise StageError(str(e).replace(str(staging), str(path))) from None
         finally:
             shutil.rmtree(staging, ignore_errors=True)
     raise StageError(f"download.source: {str(path)!r} is neither a folder nor a zip archive")
@@ -215,7 +216,12 @@ def import_dataverse_files(files: dict[str, Path], out_dir: Path, *, scratch: Pa
                 safe_extract_zip(path, staging / Path(name).stem)
             else:
                 shutil.copyfile(path, staging / path.name)
-        return import_folder(staging, out_dir)
+        try:
+            return import_folder(staging, out_dir, move=True)
+        except StageError as e:  # name what was downloaded, not our scratch folder
+            raise StageError(
+                f"{str(e).replace(str(staging), 'the Dataverse files')} (downloaded: {sorted(files)})"
+            ) from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
@@ -254,7 +260,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         description="Bring a HAM10000-layout data set into OUT (metadata.csv + images/). "
         "The source is params.yaml's download.source: synthetic | dataverse | local:PATH.",
     )
-    ap.add_argument("--params", type=Path, default=Path("params.yaml"), help="params file (default: %(default)s)")
+    ap.add_argument(
+        "--params", type=Path, default=Path("params.yaml"), help="params file (default: %(default)s)"
+    )
     ap.add_argument("--out", type=Path, required=True, help="output folder, e.g. data/raw")
     ap.add_argument(
         "--cache", type=Path, required=True, help="folder kept between runs for partial downloads"

@@ -90,8 +90,7 @@ class DownloadParams:
         if self.source.startswith("local:") and len(self.source) > len("local:"):
             return
         raise ParamsError(
-            f"download.source: unknown source {self.source!r}; "
-            "use 'synthetic', 'dataverse' or 'local:PATH'"
+            f"download.source: unknown source {self.source!r}; use 'synthetic', 'dataverse' or 'local:PATH'"
         )
 
     @property
@@ -152,8 +151,11 @@ class ValidateParams:
 class PrepareParams:
     image_size: int = _f(64, lo=16, hi=1024)
     aspect: Literal["pad", "crop"] = "crop"
-    shard_size: int = _f(2048, lo=16, hi=1_000_000)
-    workers: int = _f(0, lo=0, hi=256)
+    shard_size: int = _f(2048, lo=1, hi=1_000_000)  # images per TFRecord shard
+    # JPEG draft decoding keeps the final resampling step >= this factor (Pillow's reducing_gap):
+    # 1 is fastest, 2 is close to a full-resolution resize, >= 3 indistinguishable from it.
+    draft_gap: float = _f(2.0, lo=1.0, hi=16.0)
+    workers: int = _f(0, lo=0, hi=256)  # 0 = all cores
 
 
 BACKBONES = (
@@ -169,15 +171,87 @@ BACKBONES = (
 
 
 @dataclass(frozen=True)
+class AugmentParams:
+    """Random augmentation, applied inside the model and active only while training."""
+
+    flip: Literal["none", "horizontal", "vertical", "horizontal_and_vertical"] = "horizontal_and_vertical"
+    rotation: float = _f(
+        0.5, lo=0.0, hi=0.5
+    )  # fraction of a full turn: 0.5 = any angle (lesions have no "up")
+    zoom: float = _f(0.1, lo=0.0, hi=0.9)  # +- fraction of the side
+    shift: float = _f(0.05, lo=0.0, hi=0.5)  # +- fraction of the side
+    brightness: float = _f(0.1, lo=0.0, hi=1.0)  # +- fraction of the 0-255 range
+    contrast: float = _f(0.1, lo=0.0, hi=1.0)
+
+
+@dataclass(frozen=True)
+class TrainCommonParams:
+    """Knobs every backbone shares (changing one retrains every backbone)."""
+
+    epochs: int = _f(5, lo=1, hi=10_000)  # the whole budget: head-only + fine-tuning phases
+    batch_size: int = _f(32, lo=1, hi=4096)  # per replica (device)
+    loss: Literal["focal", "weighted_ce"] = "focal"
+    focal_gamma: float = _f(2.0, lo=0.0, hi=10.0)
+    # class weight = (N / (K n_c)) ** power, rescaled to mean 1 per image: 1 = "balanced", 0 = off
+    class_weight_power: float = _f(0.5, lo=0.0, hi=2.0)
+    label_smoothing: float = _f(0.0, lo=0.0, hi=0.5)
+    weight_decay: float = _f(1e-4, lo=0.0, hi=1.0)  # AdamW, decoupled; biases and norms excluded
+    schedule: Literal["cosine", "plateau"] = "cosine"
+    warmup_epochs: int = _f(1, lo=0, hi=1000)  # linear warm-up per phase (cosine schedule)
+    min_lr_ratio: float = _f(0.01, lo=0.0, hi=1.0)  # cosine floor, as a fraction of the peak
+    plateau_factor: float = _f(0.5, lo=0.01, hi=0.99)
+    plateau_patience: int = _f(2, lo=0, hi=1000)
+    early_stopping_patience: int = _f(5, lo=0, hi=10_000)  # epochs without gain; 0 = off
+    monitor: Literal["val_macro_auc", "val_macro_f1"] = "val_macro_auc"  # best-checkpoint choice
+    augment: AugmentParams = field(default_factory=AugmentParams)
+    shuffle_buffer: int = _f(4096, lo=1, hi=10_000_000)
+    cache: bool = True  # keep the decoded training set in memory after the first epoch
+    deterministic: bool = True  # tf op determinism (exact reruns on CPU; may be slower on GPU)
+
+
+@dataclass(frozen=True)
+class BackboneParams:
+    """Knobs of one backbone (changing them retrains only that backbone)."""
+
+    head: Literal["gap", "funnel"] = "gap"  # GAP+dropout+dense, or a 3-layer swish funnel
+    dropout: float = _f(0.3, lo=0.0, hi=0.95)
+    funnel_units: int = _f(256, lo=8, hi=8192)  # widths units, units/2, units/4
+    fusion: bool = False  # gate image features with age, sex, localization
+    fusion_units: int = _f(32, lo=1, hi=4096)
+    learning_rate: float = _f(1e-3, lo=1e-8, hi=10.0)  # head phase, and training from scratch
+    finetune_learning_rate: float = _f(1e-4, lo=1e-8, hi=10.0)
+    head_epochs: int = _f(2, lo=0, hi=10_000)  # frozen-backbone epochs before unfreezing
+    # One fine-tuning phase per entry: the top N backbone layers trainable (-1 = all). The epochs
+    # left after the head phase are shared equally between the phases.
+    unfreeze: tuple[int, ...] = (-1,)
+    batch_size: int = _f(0, lo=0, hi=4096)  # 0 = train.common.batch_size
+    weights: str = ""  # "" = train.weights; else "imagenet" | "none" | a local weights file
+
+
+@dataclass(frozen=True)
+class BackboneTable:
+    efficientnetb0: BackboneParams = field(default_factory=BackboneParams)
+    efficientnetb1: BackboneParams = field(default_factory=BackboneParams)
+    efficientnetb3: BackboneParams = field(default_factory=BackboneParams)
+    mobilenet: BackboneParams = field(default_factory=BackboneParams)
+    mobilenetv2: BackboneParams = field(default_factory=BackboneParams)
+    resnet50: BackboneParams = field(default_factory=BackboneParams)
+    densenet121: BackboneParams = field(default_factory=BackboneParams)
+    custom_cnn: BackboneParams = field(default_factory=lambda: BackboneParams(dropout=0.5, head_epochs=0))
+
+
+@dataclass(frozen=True)
 class TrainParams:
     backbones: tuple[str, ...] = ("mobilenetv2", "custom_cnn")
     weights: str = "imagenet"  # "imagenet" | "none" | path to a weights file
     weights_fallback: Literal["scratch", "fail"] = "scratch"
-    epochs: int = _f(5, lo=1, hi=10_000)
-    batch_size: int = _f(32, lo=1, hi=4096)
-    learning_rate: float = _f(1e-3, lo=1e-8, hi=10.0)
-    loss: Literal["focal", "weighted_ce"] = "focal"
-    focal_gamma: float = _f(2.0, lo=0.0, hi=10.0)
+    # auto: MirroredStrategy when more than one GPU is visible, else the default strategy;
+    # multi_worker: MultiWorkerMirroredStrategy from TF_CONFIG (one model over several hosts).
+    strategy: Literal["auto", "default", "mirrored", "multi_worker"] = "auto"
+    mixed_precision: Literal["auto", "on", "off"] = "auto"  # auto: on when a GPU is visible
+    jit_compile: Literal["auto", "on", "off"] = "auto"  # auto: Keras decides (XLA on GPU only)
+    common: TrainCommonParams = field(default_factory=TrainCommonParams)
+    backbone: BackboneTable = field(default_factory=BackboneTable)
 
     def __post_init__(self) -> None:
         if not self.backbones:
@@ -185,25 +259,66 @@ class TrainParams:
         for b in self.backbones:
             if b not in BACKBONES:
                 raise ParamsError(f"train.backbones: unknown backbone {b!r}; choose from {BACKBONES}")
+        if len(set(self.backbones)) != len(self.backbones):
+            raise ParamsError(f"train.backbones: listed twice: {list(self.backbones)}")
+        for f in dataclasses.fields(BackboneTable):
+            for d in getattr(self.backbone, f.name).unfreeze:
+                if d == 0 or d < -1:
+                    raise ParamsError(
+                        f"train.backbone.{f.name}.unfreeze: {d} is not a layer count; "
+                        "use N >= 1 (top N layers) or -1 (all layers)"
+                    )
+
+    def for_backbone(self, name: str) -> BackboneParams:
+        """The settings of one backbone (``train.backbone.<name>``)."""
+        if name not in BACKBONES:
+            raise ParamsError(f"train.backbone: unknown backbone {name!r}; choose from {BACKBONES}")
+        return getattr(self.backbone, name)
+
+    def weights_for(self, name: str) -> str:
+        """``train.backbone.<name>.weights`` when set, else ``train.weights``."""
+        return self.for_backbone(name).weights or self.weights
 
 
 @dataclass(frozen=True)
 class EvaluateParams:
+    # Lesion-level bootstrap replicates for the 95% CIs (0 = no CIs).
     bootstrap_samples: int = _f(1000, lo=0, hi=100_000)
-    tta: bool = False
+    ci_level: float = _f(0.95, lo=0.5, hi=0.999)
+    tta: bool = False  # average over the 4 flips (none, left-right, up-down, both)
+    batch_size: int = _f(64, lo=1, hi=4096)
+    # Upper-exclusive edges of the age bands of the subgroup report: [30, 45] -> <30, 30-44, 45+.
+    age_bands: tuple[int, ...] = (30, 45, 60, 75)
+    # A subgroup is a candidate for "worst subgroup" only with at least this many malignant cases.
+    subgroup_min_malignant: int = _f(5, lo=1, hi=1_000_000)
+
+    def __post_init__(self) -> None:
+        if list(self.age_bands) != sorted(set(self.age_bands)):
+            raise ParamsError(f"evaluate.age_bands: must be strictly increasing, got {list(self.age_bands)}")
 
 
 @dataclass(frozen=True)
 class EnsembleParams:
     members: tuple[str, ...] = ("mobilenetv2", "custom_cnn")
+    # equal | fitted (weights on the simplex minimising validation log-loss; test never used)
     weights: Literal["equal", "fitted"] = "fitted"
+
+    def __post_init__(self) -> None:
+        if not self.members:
+            raise ParamsError("ensemble.members: list at least one member")
+        if len(set(self.members)) != len(self.members):
+            raise ParamsError(f"ensemble.members: listed twice: {list(self.members)}")
 
 
 @dataclass(frozen=True)
 class CalibrateParams:
     target_recall: float = _f(0.95, lo=0.0, hi=1.0)
+    # point: the validation recall meets the target; lower_ci: the lower end of its lesion
+    # bootstrap CI does (a safety margin for small validation sets).
     recall_bound: Literal["point", "lower_ci"] = "point"
     ece_bins: int = _f(15, lo=2, hi=1000)
+    bootstrap_samples: int = _f(1000, lo=10, hi=100_000)  # for recall_bound: lower_ci
+    ci_level: float = _f(0.95, lo=0.5, hi=0.999)
 
 
 @dataclass(frozen=True)

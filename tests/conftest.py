@@ -110,7 +110,7 @@ def repo_copy(tmp_path: Path) -> Path:
 @pytest.fixture
 def range_server(tmp_path: Path):
     """A fake Dataverse on 127.0.0.1 (tests/range_server.py) serving the files put in ``.root``."""
-    from range_server import RangeServer
+    from tests.range_server import RangeServer
 
     with RangeServer(tmp_path / "served") as server:
         yield server

@@ -150,5 +150,5 @@ def test_real_shared_data_imports_byte_for_byte(tmp_path, shared_ham):
     images = sorted((tmp_path / "raw" / "images").iterdir())
     assert len(images) == 9247
     # the thumbnail folder (all 9,247) wins over the 124 originals that share ids
-    for p in images[:: 97] + [tmp_path / "raw" / "images" / "ISIC_0024306.jpg"]:
+    for p in images[::97] + [tmp_path / "raw" / "images" / "ISIC_0024306.jpg"]:
         assert p.read_bytes() == (shared_ham / "images_200x150" / p.name).read_bytes()

@@ -51,7 +51,10 @@ def test_params_are_frozen():
         ({"base": {"seed": 4.0}}, "base.seed: expected an integer"),
         ({"base": {"seed": -1}}, "base.seed: -1 is below the minimum 0"),
         ({"split": {"fractions": {"train": 0.8}}}, "split.fractions: train+val+test must be 1.0"),
-        ({"split": {"dedupe_majority_in_train": "yes"}}, "split.dedupe_majority_in_train: expected true or false"),
+        (
+            {"split": {"dedupe_majority_in_train": "yes"}},
+            "split.dedupe_majority_in_train: expected true or false",
+        ),
         ({"split": {"eval_images": "some"}}, "split.eval_images: 'some' is not one of ['all', 'canonical']"),
         ({"calibrate": {"target_recall": 1.5}}, "calibrate.target_recall: 1.5 is above the maximum 1.0"),
         ({"download": {"source": "ftp://x"}}, "download.source: unknown source 'ftp://x'"),

@@ -45,6 +45,12 @@ def n_workers(requested: int = 0) -> int:
         return max(1, os.cpu_count() or 1)
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_dir(target: str | Path) -> Iterator[Path]:
     """Yield a fresh temp dir beside ``target``; on success it replaces ``target`` in one rename.
@@ -57,6 +63,7 @@ def atomic_dir(target: str | Path) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         yield tmp
+        tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it 0700; the output is an ordinary folder
         old = None
         if target.exists() or target.is_symlink():
             old = target.with_name(f".{target.name}.old-{os.getpid()}")
@@ -80,6 +87,7 @@ def atomic_file(target: str | Path, mode: str = "w", **open_kw: Any) -> Iterator
     try:
         with open(tmp, mode, **open_kw) as fh:
             yield fh
+        tmp.chmod(0o666 & ~_umask())  # mkstemp makes it 0600; the output is an ordinary file
         os.replace(tmp, target)
     except BaseException:
         tmp.unlink(missing_ok=True)

@@ -1,0 +1,206 @@
+"""Ensemble stage: a weighted average of the members' probabilities.
+
+Reads ``<predictions>/<member>/{val,test}.csv`` (written by evaluate@<member>) for every member in
+``ensemble.members``. The weights are equal, or fitted on the validation split only (the simplex
+weights minimising validation log-loss; never worse there than equal weights). Writes
+
+* ``<out>/{val,test}.csv`` - the ensemble's predictions in the members' format (so calibrate and
+  any report read one format), and ``<out>/weights.json`` (members and weights);
+* ``<metrics>`` - the same keys as a member's metrics, plus ``weight_<member>``, the best single
+  member on test (``best_member``, ``best_member_macro_auc``) and ``ensemble_minus_best_macro_auc``,
+  so a run always shows whether the ensemble beats its best member;
+* ``<plots>/`` - confusion, ROC/PR per class and the subgroup table, as for a member.
+
+Why ``<out>`` is not inside the members' predictions folder: the stage depends on that whole
+folder (DVC cannot list a dependency per member from params), and an output inside one's own
+dependency is refused by DVC.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from stages.common import CLASSES, StageError, atomic_dir, run_main, setup_logging, write_json
+from stages.evaluate import (
+    SPLITS,
+    json_value,
+    labels,
+    predictions_frame,
+    probabilities,
+    read_predictions,
+    report,
+    write_plots,
+    write_predictions,
+)
+from stages.metrics import classification_metrics, fit_simplex_weights, log_loss
+from stages.params import EnsembleParams, EvaluateParams, load_params
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EnsembleResult:
+    members: tuple[str, ...]
+    weights: tuple[float, ...]
+    metrics: dict[str, Any]
+
+
+def align_members(frames: dict[str, pd.DataFrame], split: str) -> pd.DataFrame:
+    """Reorder every member's rows like the first member's; all must hold the same images
+    with the same true labels (they come from one prepared split)."""
+    names = list(frames)
+    ref = frames[names[0]]
+    ref_ids = ref["image_id"]
+    for name in names[1:]:
+        df = frames[name]
+        missing = sorted(set(ref_ids) - set(df["image_id"]))
+        extra = sorted(set(df["image_id"]) - set(ref_ids))
+        if missing or extra:
+            what = f"lacks {missing[0]}" if missing else f"has extra {extra[0]}"
+            raise StageError(
+                f"{split}: member {name!r} {what} compared with {names[0]!r}; "
+                "evaluate every member on the same prepared data"
+            )
+        df = df.set_index("image_id").loc[ref_ids].reset_index()
+        if not np.array_equal(df["dx"].to_numpy(), ref["dx"].to_numpy()):
+            i = int(np.flatnonzero(df["dx"].to_numpy() != ref["dx"].to_numpy())[0])
+            raise StageError(
+                f"{split}: members {names[0]!r} and {name!r} disagree on the true dx of {ref_ids.iloc[i]}"
+            )
+        frames[name] = df
+    return ref
+
+
+def combine(member_probs: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """``sum_m w_m * probs_m`` for ``member_probs`` of shape (members, n, classes)."""
+    return np.tensordot(np.asarray(weights, dtype=np.float64), member_probs, axes=1)
+
+
+def choose_weights(kind: str, val_member_probs: np.ndarray, y_val: np.ndarray) -> np.ndarray:
+    """Equal weights, or simplex weights fitted on validation data (the only data it sees)."""
+    m = val_member_probs.shape[0]
+    if kind == "equal":
+        return np.full(m, 1.0 / m)
+    return fit_simplex_weights(val_member_probs, y_val)
+
+
+def run(
+    params: EnsembleParams,
+    eval_params: EvaluateParams,
+    *,
+    seed: int,
+    predictions_dir: Path,
+    out_dir: Path,
+    metrics_path: Path,
+    plots_dir: Path,
+    classes: Sequence[str] = CLASSES,
+) -> EnsembleResult:
+    members = tuple(params.members)
+    frames: dict[str, dict[str, pd.DataFrame]] = {s: {} for s in SPLITS}
+    for m in members:
+        for split in SPLITS:
+            frames[split][m] = read_predictions(Path(predictions_dir) / m / f"{split}.csv", classes)
+    meta = {split: align_members(frames[split], split) for split in SPLITS}
+
+    stacked = {
+        split: np.stack([probabilities(frames[split][m], classes) for m in members]) for split in SPLITS
+    }
+    y_val = labels(meta["val"], classes)
+    weights = choose_weights(params.weights, stacked["val"], y_val)
+    log.info(
+        "weights (%s): %s", params.weights, dict(zip(members, np.round(weights, 4).tolist(), strict=True))
+    )
+
+    ens = {
+        split: predictions_frame(meta[split], combine(stacked[split], weights), classes) for split in SPLITS
+    }
+    rng = np.random.default_rng(seed)
+    metrics, table = report(
+        ens["test"], ens["val"], eval_params, rng, classes=classes, desc="ensemble bootstrap"
+    )
+
+    # The check the ensemble exists for: is it better than simply using its best member?
+    y_test = labels(meta["test"], classes)
+    member_auc = {
+        m: classification_metrics(y_test, stacked["test"][i], classes)["macro_auc"]
+        for i, m in enumerate(members)
+    }
+    best = max(members, key=lambda m: -np.inf if np.isnan(member_auc[m]) else member_auc[m])
+    extra: dict[str, Any] = {f"weight_{m}": float(w) for m, w in zip(members, weights, strict=True)}
+    extra.update({f"member_macro_auc_{m}": member_auc[m] for m in members})
+    extra["best_member"] = best
+    extra["best_member_macro_auc"] = member_auc[best]
+    extra["ensemble_minus_best_macro_auc"] = (
+        metrics["macro_auc"] - member_auc[best] if metrics["macro_auc"] is not None else float("nan")
+    )
+    extra["val_log_loss_equal_weights"] = log_loss(
+        y_val, combine(stacked["val"], np.full(len(members), 1 / len(members)))
+    )
+    metrics.update({k: json_value(v) for k, v in extra.items()})
+
+    with atomic_dir(out_dir) as tmp:
+        for split in SPLITS:
+            write_predictions(ens[split], tmp / f"{split}.csv")
+        write_json(
+            tmp / "weights.json",
+            {"members": list(members), "weights": [float(w) for w in weights], "method": params.weights},
+        )
+    with atomic_dir(plots_dir) as tmp:
+        write_plots(tmp, ens["test"], table, title="ensemble")
+    write_json(metrics_path, metrics)
+    log.info(
+        "ensemble test macro AUC %s vs best member %s (%s): %+.4f",
+        metrics["macro_auc"],
+        best,
+        metrics["best_member_macro_auc"],
+        metrics["ensemble_minus_best_macro_auc"] or 0.0,
+    )
+    return EnsembleResult(members, tuple(float(w) for w in weights), metrics)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(
+        prog="python -m stages.ensemble",
+        description="Average the members' probabilities (weights equal or fitted on val only) and "
+        "report the ensemble against its best member.",
+    )
+    ap.add_argument(
+        "--params", type=Path, default=Path("params.yaml"), help="params file (ensemble, evaluate)"
+    )
+    ap.add_argument(
+        "--predictions", type=Path, required=True, help="members' predictions folder (data/predictions)"
+    )
+    ap.add_argument("--out", type=Path, required=True, help="ensemble predictions folder to write")
+    ap.add_argument("--metrics", type=Path, required=True, help="metrics JSON to write")
+    ap.add_argument("--plots", type=Path, required=True, help="plots folder to write")
+    ap.add_argument("-v", "--verbose", action="store_true")
+    args = ap.parse_args(argv)
+    setup_logging(args.verbose)
+
+    def body() -> int:
+        params = load_params(args.params)
+        run(
+            params.ensemble,
+            params.evaluate,
+            seed=params.base.seed,
+            predictions_dir=args.predictions,
+            out_dir=args.out,
+            metrics_path=args.metrics,
+            plots_dir=args.plots,
+        )
+        return 0
+
+    return run_main(body)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -23,6 +23,8 @@ from typing import Any, Literal
 
 import yaml
 
+from stages.common import CLASSES, DX_TYPES, LOCALIZATIONS, SEXES
+
 __all__ = ["ParamsError", "Params", "load_params", "parse_params"]
 
 
@@ -132,6 +134,14 @@ class ValidateParams:
     min_class_count: int = _f(5, lo=0, hi=1_000_000)
     on_image_error: Literal["fail", "quarantine"] = "fail"
     on_non_rgb: Literal["convert", "reject"] = "convert"
+    # A PNG (or other non-JPEG) named .jpg: convert = accept it (prepare decodes by content and
+    # converts to RGB); reject = a failing image, like a grayscale one under on_non_rgb: reject.
+    on_non_jpeg: Literal["convert", "reject"] = "convert"
+    # The allowed metadata values; empty sex/localization are allowed (prepare reads "unknown").
+    classes: tuple[str, ...] = CLASSES
+    dx_types: tuple[str, ...] = DX_TYPES
+    sexes: tuple[str, ...] = SEXES
+    localizations: tuple[str, ...] = LOCALIZATIONS
     min_side: int = _f(32, lo=1, hi=100_000)
     max_side: int = _f(8192, lo=1, hi=100_000)
     max_pixels: int = _f(100_000_000, lo=1, hi=10**10)
@@ -145,6 +155,10 @@ class ValidateParams:
             raise ParamsError(f"validate.image_id_pattern: not a valid regex: {e}") from None
         if self.min_side > self.max_side:
             raise ParamsError("validate.min_side must be <= validate.max_side")
+        for name in ("classes", "dx_types", "sexes", "localizations"):
+            values = getattr(self, name)
+            if not values or len(set(values)) != len(values):
+                raise ParamsError(f"validate.{name}: list each value once, at least one")
 
 
 @dataclass(frozen=True)
@@ -327,6 +341,19 @@ class DriftParams:
 
 
 @dataclass(frozen=True)
+class PromoteParams:
+    """The retrain flow's promotion gate (flows/promote.py). No DVC stage reads this section, so
+    changing it reruns nothing; the recall target is ``calibrate.target_recall``."""
+
+    # The candidate may lose at most this much malignant_auc and macro_auc against production;
+    # a negative value demands an improvement of at least that much.
+    max_auc_drop: float = _f(0.01, lo=-1.0, hi=1.0)
+    # In a git repository: commit the pipeline record (dvc.lock, params, metrics,
+    # models/production.dvc) and tag it model-<UTC time>, so `dvc metrics diff <tag>` works.
+    git_tag: bool = True
+
+
+@dataclass(frozen=True)
 class Params:
     base: BaseParams = field(default_factory=BaseParams)
     download: DownloadParams = field(default_factory=DownloadParams)
@@ -338,6 +365,7 @@ class Params:
     ensemble: EnsembleParams = field(default_factory=EnsembleParams)
     calibrate: CalibrateParams = field(default_factory=CalibrateParams)
     drift: DriftParams = field(default_factory=DriftParams)
+    promote: PromoteParams = field(default_factory=PromoteParams)
 
     def __post_init__(self) -> None:
         unknown = set(self.ensemble.members) - set(self.train.backbones)

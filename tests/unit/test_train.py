@@ -1,0 +1,442 @@
+"""The train stage: phase plan, metrics, a full run on tiny prepared shards, resume, determinism,
+distribution (MirroredStrategy on two logical CPUs, MultiWorkerMirroredStrategy on 127.0.0.1)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+from stages.common import CLASSES, HAM_COLUMNS, LOCALIZATIONS, SEXES, StageError
+from stages.params import BACKBONES, ParamsError, load_params, parse_params
+from stages.train import Phase, macro_auc, macro_f1, main, plan_phases, run
+
+REPO = Path(__file__).resolve().parents[2]
+# One colour per class, so a tiny CNN can learn the task in a couple of epochs.
+COLORS = [
+    (200, 60, 60),
+    (60, 200, 60),
+    (60, 60, 200),
+    (200, 200, 60),
+    (200, 60, 200),
+    (60, 200, 200),
+    (120, 120, 120),
+]
+
+
+def make_prepared(root: Path, *, per_class: int = 12, size: int = 32, seed: int = 0) -> Path:
+    """A tiny real prepared folder: JPEGs + metadata + split.csv through ``stages.prepare.run``."""
+    from stages import prepare
+
+    rng = np.random.default_rng(seed)
+    raw = root / "raw"
+    (raw / "images").mkdir(parents=True, exist_ok=True)
+    rows, i = [], 0
+    for c, dx in enumerate(CLASSES):
+        for j in range(per_class):
+            image_id = f"ISIC_{i:07d}"
+            img = np.clip(np.array(COLORS[c], float) + rng.normal(0, 25, (40, 48, 3)), 0, 255).astype(
+                np.uint8
+            )
+            Image.fromarray(img).save(raw / "images" / f"{image_id}.jpg", quality=90)
+            rows.append({
+                "lesion_id": f"HAM_{i:07d}", "image_id": image_id, "group_id": f"HAM_{i:07d}", "dx": dx,
+                "dx_type": "histo", "age": "" if i % 5 == 4 else str(30 + i % 50), "sex": SEXES[i % 3],
+                "localization": LOCALIZATIONS[i % len(LOCALIZATIONS)],
+                "split": ("train", "train", "val", "test")[j % 4],
+            })  # fmt: skip
+            i += 1
+    with open(raw / "metadata.csv", "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=HAM_COLUMNS, lineterminator="\n", extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+    with open(root / "split.csv", "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=["image_id", "lesion_id", "group_id", "dx", "split"],
+                           lineterminator="\n", extrasaction="ignore")  # fmt: skip
+        w.writeheader()
+        w.writerows(rows)
+    p = parse_params({"prepare": {"image_size": size, "workers": 1, "shard_size": 16}}).prepare
+    prepare.run(p, raw_dir=raw, split_csv=root / "split.csv", out_dir=root / "prepared")
+    return root / "prepared"
+
+
+def _raw_params(bb: str = "custom_cnn", *, common=None, backbone=None, **top) -> dict:
+    common = {"epochs": 2, "batch_size": 8, **(common or {})}
+    train = {"backbones": [bb], "weights": "none", "common": common, "backbone": {bb: backbone or {}}, **top}
+    return {"train": train, "ensemble": {"members": [bb]}}
+
+
+def _params(bb: str = "custom_cnn", **kw):
+    return parse_params(_raw_params(bb, **kw)).train
+
+
+def _paths(root: Path) -> dict:
+    return {
+        "out": root / "model",
+        "metrics": root / "metrics.json",
+        "live": root / "live",
+        "backup": root / "ckpt",
+    }
+
+
+def _weights(path: Path) -> list[np.ndarray]:
+    from stages.models import load_model
+
+    return load_model(path).get_weights()
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory) -> Path:
+    return make_prepared(tmp_path_factory.mktemp("prep"))
+
+
+@pytest.fixture(scope="module")
+def trained(prepared, tmp_path_factory):
+    """One complete run exercising the non-default paths: fusion, funnel head, plateau, XLA."""
+    root = tmp_path_factory.mktemp("trained")
+    params = _params(
+        common={"epochs": 3, "schedule": "plateau", "deterministic": False, "monitor": "val_macro_auc"},
+        backbone={"fusion": True, "head": "funnel", "funnel_units": 32, "dropout": 0.1},
+        jit_compile="on",
+    )
+    return root, run(params, backbone="custom_cnn", prepared=prepared, seed=3, **_paths(root))
+
+
+# --------------------------------------------------------------------------- pure core
+
+
+def test_plan_phases():
+    kw = dict(learning_rate=1e-3, finetune_learning_rate=1e-4)
+    assert plan_phases(5, pretrained=False, head_epochs=2, unfreeze=[20], **kw) == [
+        Phase(0, "full", -1, 0, 5, 1e-3)
+    ]
+    assert plan_phases(7, pretrained=True, head_epochs=2, unfreeze=[20, -1], **kw) == [
+        Phase(0, "head", None, 0, 2, 1e-3),
+        Phase(1, "finetune1", 20, 2, 4, 1e-4),
+        Phase(2, "finetune2", -1, 4, 7, 1e-4),  # the deeper phase takes the remainder
+    ]
+    assert plan_phases(2, pretrained=True, head_epochs=5, unfreeze=[-1], **kw) == [
+        Phase(0, "head", None, 0, 2, 1e-3)
+    ]
+    # one epoch left for three fine-tuning phases: only the deepest runs
+    assert plan_phases(3, pretrained=True, head_epochs=2, unfreeze=[10, 20, -1], **kw)[1:] == [
+        Phase(1, "finetune3", -1, 2, 3, 1e-4)
+    ]
+    assert plan_phases(4, pretrained=True, head_epochs=1, unfreeze=[], **kw) == [
+        Phase(0, "head", None, 0, 4, 1e-3)
+    ]
+    assert plan_phases(4, pretrained=True, head_epochs=0, unfreeze=[-1], **kw) == [
+        Phase(0, "finetune1", -1, 0, 4, 1e-4)
+    ]
+    with pytest.raises(ValueError, match="epochs must be >= 1"):
+        plan_phases(0, pretrained=False, head_epochs=0, unfreeze=[], **kw)
+
+
+def test_macro_auc_and_f1_by_hand():
+    y = np.array([0, 0, 1, 1, 2])
+    probs = np.array([[0.8, 0.1, 0.1, 0], [0.4, 0.5, 0.1, 0], [0.3, 0.6, 0.1, 0], [0.1, 0.7, 0.2, 0],
+                      [0.2, 0.2, 0.6, 0]])  # fmt: skip
+    # class 0: positives {0.8, 0.4} vs negatives {0.3, 0.1, 0.2}: all 6 pairs ordered -> 1.0
+    # class 1: positives {0.6, 0.7} vs {0.1, 0.5, 0.2}: 6/6 -> 1.0
+    # class 2: positive {0.6} vs {0.1, 0.1, 0.1, 0.2}: 1.0; class 3 never occurs: left out, not 0.5
+    assert macro_auc(y, probs) == pytest.approx(1.0)
+    probs[4, 2] = 0.15  # now below 0.2 of image 4 (class 1): class 2 AUC 3/4
+    assert macro_auc(y, probs) == pytest.approx((1 + 1 + 0.75) / 3)
+    # argmax [0, 1, 1, 1, 0] (a tie goes to the first class): class 0 P = R = 1/2 -> F1 0.5;
+    # class 1 P = 2/3, R = 1 -> F1 0.8; class 2 never predicted -> 0
+    assert macro_f1(y, probs) == pytest.approx((0.5 + 0.8 + 0) / 3)
+    assert np.isnan(macro_auc(np.zeros(3, int), np.full((3, 2), 0.5)))
+
+
+def test_params_yaml_has_an_entry_for_every_backbone_and_valid_members():
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    assert sorted(raw["train"]["backbone"]) == sorted(BACKBONES)  # dvc fails on a missing key
+    p = load_params(REPO / "params.yaml")
+    assert set(p.ensemble.members) <= set(p.train.backbones)
+    assert p.train.for_backbone("custom_cnn").head_epochs == 0
+
+
+@pytest.mark.parametrize(
+    "raw, message",
+    [
+        (_raw_params(backbone={"unfreeze": [0]}),
+         "train.backbone.custom_cnn.unfreeze: 0 is not a layer count"),
+        (_raw_params(backbone={"unfreze": [1]}), "train.backbone.custom_cnn.unfreze: unknown key"),
+        (_raw_params(common={"monitor": "val_loss"}), "train.common.monitor: 'val_loss' is not one of"),
+        (_raw_params(strategy="tpu"), "train.strategy: 'tpu' is not one of"),
+        ({"train": {"backbones": ["custom_cnn", "custom_cnn"]}, "ensemble": {"members": ["custom_cnn"]}},
+         "train.backbones: listed twice"),
+    ],
+)  # fmt: skip
+def test_bad_train_params(raw, message):
+    with pytest.raises(ParamsError, match=message.replace("(", r"\(")):
+        parse_params(raw)
+
+
+def test_dvc_stage_lists_params_per_backbone():
+    stage = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["train"]
+    assert stage["foreach"] == "${train.backbones}"
+    do = stage["do"]
+    assert "--backbone ${item}" in do["cmd"] and "--out models/${item}" in do["cmd"]
+    assert "train.backbone.${item}" in do["params"] and "train.common" in do["params"]
+    assert "train" not in do["params"]  # the whole section would retrain every backbone on any edit
+    outs = {next(iter(o)) if isinstance(o, dict) else o: o for o in do["outs"]}
+    assert outs["models/${item}"]["models/${item}"]["persist"] is True
+    assert outs["models/${item}.ckpt"]["models/${item}.ckpt"]["persist"] is True
+
+
+# --------------------------------------------------------------------------- full runs
+
+
+def test_run_writes_model_metrics_history_and_plots(trained, prepared):
+    from stages.models import load_model
+    from stages.tfdata import read_split_numpy
+
+    root, res = trained
+    m = json.loads((root / "metrics.json").read_text())
+    assert m == res.metrics
+    assert all(not isinstance(v, (dict, list)) for v in m.values())  # flat, for dvc metrics diff
+    assert m["epochs_run"] == 3 and m["weights_used"] == "scratch" and m["strategy"] == "default"
+    assert m["n_train"] == 42 and m["n_val"] == 21 and m["resumed_from_epoch"] == 0
+    assert m["images_per_s"] > 0 and m["seconds"] >= m["train_seconds"] > 0
+
+    with open(root / "model" / "history.csv", newline="") as fh:
+        hist = list(csv.DictReader(fh))
+    assert [int(float(r["epoch"])) for r in hist] == [1, 2, 3]
+    assert json.loads((root / "model" / "history.json").read_text()) == res.history
+    aucs = [float(r["val_macro_auc"]) for r in hist]
+    assert m["best_val_macro_auc"] == pytest.approx(max(aucs), abs=1e-6)
+    assert m["best_epoch"] == 1 + int(np.argmax(aucs))
+    assert m["best_val_macro_auc"] > 0.7  # one colour per class: clearly learnable
+
+    cfg = json.loads((root / "model" / "config.json").read_text())
+    assert cfg["inputs"] == ["image", "age", "sex", "localization"]
+    assert cfg["augmentation_in"] == "tf.data"  # jit_compile: on
+    assert cfg["preprocessing"] == "unit" and cfg["classes"] == list(CLASSES)
+    assert cfg["train"]["backbone"]["head"] == "funnel"
+
+    # the saved model holds the *best* epoch's weights: recomputing its val AUC gives the same
+    val = read_split_numpy(prepared, "val")
+    model = load_model(root / "model" / "model.keras")
+    probs = model.predict(
+        {"image": val.images, "age": val.age, "sex": val.sex, "localization": val.localization}, verbose=0
+    )
+    assert macro_auc(val.labels, probs) == pytest.approx(m["best_val_macro_auc"], abs=1e-4)
+
+    tsv = (root / "live" / "plots" / "metrics" / "val" / "macro_auc.tsv").read_text().splitlines()
+    assert tsv[0] == "step\tmacro_auc" and [line.split("\t")[0] for line in tsv[1:]] == ["1", "2", "3"]
+    assert (root / "live" / "plots" / "metrics" / "train" / "images_per_s.tsv").is_file()
+    assert sorted(p.name for p in (root / "ckpt").iterdir()) == ["DONE"]
+
+
+def test_failed_run_keeps_the_previous_model(trained, prepared, tmp_path):
+    root, _ = trained
+    out = tmp_path / "model"
+    shutil.copytree(root / "model", out)
+    before = (out / "model.keras").read_bytes()
+    broken = tmp_path / "prepared"
+    shutil.copytree(prepared, broken)
+    shard = sorted(broken.glob("train-*.tfrecord"))[1]
+    shard.write_bytes(shard.read_bytes()[:-40])  # a truncated record
+    with pytest.raises(StageError, match=r"a training shard is corrupt .*rerun the prepare stage"):
+        run(_params(common={"epochs": 1}), backbone="custom_cnn", prepared=broken, out=out,
+            metrics=tmp_path / "m.json", backup=tmp_path / "ckpt")  # fmt: skip
+    assert (out / "model.keras").read_bytes() == before
+    assert not (tmp_path / "m.json").exists()
+
+
+def test_pretrained_weights_file_trains_in_phases_with_bn_frozen(prepared, tmp_path):
+    """A local weights file makes the backbone 'pretrained': head phase, then two unfreeze phases."""
+    import keras
+
+    from stages.models import build_backbone
+
+    keras.utils.set_random_seed(11)
+    src, _ = build_backbone("custom_cnn", 32, "none")
+    weights = tmp_path / "warm.weights.h5"
+    src.save_weights(weights)
+    params = _params(common={"epochs": 3, "early_stopping_patience": 0},
+                     backbone={"weights": str(weights), "head_epochs": 1, "unfreeze": [3, -1]})  # fmt: skip
+    res = run(params, backbone="custom_cnn", prepared=prepared, seed=1, **_paths(tmp_path))
+    assert res.metrics["weights_used"] == "file"
+    assert [r["phase"] for r in res.history] == [0, 1, 2]
+    cfg = json.loads((tmp_path / "model" / "config.json").read_text())
+    assert [p["name"] for p in cfg["phases"]] == ["head", "finetune1", "finetune2"]
+    from stages.models import load_model
+
+    bb = load_model(tmp_path / "model" / "model.keras").get_layer("backbone")
+    for layer in bb.layers:
+        ref = src.get_layer(layer.name).get_weights()
+        if isinstance(layer, keras.layers.BatchNormalization):
+            for a, b in zip(layer.get_weights(), ref, strict=True):  # frozen, inference mode
+                np.testing.assert_array_equal(a, b)
+    # the bottom conv was trainable only in the last phase (unfreeze -1) and did move
+    assert not np.array_equal(bb.get_layer("block1_conv1").get_weights()[0],
+                              src.get_layer("block1_conv1").get_weights()[0])  # fmt: skip
+
+
+@pytest.mark.slow
+def test_same_seed_same_weights_other_seed_differs(prepared, tmp_path):
+    params = _params(common={"epochs": 1})
+    runs = {}
+    for name, seed in (("a", 5), ("b", 5), ("c", 6)):
+        run(params, backbone="custom_cnn", prepared=prepared, seed=seed, **_paths(tmp_path / name))
+        runs[name] = _weights(tmp_path / name / "model" / "model.keras")
+    for x, y in zip(runs["a"], runs["b"], strict=True):
+        np.testing.assert_array_equal(x, y)
+    assert any(not np.array_equal(x, y) for x, y in zip(runs["a"], runs["c"], strict=True))
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def test_cli_errors_are_one_line(tmp_path, capsys):
+    pfile = tmp_path / "params.yaml"
+    pfile.write_text(yaml.safe_dump(_raw_params()))
+    args = ["--params", str(pfile), "--out", str(tmp_path / "m"), "--metrics", str(tmp_path / "m.json")]
+    assert main([*args, "--backbone", "custom_cnn", "--prepared", str(tmp_path / "nope")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == f"error: {tmp_path / 'nope' / 'manifest.json'}: not found; run the prepare stage first"
+    assert main([*args, "--backbone", "resnet50", "--prepared", str(tmp_path)]) == 1
+    assert "error: train.backbones: 'resnet50' is not listed (['custom_cnn'])" in capsys.readouterr().err
+
+
+def _write_params(path: Path, raw: dict) -> Path:
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def _cli(root: Path, prepared: Path, pfile: Path) -> list[str]:
+    p = _paths(root)
+    return [sys.executable, "-m", "stages.train", "--params", str(pfile), "--backbone", "custom_cnn",
+            "--prepared", str(prepared), "--out", str(p["out"]), "--metrics", str(p["metrics"]),
+            "--live", str(p["live"]), "--backup", str(p["backup"])]  # fmt: skip
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill(prepared, tmp_path):
+    pfile = _write_params(
+        tmp_path / "params.yaml", _raw_params(common={"epochs": 8, "early_stopping_patience": 0})
+    )
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    meta = tmp_path / "ckpt" / "phase-0" / "training_metadata.json"
+    proc = subprocess.Popen(_cli(tmp_path, prepared, pfile), cwd=REPO, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and proc.poll() is None:
+            if meta.is_file():
+                try:
+                    if json.loads(meta.read_text())["epoch"] >= 1:
+                        break
+                except (ValueError, KeyError):
+                    pass  # caught mid-write
+            time.sleep(0.02)
+        assert proc.poll() is None, "training ended before it could be killed"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    done = json.loads(meta.read_text())["epoch"]
+    assert 1 <= done < 8
+    assert not (tmp_path / "model").exists()  # a killed run leaves no half output
+
+    res = subprocess.run(_cli(tmp_path, prepared, pfile), cwd=REPO, env=env, capture_output=True, text=True,
+                         timeout=300)  # fmt: skip
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert f"resuming custom_cnn after epoch {done} of 8" in res.stderr
+    assert "epoch 1/8" not in res.stderr  # the finished epochs are not run again
+    m = json.loads((tmp_path / "metrics.json").read_text())
+    assert m["resumed_from_epoch"] == done and m["epochs_run"] == 8
+    hist = json.loads((tmp_path / "model" / "history.json").read_text())
+    assert [r["epoch"] for r in hist] == list(range(1, 9))
+    tsv = (tmp_path / "live" / "plots" / "metrics" / "val" / "macro_auc.tsv").read_text().splitlines()
+    assert len(tsv) == 1 + 8  # curves cover the epochs of both runs
+    assert m["best_val_macro_auc"] > 0.7
+
+
+@pytest.mark.slow
+def test_mirrored_strategy_on_two_logical_cpus(prepared, tmp_path):
+    # Logical devices can only be configured before TensorFlow initialises: a fresh interpreter.
+    code = textwrap.dedent(f"""
+        import json, sys
+        import tensorflow as tf
+        cpu = tf.config.list_physical_devices("CPU")[0]
+        tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+        from stages.common import setup_logging
+        from stages.params import parse_params
+        from stages.train import run
+        setup_logging()
+        params = parse_params({json.dumps(_raw_params(strategy="mirrored", common={"epochs": 1}))}).train
+        res = run(params, backbone="custom_cnn", prepared={str(prepared)!r}, out={str(tmp_path / "model")!r},
+                  metrics={str(tmp_path / "m.json")!r}, backup={str(tmp_path / "ckpt")!r}, seed=1)
+        print(json.dumps(res.metrics))
+    """)
+    res = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300,
+                         env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))  # fmt: skip
+    assert res.returncode == 0, res.stderr[-3000:]
+    m = json.loads(res.stdout.strip().splitlines()[-1])
+    assert m["strategy"] == "mirrored" and m["replicas"] == 2 and m["global_batch"] == 16
+    assert m["epochs_run"] == 1 and np.isfinite(m["best_val_loss"])
+    assert "strategy mirrored with 2 replica(s)" in res.stderr
+    assert all(np.all(np.isfinite(w)) for w in _weights(tmp_path / "model" / "model.keras"))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_multi_worker_two_processes_identical_weights(prepared, tmp_path):
+    pfile = _write_params(
+        tmp_path / "params.yaml", _raw_params(strategy="multi_worker", common={"epochs": 1})
+    )
+    workers = [f"127.0.0.1:{_free_port()}", f"127.0.0.1:{_free_port()}"]
+    procs = []
+    for i in range(2):
+        tf_config = {"cluster": {"worker": workers}, "task": {"type": "worker", "index": i}}
+        env = dict(os.environ, TF_CONFIG=json.dumps(tf_config), TF_CPP_MIN_LOG_LEVEL="3")
+        log = open(tmp_path / f"w{i}.log", "w")  # noqa: SIM115
+        procs.append((subprocess.Popen(_cli(tmp_path / f"w{i}", prepared, pfile), cwd=REPO, env=env,
+                                       stdout=log, stderr=subprocess.STDOUT), log))  # fmt: skip
+    try:
+        for proc, _ in procs:
+            proc.wait(300)
+    finally:
+        for proc, log in procs:
+            if proc.poll() is None:
+                proc.kill()
+            log.close()
+    logs = [(tmp_path / f"w{i}.log").read_text() for i in range(2)]
+    assert [p.returncode for p, _ in procs] == [0, 0], logs[0][-2000:] + logs[1][-2000:]
+    for i in range(2):
+        m = json.loads((tmp_path / f"w{i}" / "metrics.json").read_text())
+        assert m["strategy"] == "multi_worker" and m["replicas"] == 2 and m["epochs_run"] == 1
+        assert f"(worker {i} of 2)" in logs[i]
+    w0, w1 = (_weights(tmp_path / f"w{i}" / "model" / "model.keras") for i in range(2))
+    for a, b in zip(w0, w1, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_multi_worker_without_tf_config_is_a_clear_error(prepared, tmp_path, monkeypatch):
+    monkeypatch.delenv("TF_CONFIG", raising=False)
+    with pytest.raises(
+        StageError, match="train.strategy: multi_worker needs the TF_CONFIG environment variable"
+    ):
+        run(_params(strategy="multi_worker"), backbone="custom_cnn", prepared=prepared, **_paths(tmp_path))

@@ -59,6 +59,9 @@ class SyntheticParams:
     # Fraction of lesions drawn a second time under a different lesion_id (same physical lesion
     # catalogued twice, as happens in real archives): the split stage must still group them.
     cross_id_duplicate_rate: float = _f(0.02, lo=0.0, hi=0.5)
+    # Fraction of lesions drawn part-way towards a look-alike class (a naevus that looks like a
+    # melanoma): keeps the task learnable but not perfectly separable, as in real dermoscopy.
+    atypical_rate: float = _f(0.2, lo=0.0, hi=1.0)
 
 
 @dataclass(frozen=True)
@@ -116,11 +119,12 @@ class FractionsParams:
 
 @dataclass(frozen=True)
 class SplitParams:
-    # Hamming radius for *candidate* retrieval only; candidates are verified before grouping.
-    hash_radius: int = _f(8, lo=0, hi=32)
-    hash_size: int = _f(8, lo=4, hi=16)
-    # Verification of a candidate pair: similarity of the two images after alignment, in [0, 1].
-    verify_threshold: float = _f(0.90, lo=0.0, hi=1.0)
+    # pHash Hamming radius for *candidate* retrieval; candidates are verified before grouping.
+    hash_radius: int = _f(4, lo=0, hi=16)
+    # Verification: aHash and dHash within this radius, and the lesion colours (mean RGB of the
+    # image centre) within this many grey levels per channel.
+    verify_hash_radius: int = _f(6, lo=0, hi=32)
+    verify_colour_gap: float = _f(10.0, lo=0.0, hi=255.0)
     max_group_size: int = _f(12, lo=1, hi=1000)
     fractions: FractionsParams = field(default_factory=FractionsParams)
     dedupe_majority_in_train: bool = False

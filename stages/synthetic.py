@@ -1,0 +1,772 @@
+"""The embedded default data set: procedurally drawn, HAM10000-shaped dermoscopy images.
+
+Why synthetic: a fresh machine has no real data (HAM10000 is large and licence-bound), yet the
+whole pipeline - leakage-safe splitting, validation, training, calibration, drift - must run
+offline in minutes. So this module draws a set with the properties the pipeline has to handle:
+
+* the exact HAM10000 metadata columns and value sets, with class-dependent dx_type, age, sex and
+  site measured on the real metadata, and shuffled ids that reveal neither class nor lesion;
+* the 7 classes with HAM's imbalance (nv ~ 2/3, df ~ 1 %), but a floor of lesions per class so
+  a train/val/test group split stays possible on a few hundred images;
+* lesions with 1-6 images whose re-shots are near-duplicates (moved, turned, zoomed, re-lit,
+  re-compressed), and a few physical lesions catalogued under two ``lesion_id`` values: the
+  leakage the split stage's duplicate detection must catch;
+* dermoscopy-like pictures: skin of varied tone and texture, hairs, a dermatoscope vignette or
+  black ring, and a lesion whose size, shape, border, colours and structures (pigment network,
+  globules, vessels, lacunae, scale, white scar) follow its class; a share of lesions borrows
+  the look of a look-alike class, so a model can learn the task but never perfectly.
+
+Determinism: the catalogue comes from one RNG, and each physical lesion (and each of its shots)
+from its own ``SeedSequence(seed, spawn_key=...)``, so the bytes are identical for a seed
+whatever the number of worker processes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import logging
+import sys
+from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from functools import cache
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFilter
+from tqdm import tqdm
+
+from stages.common import CLASSES, HAM_COLUMNS, StageError, n_workers
+from stages.params import SyntheticParams, parse_params
+
+log = logging.getLogger(__name__)
+
+__all__ = ["SyntheticResult", "LesionPlan", "plan_catalogue", "render_lesion", "generate", "main"]
+
+# --------------------------------------------------------------------------- catalogue model
+# Shares and metadata distributions measured on the real HAM10000 metadata (10,015 images).
+
+CLASS_SHARE = {
+    "nv": 0.669,
+    "mel": 0.112,
+    "bkl": 0.108,
+    "bcc": 0.052,
+    "akiec": 0.033,
+    "vasc": 0.014,
+    "df": 0.011,
+}
+# Images per lesion, 1..6. HAM: 74 % single, 19 % two, 7 % three, a handful of 4-6; the tail is
+# fattened a little so small sets still contain lesions with 4-6 re-shots to group.
+IMAGES_PER_LESION_P = (0.70, 0.19, 0.07, 0.025, 0.01, 0.005)
+# Melanomas are photographed more often than naevi (HAM: 1.8 vs 1.2 images per lesion).
+SINGLE_SHOT_P = {"nv": 0.78, "mel": 0.55, "bkl": 0.66, "bcc": 0.62, "akiec": 0.68, "vasc": 0.68, "df": 0.62}
+DX_TYPE_P = {
+    "akiec": {"histo": 1.0},
+    "bcc": {"histo": 1.0},
+    "mel": {"histo": 1.0},
+    "bkl": {"histo": 0.70, "consensus": 0.24, "confocal": 0.06},
+    "df": {"histo": 0.49, "consensus": 0.51},
+    "vasc": {"histo": 0.49, "consensus": 0.51},
+    "nv": {"follow_up": 0.55, "histo": 0.37, "consensus": 0.08},
+}
+AGE_MEAN_SD = {
+    "akiec": (66, 12), "bcc": (67, 14), "bkl": (64, 14), "df": (53, 14),
+    "mel": (61, 15), "nv": (46, 15), "vasc": (50, 21),
+}  # fmt: skip
+MALE_P = {"akiec": 0.69, "bcc": 0.62, "bkl": 0.57, "df": 0.54, "mel": 0.63, "nv": 0.51, "vasc": 0.48}
+UNKNOWN_SEX_P = 0.01
+SITE_P = {
+    "akiec": {"face": 34, "lower extremity": 19, "upper extremity": 19, "back": 9, "scalp": 5,
+              "chest": 4, "hand": 4, "neck": 3, "abdomen": 1, "ear": 1},
+    "bcc": {"back": 37, "face": 19, "lower extremity": 11, "upper extremity": 10, "chest": 9,
+            "abdomen": 4, "scalp": 4, "neck": 3, "trunk": 2, "unknown": 1},
+    "bkl": {"face": 29, "back": 19, "lower extremity": 15, "upper extremity": 9, "chest": 7,
+            "trunk": 7, "abdomen": 4, "neck": 3, "scalp": 3, "unknown": 2, "ear": 1, "hand": 1},
+    "df": {"lower extremity": 72, "upper extremity": 20, "abdomen": 4, "back": 2, "foot": 2},
+    "mel": {"back": 29, "upper extremity": 20, "lower extremity": 17, "face": 9, "abdomen": 6,
+            "chest": 6, "trunk": 5, "neck": 3, "foot": 2, "ear": 1, "scalp": 1, "unknown": 1},
+    "nv": {"lower extremity": 22, "back": 21, "trunk": 18, "abdomen": 13, "upper extremity": 10,
+           "foot": 4, "chest": 3, "unknown": 3, "face": 2, "neck": 1, "hand": 1, "genital": 1,
+           "scalp": 1, "acral": 0.3},
+    "vasc": {"abdomen": 20, "trunk": 20, "lower extremity": 18, "back": 17, "upper extremity": 7,
+             "face": 6, "chest": 5, "hand": 4, "neck": 2, "scalp": 2},
+}  # fmt: skip
+# HAM writes unknown ages as empty cells (57 of 10,015 rows).
+UNKNOWN_AGE_SHARE = 0.01
+# Which class a lesion may be mistaken for: an "atypical" lesion blends its look with one of these.
+LOOKALIKES = {
+    "nv": ("mel", "bkl", "df"),
+    "mel": ("nv", "bkl"),
+    "bkl": ("mel", "nv", "akiec"),
+    "bcc": ("akiec", "nv", "mel"),
+    "akiec": ("bcc", "bkl"),
+    "vasc": ("bcc", "mel"),
+    "df": ("nv", "bkl"),
+}
+FIRST_IMAGE_NUMBER = 24306  # HAM's image numbers start here; ours only look alike
+
+
+@dataclass(frozen=True)
+class SyntheticResult:
+    n_images: int
+    n_lesions: int  # distinct lesion_id values
+    class_counts: dict[str, int]  # images per class
+    n_cross_id_duplicates: int = 0  # lesion_ids that re-photograph another lesion_id's lesion
+
+
+@dataclass(frozen=True)
+class LesionPlan:
+    """One physical lesion: its catalogue entries and how each photograph is seeded."""
+
+    index: int  # seeds the lesion's RNG
+    dx: str
+    look: str  # the class whose look it borrows (== dx for a typical lesion)
+    blend: float  # how far towards ``look`` (0 = typical)
+    # (lesion_id, image_id, shot index) of every photograph, over all its catalogue entries.
+    shots: tuple[tuple[str, str, int], ...]
+    meta: dict[str, str] = field(default_factory=dict)  # dx_type, age, sex, localization
+
+
+def _seq(seed: int, *key: int) -> np.random.Generator:
+    return np.random.Generator(np.random.PCG64(np.random.SeedSequence(seed, spawn_key=key)))
+
+
+def _pick(rng: np.random.Generator, weights: dict[str, float]) -> str:
+    keys = list(weights)
+    p = np.array([weights[k] for k in keys], dtype=float)
+    return keys[int(rng.choice(len(keys), p=p / p.sum()))]
+
+
+def min_lesions_per_class(n_images: int) -> int:
+    """Lesion floor per class: a group split needs a few lesions of every class in every split."""
+    return min(8, max(1, n_images // 40))
+
+
+def class_quotas(n_images: int) -> dict[str, int]:
+    """Images per class: HAM's shares, each minority class lifted to the lesion floor, nv the rest."""
+    floor = min_lesions_per_class(n_images)
+    quotas = {c: max(round(CLASS_SHARE[c] * n_images), floor) for c in CLASSES if c != "nv"}
+    quotas["nv"] = n_images - sum(quotas.values())
+    if quotas["nv"] < floor:
+        raise StageError(f"download.synthetic.n_images: {n_images} is too small; use at least {len(CLASSES)}")
+    return {c: quotas[c] for c in CLASSES}
+
+
+def lesion_sizes(n: int, dx: str, max_per_lesion: int, floor: int, rng: np.random.Generator) -> list[int]:
+    """Cut ``n`` images of a class into lesions of 1..max images, at least ``floor`` lesions."""
+    rest = np.array(IMAGES_PER_LESION_P[1:max_per_lesion])
+    p = np.r_[SINGLE_SHOT_P[dx], (1 - SINGLE_SHOT_P[dx]) * rest / rest.sum()] if len(rest) else np.ones(1)
+    sizes: list[int] = []
+    remaining = n
+    while remaining > 0:
+        still_needed = max(0, floor - len(sizes) - 1)  # lesions that must follow this one
+        cap = max(1, min(max_per_lesion, remaining - still_needed))
+        q = p[:cap] / p[:cap].sum()
+        k = int(rng.choice(cap, p=q)) + 1
+        sizes.append(k)
+        remaining -= k
+    return sizes
+
+
+def _lesion_meta(dx: str, rng: np.random.Generator) -> dict[str, str]:
+    mean, sd = AGE_MEAN_SD[dx]
+    age = float(np.clip(round(rng.normal(mean, sd) / 5) * 5, 5, 85))
+    sex = "unknown" if rng.random() < UNKNOWN_SEX_P else ("male" if rng.random() < MALE_P[dx] else "female")
+    return {
+        "dx_type": _pick(rng, DX_TYPE_P[dx]),
+        "age": f"{age:.1f}",
+        "sex": sex,
+        "localization": _pick(rng, SITE_P[dx]),
+    }
+
+
+def plan_catalogue(
+    n_images: int,
+    max_images_per_lesion: int,
+    cross_id_duplicate_rate: float,
+    atypical_rate: float,
+    rng: np.random.Generator,
+) -> list[LesionPlan]:
+    """The catalogue without pixels: physical lesions, their lesion_ids, image_ids and metadata.
+
+    Exactly ``n_images`` images. A cross-id duplicate turns an existing catalogue entry into a
+    second lesion_id of another physical lesion of the same class (the image total stays exact);
+    only classes with lesions to spare above the floor give one up.
+    """
+    floor = min_lesions_per_class(n_images)
+    entries: list[tuple[str, int]] = []  # (dx, n images) per lesion_id
+    for dx, quota in class_quotas(n_images).items():
+        entries += [(dx, k) for k in lesion_sizes(quota, dx, max_images_per_lesion, floor, rng)]
+    n_entries = len(entries)
+
+    # phys[e] = the physical lesion behind catalogue entry e (itself unless it is a duplicate).
+    phys = list(range(n_entries))
+    n_dup = round(cross_id_duplicate_rate * n_entries)
+    if cross_id_duplicate_rate > 0:
+        n_dup = max(n_dup, 1)
+    independent = {c: sum(1 for dx, _ in entries if dx == c) for c in CLASSES}
+    used: set[int] = set()
+    for e in rng.permutation(n_entries).tolist():
+        if n_dup == 0:
+            break
+        dx = entries[e][0]
+        if e in used or independent[dx] <= floor + 1:
+            continue
+        targets = [t for t in range(n_entries) if entries[t][0] == dx and t != e and t not in used]
+        if not targets:
+            continue
+        t = targets[int(rng.integers(len(targets)))]
+        phys[e] = t
+        used |= {e, t}
+        independent[dx] -= 1
+        n_dup -= 1
+
+    # Shuffled ids: neither their order nor their value tells the class or the lesion.
+    image_numbers = rng.choice(max(3 * n_images, 10_000), size=n_images, replace=False) + FIRST_IMAGE_NUMBER
+    lesion_numbers = rng.choice(max(3 * n_entries, 10_000), size=n_entries, replace=False)
+    metas = [_lesion_meta(dx, rng) for dx, _ in entries]
+    unknown_age = rng.choice(n_entries, size=round(UNKNOWN_AGE_SHARE * n_entries), replace=False)
+    for e in unknown_age.tolist():
+        metas[e]["age"] = ""
+
+    looks: dict[int, tuple[str, float]] = {}
+    shots: dict[int, list[tuple[str, str, int]]] = {}
+    next_image = 0
+    for e, (dx, k) in enumerate(entries):
+        p = phys[e]
+        if p not in looks:
+            atypical = rng.random() < atypical_rate
+            look = LOOKALIKES[dx][int(rng.integers(len(LOOKALIKES[dx])))] if atypical else dx
+            looks[p] = (look, float(rng.uniform(0.35, 0.9)) if atypical else 0.0)
+        lst = shots.setdefault(p, [])
+        for _ in range(k):
+            lst.append((f"HAM_{lesion_numbers[e]:07d}", f"ISIC_{image_numbers[next_image]:07d}", len(lst)))
+            next_image += 1
+    # The same physical lesion is the same patient: a duplicate entry inherits the metadata.
+    return [
+        LesionPlan(p, entries[p][0], looks[p][0], looks[p][1], tuple(shots[p]), metas[p])
+        for p in sorted(shots)
+    ]
+
+
+# --------------------------------------------------------------------------- drawing helpers
+# Lengths are in "units" of half the output image height, so the look does not depend on the
+# resolution. A physical lesion is drawn once on a canvas 1.4x the output size; each photograph
+# is an affine view of that canvas, so re-shots show the same lesion, skin and hairs.
+
+CANVAS = 1.4
+
+
+def _smoothstep(a: float, b: float, x: np.ndarray) -> np.ndarray:
+    t = np.clip((x - a) / (b - a), 0.0, 1.0)
+    return t * t * (3 - 2 * t)
+
+
+@cache
+def _interp(n_out: int, cell: float) -> np.ndarray:
+    """(n_out, n_grid) matrix: smooth interpolation of a random lattice with ``cell`` px spacing."""
+    pos = (np.arange(n_out) + 0.5) / cell
+    i0 = np.floor(pos).astype(int)
+    f = pos - i0
+    f = f * f * (3 - 2 * f)
+    m = np.zeros((n_out, int(i0.max()) + 2), dtype=np.float32)
+    m[np.arange(n_out), i0] = 1 - f
+    m[np.arange(n_out), i0 + 1] = f
+    return m
+
+
+def _noise(rng: np.random.Generator, shape: tuple[int, int], cell: float, octaves: int = 1) -> np.ndarray:
+    """Smooth value noise in [0, 1] (fractal if octaves > 1): two small matrix products per octave."""
+    h, w = shape
+    total = np.zeros(shape, dtype=np.float32)
+    amp_sum = 0.0
+    for o in range(octaves):
+        c = max(cell / 2**o, 1.0)
+        my, mx = _interp(h, c), _interp(w, c)
+        grid = rng.random((my.shape[1], mx.shape[1]), dtype=np.float32)
+        total += 0.5**o * (my @ grid @ mx.T)
+        amp_sum += 0.5**o
+    n = total / amp_sum
+    lo, hi = float(n.min()), float(n.max())
+    return (n - lo) / (hi - lo + 1e-6)
+
+
+def _region(n: np.ndarray, inside: np.ndarray, coverage: float, edge: float = 0.04) -> np.ndarray:
+    """Soft mask of the ``coverage`` share of the lesion where the noise ``n`` is highest."""
+    vals = n[inside > 0.5]
+    if coverage <= 0 or vals.size == 0:
+        return np.zeros_like(n)
+    thr = float(np.quantile(vals, 1 - min(coverage, 1.0)))
+    return _smoothstep(thr - edge, thr + edge, n) * inside
+
+
+def _mix(img: np.ndarray, colour, weight: np.ndarray) -> np.ndarray:
+    w = weight[..., None]
+    return img * (1 - w) + np.asarray(colour, dtype=np.float32) * w
+
+
+def _marks(shape: tuple[int, int], draw_fn, blur: float) -> np.ndarray:
+    """A [0, 1] mask drawn with PIL (lines, dots), softened so it looks optical, not vector."""
+    mask = Image.new("L", (shape[1], shape[0]), 0)
+    draw_fn(ImageDraw.Draw(mask))
+    if blur > 0:
+        mask = mask.filter(ImageFilter.GaussianBlur(blur))
+    return np.asarray(mask, dtype=np.float32) / 255.0
+
+
+# --------------------------------------------------------------------------- class looks
+# Each class samples a concrete look; distributions overlap on purpose. Colours are sRGB.
+
+_CLASS_LOOK = {
+    #        base colour          radius        irregular    asym        border noise  softness
+    "nv": ((135, 88, 62), 28, (0.28, 0.58), (0.01, 0.05), (0.0, 0.06), (0.02, 0.07), (0.05, 0.14)),
+    "mel": ((92, 60, 52), 22, (0.42, 0.85), (0.06, 0.16), (0.08, 0.22), (0.08, 0.22), (0.04, 0.18)),
+    "bkl": ((160, 118, 88), 28, (0.38, 0.78), (0.03, 0.10), (0.02, 0.12), (0.04, 0.10), (0.02, 0.07)),
+    "bcc": ((206, 142, 140), 16, (0.28, 0.62), (0.04, 0.11), (0.03, 0.12), (0.08, 0.18), (0.14, 0.30)),
+    "akiec": ((200, 118, 106), 16, (0.32, 0.68), (0.06, 0.14), (0.03, 0.12), (0.12, 0.24), (0.18, 0.35)),
+    "vasc": ((168, 48, 74), 20, (0.18, 0.42), (0.01, 0.05), (0.0, 0.06), (0.02, 0.06), (0.03, 0.09)),
+    "df": ((168, 118, 92), 20, (0.20, 0.42), (0.01, 0.05), (0.0, 0.06), (0.06, 0.14), (0.18, 0.32)),
+}
+BLACK, BLUE_GREY, RED, WHITE = (38, 28, 32), (100, 104, 134), (172, 72, 76), (222, 210, 214)
+DARK_BROWN, LIGHT_BROWN = (78, 48, 36), (168, 118, 82)
+
+
+def _class_look(cls: str, rng: np.random.Generator) -> dict:
+    """A concrete look for a lesion of class ``cls``: numbers (blendable) and structure counts."""
+    base, jitter, radius, irregular, asym, border_noise, soft = _CLASS_LOOK[cls]
+    u = rng.uniform
+    look = {
+        "base": np.clip(np.array(base) + rng.normal(0, jitter, 3), 25, 240),
+        "radius": u(*radius),
+        "aspect": u(1.0, 1.35),
+        "irregular": u(*irregular),
+        "asym": u(*asym),
+        "border_noise": u(*border_noise),
+        "soft": u(*soft),
+        "opacity": u(0.85, 1.0),
+        "centre_dark": u(0.0, 0.15),
+        "mottle": u(0.05, 0.15),
+        "network": 0.0,
+        "peripheral_network": 0.0,
+        "dots": 0.0,
+        "dot_colour": np.array(DARK_BROWN, float),
+        "milia": 0.0,
+        "vessels": 0.0,
+        "lacunae": 0.0,
+        "scale": 0.0,
+        "white_centre": 0.0,
+        "cerebriform": 0.0,
+        "halo": u(0.0, 0.08),
+        "blotches": [],  # (colour, coverage) patches
+        "lobe": 0.0,
+    }
+    if cls == "nv":
+        look.update(
+            centre_dark=u(0.1, 0.35),
+            network=u(0.0, 0.35) * (rng.random() < 0.6),
+            dots=u(0, 12) * (rng.random() < 0.4),
+            lobe=u(0, 0.5) * (rng.random() < 0.1),
+        )
+        if rng.random() < 0.25:
+            look["blotches"] = [(DARK_BROWN, u(0.1, 0.3))]
+    elif cls == "mel":
+        look.update(
+            mottle=u(0.15, 0.3),
+            network=u(0.1, 0.4) * (rng.random() < 0.5),
+            dots=u(5, 35),
+            dot_colour=np.array(BLACK, float),
+            lobe=u(0.3, 0.8) * (rng.random() < 0.4),
+        )
+        palette = [BLACK, BLUE_GREY, RED, WHITE, LIGHT_BROWN, DARK_BROWN]
+        pick = rng.choice(len(palette), size=int(rng.integers(2, 5)), replace=False)
+        look["blotches"] = [(palette[i], u(0.08, 0.3)) for i in pick]
+    elif cls == "bkl":
+        look.update(
+            mottle=u(0.1, 0.2),
+            cerebriform=u(0.15, 0.4) * (rng.random() < 0.65),
+            milia=u(2, 14) * (rng.random() < 0.6),
+            opacity=u(0.7, 0.95),
+            lobe=u(0, 0.6) * (rng.random() < 0.2),
+        )
+        if rng.random() < 0.3:
+            look["blotches"] = [(DARK_BROWN, u(0.1, 0.25))]
+    elif cls == "bcc":
+        look.update(
+            opacity=u(0.5, 0.8),
+            vessels=u(3, 9),
+            halo=u(0.1, 0.3),
+            white_centre=u(0.0, 0.35) * (rng.random() < 0.5),
+        )
+        if rng.random() < 0.5:  # blue-grey ovoid nests
+            look["blotches"] = [(BLUE_GREY, u(0.08, 0.2))]
+            look["dots"], look["dot_colour"] = u(2, 8), np.array(BLUE_GREY, float)
+        if rng.random() < 0.25:  # ulceration: dark red crust
+            look["blotches"] = [*look["blotches"], ((110, 40, 40), u(0.05, 0.15))]
+    elif cls == "akiec":
+        look.update(
+            opacity=u(0.5, 0.8),
+            scale=u(0.15, 0.45),
+            halo=u(0.15, 0.4),
+            mottle=u(0.1, 0.2),
+            milia=u(10, 40),
+            vessels=u(0, 3) * (rng.random() < 0.4),
+        )
+    elif cls == "vasc":
+        look.update(lacunae=u(0.6, 1.0), halo=u(0.05, 0.2), opacity=u(0.9, 1.0))
+    elif cls == "df":
+        look.update(white_centre=u(0.45, 0.85), peripheral_network=u(0.2, 0.45), halo=u(0.0, 0.12))
+    return look
+
+
+def _blend_looks(a: dict, b: dict, t: float) -> dict:
+    """Numbers move ``t`` of the way from ``a`` to ``b``; lists are taken from the nearer one."""
+    out = {}
+    for k, va in a.items():
+        vb = b[k]
+        if isinstance(va, list):
+            out[k] = vb if t > 0.5 else va
+        else:
+            out[k] = (1 - t) * np.asarray(va, float) + t * np.asarray(vb, float)
+            if np.ndim(out[k]) == 0:
+                out[k] = float(out[k])
+    return out
+
+
+SKIN_TONES = np.array(
+    [(236, 196, 186), (228, 182, 170), (222, 186, 160), (214, 168, 150), (236, 208, 200),
+     (218, 186, 196), (200, 152, 128), (182, 134, 110), (230, 172, 160)],
+    dtype=np.float32,
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class _Camera:
+    """What belongs to the dermatoscope, not the skin: fixed within a lesion's photographs."""
+
+    vignette: float
+    ring: float  # radius of the black ring, in half-diagonals (0 = no ring)
+    gains: np.ndarray
+
+
+def draw_canvas(dx: str, look_cls: str, blend: float, rng: np.random.Generator, width: int, height: int):
+    """The physical lesion on its patch of skin: float32 (Hc, Wc, 3) canvas and its camera."""
+    unit = height / 2
+    hc, wc = int(round(height * CANVAS)), int(round(width * CANVAS))
+    shape = (hc, wc)
+    look = _class_look(dx, rng)
+    if blend > 0:
+        look = _blend_looks(look, _class_look(look_cls, rng), blend)
+
+    yy, xx = np.mgrid[0:hc, 0:wc].astype(np.float32)
+    x = (xx + 0.5 - wc / 2) / unit
+    y = (yy + 0.5 - hc / 2) / unit
+
+    # ---- skin: a tone, slow unevenness, fine texture (pores and furrows)
+    tone = SKIN_TONES[int(rng.integers(len(SKIN_TONES)))] + rng.normal(0, 6, 3).astype(np.float32)
+    slow = _noise(rng, shape, 0.8 * unit) - 0.5
+    fine = _noise(rng, shape, 0.05 * unit, octaves=2) - 0.5
+    skin = tone * (1 + 0.10 * slow + 0.06 * fine)[..., None]
+    skin = _mix(skin, (200, 110, 120), 0.25 * _noise(rng, shape, 0.5 * unit) * rng.uniform(0, 1))
+
+    # ---- lesion outline: an ellipse with Fourier-harmonic border, noisy edge, maybe a second lobe
+    cx, cy = rng.normal(0, 0.08, 2)
+    ang = rng.uniform(0, np.pi)
+    dxr, dyr = x - cx, y - cy
+    u = (dxr * np.cos(ang) + dyr * np.sin(ang)) / look["aspect"]
+    v = -dxr * np.sin(ang) + dyr * np.cos(ang)
+    r = np.hypot(u, v)
+    theta = np.arctan2(v, u)
+    border = np.ones_like(r)
+    for k in range(1, 10):
+        amp = (look["asym"] if k <= 2 else look["irregular"] / k**0.6) * rng.normal(0, 1)
+        border += amp * np.cos(k * theta + rng.uniform(0, 2 * np.pi))
+    rho = r / (look["radius"] * np.maximum(border, 0.35))
+    rho = rho + look["border_noise"] * (_noise(rng, shape, 0.15 * unit, octaves=2) - 0.5) * 2
+    if look["lobe"] > 0.05:
+        la = rng.uniform(0, 2 * np.pi)
+        lr = look["radius"] * rng.uniform(0.35, 0.6)
+        lx, ly = cx + np.cos(la) * look["radius"] * 0.9, cy + np.sin(la) * look["radius"] * 0.9
+        rho = np.minimum(rho, np.hypot(x - lx, y - ly) / lr + 0.15 * (1 - look["lobe"]))
+    soft = look["soft"]
+    inside = 1 - _smoothstep(1 - soft, 1 + soft, rho)
+    core = np.clip(1 - rho, 0, 1)
+
+    # ---- lesion body
+    mottle = _noise(rng, shape, 0.12 * unit, octaves=3) - 0.5
+    body = look["base"].astype(np.float32) * (1 + 2 * look["mottle"] * mottle)[..., None]
+    body *= (1 - look["centre_dark"] * core**0.7)[..., None]
+    for colour, coverage in look["blotches"]:
+        body = _mix(
+            body, colour, 0.85 * _region(_noise(rng, shape, 0.2 * unit, octaves=2), inside, coverage, 0.06)
+        )
+    if look["network"] > 0.02 or look["peripheral_network"] > 0.02:
+        # Pigment network: the ridges of band-limited noise look like a honeycomb of dark lines.
+        ridge = (1 - np.abs(2 * _noise(rng, shape, 0.07 * unit) - 1)) ** 4
+        strength = look["network"] + look["peripheral_network"] * _smoothstep(0.3, 0.8, rho)
+        body *= (1 - strength * ridge)[..., None]
+    if look["cerebriform"] > 0.02:
+        # Seborrhoeic keratosis: gyri and sulci, a waxy pattern of light ridges and dark furrows.
+        gyri = 1 - np.abs(2 * _noise(rng, shape, 0.12 * unit, octaves=2) - 1)
+        body *= (1 + look["cerebriform"] * (gyri - 0.6))[..., None]
+    if look["lacunae"] > 0.05:
+        n = _noise(rng, shape, 0.09 * unit)
+        lac = _smoothstep(0.45, 0.58, n)
+        lac_colour = np.where(_noise(rng, shape, 0.3 * unit)[..., None] > 0.5,
+                              np.float32([150, 30, 60]), np.float32([110, 36, 88]))  # fmt: skip
+        septa = np.float32([214, 150, 160])
+        lac_img = septa * (1 - lac[..., None]) + lac_colour * lac[..., None]
+        body = body * (1 - look["lacunae"]) + lac_img * look["lacunae"]
+    if look["scale"] > 0.02:
+        body = _mix(
+            body,
+            (236, 226, 206),
+            0.9 * _region(_noise(rng, shape, 0.06 * unit, octaves=2), inside, look["scale"]),
+        )
+    if look["white_centre"] > 0.02:
+        scar = 1 - _smoothstep(0.25, 0.6, rho + 0.25 * (_noise(rng, shape, 0.1 * unit) - 0.5))
+        body = _mix(body, (238, 224, 220), look["white_centre"] * scar)
+
+    def _dots(n: float, radius_u: tuple[float, float], spread: float):
+        def draw(d: ImageDraw.ImageDraw) -> None:
+            for _ in range(int(round(n))):
+                a, rr = rng.uniform(0, 2 * np.pi), look["radius"] * spread * np.sqrt(rng.random())
+                px = (cx + rr * np.cos(a)) * unit + wc / 2
+                py = (cy + rr * np.sin(a)) * unit + hc / 2
+                s = max(0.6, rng.uniform(*radius_u) * unit)
+                d.ellipse((px - s, py - s, px + s, py + s), fill=int(rng.uniform(160, 255)))
+
+        return draw
+
+    if look["dots"] >= 1:
+        dots = _marks(shape, _dots(look["dots"], (0.012, 0.035), 1.0), 0.5) * inside
+        body = _mix(body, look["dot_colour"], 0.9 * dots)
+    if look["milia"] >= 1:
+        milia = _marks(shape, _dots(look["milia"], (0.01, 0.025), 0.9), 0.4) * inside
+        body = _mix(body, (242, 236, 222), 0.85 * milia)
+    if look["vessels"] >= 1:
+        # Arborising vessels: branching, tapering red lines.
+        def vessels(d: ImageDraw.ImageDraw) -> None:
+            for _ in range(int(round(look["vessels"]))):
+                a, rr = rng.uniform(0, 2 * np.pi), look["radius"] * 0.8 * np.sqrt(rng.random())
+                stack = [((cx + rr * np.cos(a)) * unit + wc / 2, (cy + rr * np.sin(a)) * unit + hc / 2,
+                          rng.uniform(0, 2 * np.pi), 3)]  # fmt: skip
+                while stack:
+                    px, py, heading, depth = stack.pop()
+                    pts = [(px, py)]
+                    for _ in range(int(rng.integers(3, 7))):
+                        heading += rng.normal(0, 0.35)
+                        px, py = px + np.cos(heading) * 0.05 * unit, py + np.sin(heading) * 0.05 * unit
+                        pts.append((px, py))
+                    d.line(pts, fill=int(60 + 60 * depth), width=max(1, round(unit / 60 * depth / 2)))
+                    if depth > 1:
+                        for turn in (-0.6, 0.6):
+                            if rng.random() < 0.7:
+                                stack.append((px, py, heading + turn + rng.normal(0, 0.2), depth - 1))
+
+        body = _mix(body, (178, 28, 44), 0.95 * _marks(shape, vessels, 0.45) * _smoothstep(0, 0.3, inside))
+
+    # ---- composite: erythema halo, then the lesion over the skin
+    halo = look["halo"] * np.exp(-np.maximum(rho - 1, 0) * 2.5) * (1 - inside)
+    img = _mix(skin, (214, 110, 112), halo)
+    img = _mix(img, body, np.clip(inside * look["opacity"], 0, 1))  # body is an image here
+    if rng.random() < 0.4:  # hairs: dark, slightly curved, crossing the field
+
+        def hairs(d: ImageDraw.ImageDraw) -> None:
+            for _ in range(int(rng.integers(1, 10))):
+                px, py = rng.uniform(0, wc), rng.uniform(0, hc)
+                heading, bend = rng.uniform(0, 2 * np.pi), rng.normal(0, 0.08)
+                pts = []
+                for _ in range(int(rng.integers(8, 30))):
+                    pts.append((px, py))
+                    heading += bend
+                    px, py = px + np.cos(heading) * 0.08 * unit, py + np.sin(heading) * 0.08 * unit
+                d.line(pts, fill=int(rng.uniform(150, 255)), width=max(1, round(unit / rng.uniform(40, 75))))
+
+        img = _mix(img, rng.uniform(25, 70) * np.float32([1.0, 0.8, 0.7]), _marks(shape, hairs, 0.5))
+    camera = _Camera(
+        vignette=float(rng.uniform(0.1, 0.5)),
+        ring=float(rng.uniform(0.78, 0.98)) if rng.random() < 0.2 else 0.0,
+        gains=rng.uniform(0.95, 1.05, 3).astype(np.float32),
+    )
+    return img.astype(np.float32), camera
+
+
+def take_shot(
+    canvas: np.ndarray, camera: _Camera, rng: np.random.Generator, width: int, height: int
+) -> np.ndarray:
+    """One photograph: a slightly moved, turned and zoomed view, re-lit, with sensor noise."""
+    hc, wc, _ = canvas.shape
+    angle = rng.normal(0, np.deg2rad(3.0))
+    zoom = rng.uniform(0.96, 1.04)
+    sx, sy = rng.normal(0, 0.02, 2) * (width, height)
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+    ox, oy = xx + 0.5 - width / 2 - sx, yy + 0.5 - height / 2 - sy
+    c, s = np.cos(angle) / zoom, np.sin(angle) / zoom
+    px = np.clip(c * ox - s * oy + wc / 2 - 0.5, 0, wc - 1.001)
+    py = np.clip(s * ox + c * oy + hc / 2 - 0.5, 0, hc - 1.001)
+    x0, y0 = px.astype(np.int32), py.astype(np.int32)
+    fx, fy = (px - x0)[..., None], (py - y0)[..., None]
+    img = (
+        canvas[y0, x0] * (1 - fx) * (1 - fy)
+        + canvas[y0, x0 + 1] * fx * (1 - fy)
+        + canvas[y0 + 1, x0] * (1 - fx) * fy
+        + canvas[y0 + 1, x0 + 1] * fx * fy
+    )
+    # Light and white balance change between shots; the dermatoscope's vignette does not move.
+    gains = camera.gains * rng.uniform(0.92, 1.08) * rng.uniform(0.97, 1.03, 3).astype(np.float32)
+    img = (img / 255.0) ** rng.uniform(0.93, 1.07) * 255.0 * gains
+    half_diag = np.hypot(width, height) / 2
+    rr = np.hypot(xx + 0.5 - width / 2, yy + 0.5 - height / 2) / half_diag
+    shade = 1 - camera.vignette * rr**2.5
+    if camera.ring > 0:
+        shade *= 1 - _smoothstep(camera.ring - 0.03, camera.ring + 0.03, rr)
+    img = img * shade[..., None] + rng.normal(0, rng.uniform(1.0, 2.5), img.shape).astype(np.float32)
+    return np.clip(img + 0.5, 0, 255).astype(np.uint8)
+
+
+def render_lesion(plan: LesionPlan, seed: int, width: int, height: int) -> list[np.ndarray]:
+    """Every photograph of one physical lesion, as (height, width, 3) uint8 arrays."""
+    canvas, camera = draw_canvas(plan.dx, plan.look, plan.blend, _seq(seed, 1, plan.index), width, height)
+    return [take_shot(canvas, camera, _seq(seed, 2, plan.index, k), width, height) for _, _, k in plan.shots]
+
+
+def _jpeg(pixels: np.ndarray, quality: int) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(pixels, "RGB").save(buf, "JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def _render_chunk(job: tuple[list[LesionPlan], int, int, int, int, str]) -> int:
+    """Worker: draw and write every photograph of a chunk of lesions; returns the image count."""
+    plans, seed, width, height, quality, img_dir = job
+    n = 0
+    for plan in plans:
+        for (_, image_id, _), pixels in zip(
+            plan.shots, render_lesion(plan, seed, width, height), strict=True
+        ):
+            (Path(img_dir) / f"{image_id}.jpg").write_bytes(_jpeg(pixels, quality))
+            n += 1
+    return n
+
+
+# --------------------------------------------------------------------------- the stage
+
+
+def _chunks(plans: list[LesionPlan], images_per_chunk: int) -> list[list[LesionPlan]]:
+    chunks: list[list[LesionPlan]] = [[]]
+    n = 0
+    for plan in plans:
+        if n >= images_per_chunk:
+            chunks.append([])
+            n = 0
+        chunks[-1].append(plan)
+        n += len(plan.shots)
+    return [c for c in chunks if c]
+
+
+def generate(params: SyntheticParams, seed: int, out_dir: Path, *, workers: int = 0) -> SyntheticResult:
+    """Write ``out_dir/metadata.csv`` and ``out_dir/images/<image_id>.jpg`` (``out_dir``: empty).
+
+    Byte-identical for the same params and seed, whatever ``workers`` (0 = all cores).
+    """
+    out_dir = Path(out_dir)
+    if not out_dir.is_dir():
+        raise StageError(f"{out_dir}: output folder does not exist")
+    if any(out_dir.iterdir()):
+        raise StageError(f"{out_dir}: output folder is not empty")
+    plans = plan_catalogue(
+        params.n_images,
+        params.max_images_per_lesion,
+        params.cross_id_duplicate_rate,
+        params.atypical_rate,
+        _seq(seed, 0),
+    )
+    rows = [
+        {"lesion_id": lesion_id, "image_id": image_id, "dx": p.dx, **p.meta}
+        for p in plans
+        for lesion_id, image_id, _ in p.shots
+    ]
+    # Sorted by the (random) ids, lesion by lesion like HAM's file; row order reveals no class.
+    rows.sort(key=lambda r: (r["lesion_id"], r["image_id"]))
+    with open(out_dir / "metadata.csv", "w", newline="", encoding="utf-8") as fh:
+        w = csv.DictWriter(fh, fieldnames=HAM_COLUMNS, lineterminator="\n")
+        w.writeheader()
+        w.writerows(rows)
+
+    img_dir = out_dir / "images"
+    img_dir.mkdir()
+    n_proc = n_workers(workers)
+    # Chunks of ~32 images: large enough to amortise process hand-off, small enough to balance.
+    jobs = [
+        (c, seed, params.width, params.height, params.jpeg_quality, str(img_dir)) for c in _chunks(plans, 32)
+    ]
+    with tqdm(total=len(rows), desc="draw synthetic images", unit="img") as bar:
+        if n_proc == 1 or len(jobs) == 1:
+            for job in jobs:
+                bar.update(_render_chunk(job))
+        else:
+            with ProcessPoolExecutor(min(n_proc, len(jobs))) as pool:
+                for n in pool.map(_render_chunk, jobs):
+                    bar.update(n)
+
+    counts = {c: sum(1 for r in rows if r["dx"] == c) for c in CLASSES}
+    n_lesions = len({r["lesion_id"] for r in rows})
+    n_dup = sum(len({lid for lid, _, _ in p.shots}) - 1 for p in plans)
+    log.info(
+        "synthetic: %d images of %d lesion_ids (%d catalogued twice), per class %s",
+        len(rows), n_lesions, n_dup, counts,
+    )  # fmt: skip
+    return SyntheticResult(len(rows), n_lesions, counts, n_dup)
+
+
+def _looks_like_ours(folder: Path) -> bool:
+    return {p.name for p in folder.iterdir()} <= {"metadata.csv", "images"}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from stages.common import atomic_dir, run_main, setup_logging
+    from stages.params import load_params
+
+    ap = argparse.ArgumentParser(
+        prog="python -m stages.synthetic",
+        description="Draw a synthetic HAM10000-layout folder (metadata.csv + images/<image_id>.jpg), "
+        "e.g. to try download.source=local:PATH. The pipeline's download stage calls the same code "
+        "with params.yaml's download.synthetic section and base.seed.",
+    )
+    ap.add_argument(
+        "--out",
+        type=Path,
+        required=True,
+        help="folder to write; replaced atomically if it holds an earlier synthetic set",
+    )
+    ap.add_argument("--params", type=Path, help="take download.synthetic and base.seed from this params.yaml")
+    ap.add_argument("--n-images", type=int, help="number of images (default: params, else 700)")
+    ap.add_argument("--seed", type=int, help="random seed (default: params' base.seed, else 42)")
+    ap.add_argument("--width", type=int, help="image width in pixels (default 200)")
+    ap.add_argument("--height", type=int, help="image height in pixels (default 150)")
+    ap.add_argument("--workers", type=int, default=0, help="worker processes (0 = all cores)")
+    ap.add_argument("-v", "--verbose", action="store_true")
+    args = ap.parse_args(argv)  # fmt: skip
+    setup_logging(args.verbose)
+
+    def body() -> int:
+        params = load_params(args.params) if args.params else parse_params({})
+        overrides = {"n_images": args.n_images, "width": args.width, "height": args.height}
+        raw = {k: getattr(params.download.synthetic, k) for k in SyntheticParams.__dataclass_fields__}
+        raw.update({k: v for k, v in overrides.items() if v is not None})
+        synthetic = parse_params({"download": {"synthetic": raw}}).download.synthetic
+        seed = params.base.seed if args.seed is None else args.seed
+        if args.out.exists() and not (args.out.is_dir() and _looks_like_ours(args.out)):
+            raise StageError(f"{args.out}: exists and is not a synthetic data set; choose a new folder")
+        with atomic_dir(args.out) as tmp:
+            res = generate(synthetic, seed, tmp, workers=args.workers)
+        log.info("wrote %s: %d images, %d lesion_ids", args.out, res.n_images, res.n_lesions)
+        return 0
+
+    return run_main(body)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -6,8 +6,8 @@ sides of a split. So:
 
 1. Every image gets three 64-bit perceptual hashes (average, difference, perceptual; imagehash)
    and its centre colour, decoded at reduced size (JPEG draft mode) in parallel.
-2. Candidate pairs (pHash within ``hash_radius``) are retrieved with a multi-index search: each hash is cut into
-   ``hash_radius + 1`` bands, and by the pigeonhole principle two hashes within the radius agree
+2. Candidate pairs (pHash within ``hash_radius``) come from a multi-index search: the hash is
+   cut into ``hash_radius + 1`` bands, and by the pigeonhole principle two hashes within the radius agree
    exactly on at least one band; only images sharing a band value are compared (vectorised
    popcount). No O(N^2) Python loop, and far below N^2 work on real hash distributions.
 3. A hash match is NOT a duplicate: on dermoscopy, a 64-bit hash matches visibly different

@@ -13,7 +13,7 @@ from PIL import Image
 from stages.common import StageError
 from stages.params import parse_params
 from stages.split import near_pairs, run
-from tests.conftest import make_jpeg, write_raw
+from tests.conftest import write_raw
 
 
 def _params(**kw):
@@ -39,8 +39,10 @@ def test_near_pairs_equals_brute_force():
     rng = np.random.default_rng(0)
     base = rng.integers(0, 2**63, size=300, dtype=np.uint64)
     # plant near copies: flip 0-6 random bits of some hashes
-    flips = np.array([sum(1 << int(b) for b in rng.choice(64, rng.integers(0, 7), replace=False)) for _ in range(200)],
-                     dtype=np.uint64)  # fmt: skip
+    flips = np.array(
+        [sum(1 << int(b) for b in rng.choice(64, rng.integers(0, 7), replace=False)) for _ in range(200)],
+        dtype=np.uint64,
+    )
     h = np.concatenate([base, base[:200] ^ flips])
     for radius in (0, 3, 6):
         pairs, dist = near_pairs(h, radius)

@@ -114,3 +114,12 @@ def range_server(tmp_path: Path):
 
     with RangeServer(tmp_path / "served") as server:
         yield server
+
+
+@pytest.fixture(scope="session")
+def prefect_api():
+    """One temporary Prefect API (its own SQLite database) for every test that runs a flow."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield

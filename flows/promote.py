@@ -1,0 +1,222 @@
+"""The promotion gate and the promotion itself. No Prefect here; :mod:`flows.retrain` calls it.
+
+A candidate bundle (``models/ensemble``) replaces production (``models/production``) only if
+
+* its ``test_malignant_recall`` reaches ``calibrate.target_recall``, and
+* its ``malignant_auc`` and ``macro_auc`` drop by at most ``promote.max_auc_drop`` against the
+  production model's (a negative tolerance demands an improvement; with no production model
+  yet the AUCs are not compared).
+
+Promotion copies the bundle atomically (temp folder, one rename) with a ``production.json``
+record, tracks it with ``dvc add``, and in a git repository commits the pipeline record and tags
+it ``model-<UTC time>``. A rejected candidate touches nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import subprocess
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from flows.dvcops import DvcError, Layout, dvc_argv, run_quiet
+from stages.common import atomic_dir
+
+__all__ = ["GATE_AUC_KEYS", "Check", "Decision", "decide", "promote_bundle", "read_production"]
+
+RECALL_KEY = "test_malignant_recall"
+GATE_AUC_KEYS = ("malignant_auc", "macro_auc")
+RECORD = "production.json"
+# Float noise must not flip a decision taken on metrics rounded nowhere.
+_EPS = 1e-9
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    passed: bool
+    detail: str
+
+
+@dataclass(frozen=True)
+class Decision:
+    promote: bool
+    reason: str
+    checks: tuple[Check, ...]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"promote": self.promote, "reason": self.reason, "checks": [asdict(c) for c in self.checks]}
+
+
+def _num(v: Any) -> float | None:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        return None
+    return float(v)
+
+
+def decide(
+    candidate: Mapping[str, Any],
+    production: Mapping[str, Any] | None,
+    *,
+    target_recall: float,
+    max_auc_drop: float,
+) -> Decision:
+    """The gate, on flat metric dicts (``test_malignant_recall``, ``malignant_auc``, ``macro_auc``).
+
+    ``production`` is None when no model has been promoted yet.
+    """
+    checks: list[Check] = []
+    recall = _num(candidate.get(RECALL_KEY))
+    if recall is None:
+        checks.append(Check(RECALL_KEY, False, f"{RECALL_KEY} missing or not a number in the candidate"))
+    else:
+        ok = recall >= target_recall - _EPS
+        op = ">=" if ok else "<"
+        checks.append(Check(RECALL_KEY, ok, f"{RECALL_KEY} {recall:.3f} {op} target {target_recall:.3f}"))
+
+    for key in GATE_AUC_KEYS:
+        cand = _num(candidate.get(key))
+        if cand is None:
+            checks.append(Check(key, False, f"{key} missing or not a number in the candidate"))
+            continue
+        if production is None:
+            checks.append(Check(key, True, f"{key} {cand:.3f} (no production model yet)"))
+            continue
+        prod = _num(production.get(key))
+        if prod is None:
+            checks.append(Check(key, True, f"{key} {cand:.3f} (production has no {key} to compare)"))
+            continue
+        delta = cand - prod
+        ok = delta >= -max_auc_drop - _EPS
+        if max_auc_drop >= 0:
+            rule = f"drop allowed {max_auc_drop:.3f}"
+        else:
+            rule = f"gain required {-max_auc_drop:.3f}"
+        verdict = "ok" if ok else "too low"
+        checks.append(
+            Check(key, ok, f"{key} {cand:.3f} vs production {prod:.3f} ({delta:+.3f}; {rule}): {verdict}")
+        )
+
+    failed = [c.detail for c in checks if not c.passed]
+    if failed:
+        return Decision(False, "; ".join(failed), tuple(checks))
+    if production is None:
+        return Decision(True, f"no production model yet; {checks[0].detail}", tuple(checks))
+    return Decision(True, "; ".join(c.detail for c in checks), tuple(checks))
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except json.JSONDecodeError as e:
+        raise DvcError(f"{path}: not valid JSON: {e}") from None
+    return data if isinstance(data, dict) else None
+
+
+def read_production(layout: Layout) -> dict[str, Any] | None:
+    """The production record (``models/production/production.json``), or None before the first."""
+    return read_json(layout.path(layout.production) / RECORD)
+
+
+def gate_metrics(snapshot: Mapping[str, Mapping[str, Any]], layout: Layout) -> dict[str, Any]:
+    """The gate's flat inputs from a metrics snapshot ({file: {key: value}})."""
+    calibration = snapshot.get(layout.calibration_metrics) or {}
+    ensemble = snapshot.get(layout.ensemble_metrics) or {}
+    return {RECALL_KEY: calibration.get(RECALL_KEY), **{k: ensemble.get(k) for k in GATE_AUC_KEYS}}
+
+
+# --------------------------------------------------------------------------- promoting
+
+
+def utc_tag(now: datetime) -> str:
+    return "model-" + now.astimezone(UTC).strftime("%Y%m%dT%H%M%SZ")
+
+
+def promote_bundle(layout: Layout, record: Mapping[str, Any]) -> Path:
+    """Copy the candidate bundle to production in one rename, with ``record`` as production.json.
+
+    A crash at any point leaves the previous production folder exactly as it was.
+    """
+    src = layout.path(layout.bundle)
+    if not src.is_dir() or not any(src.iterdir()):
+        raise DvcError(f"{layout.bundle}: no candidate bundle to promote")
+    dest = layout.path(layout.production)
+    with atomic_dir(dest) as tmp:
+        shutil.copytree(src, tmp, dirs_exist_ok=True, symlinks=False)
+        (tmp / RECORD).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    return dest
+
+
+def dvc_track(layout: Layout) -> None:
+    """``dvc add models/production``: the pointer file git keeps; the content goes to the cache
+    (and to the remote with ``dvc push``)."""
+    run_quiet(dvc_argv("add", layout.production), layout.root)
+
+
+# --------------------------------------------------------------------------- git
+
+
+def _git(repo: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True)
+    if check and proc.returncode != 0:
+        raise DvcError(f"`git {' '.join(args)}` exited {proc.returncode}: {proc.stderr.strip()[-2000:]}")
+    return proc
+
+
+def in_git(repo: Path) -> bool:
+    try:
+        return _git(repo, "rev-parse", "--is-inside-work-tree", check=False).stdout.strip() == "true"
+    except FileNotFoundError:  # no git on this machine
+        return False
+
+
+def head_commit(repo: Path) -> str | None:
+    proc = _git(repo, "rev-parse", "HEAD", check=False)
+    return proc.stdout.strip() if proc.returncode == 0 else None
+
+
+def dirty_code(repo: Path) -> list[str]:
+    """Tracked files that differ from HEAD, outside the pipeline record: code a tag would not hold."""
+    out = _git(repo, "status", "--porcelain", "--untracked-files=no", check=False).stdout
+    paths = [line[3:] for line in out.splitlines() if len(line) > 3]
+    return [p for p in paths if not p.startswith(("metrics/", "reports/", "models/")) and
+            p not in ("dvc.lock", "params.yaml", "dvc.yaml") and not p.endswith(".gitignore")]  # fmt: skip
+
+
+def tag_exists(repo: Path, tag: str) -> bool:
+    return _git(repo, "rev-parse", "-q", "--verify", f"refs/tags/{tag}", check=False).returncode == 0
+
+
+def free_tag(repo: Path, tag: str) -> str:
+    """``tag``, or ``tag-2``, ``tag-3``... if a promotion in the same second took it."""
+    name, n = tag, 1
+    while tag_exists(repo, name):
+        n += 1
+        name = f"{tag}-{n}"
+    return name
+
+
+def commit_and_tag(layout: Layout, tag: str, message: str) -> str:
+    """Commit only the pipeline record (whatever else is staged stays staged) and tag it."""
+    repo = layout.root
+    candidates = ["dvc.yaml", "dvc.lock", layout.params, "metrics", "reports", f"{layout.production}.dvc"]
+    ignores = _git(repo, "ls-files", "-co", "--exclude-standard", "--", ":(glob)**/.gitignore")
+    paths = [p for p in candidates if (repo / p).exists()] + ignores.stdout.split()
+    ident: list[str] = []
+    if not _git(repo, "config", "user.email", check=False).stdout.strip():
+        ident = ["-c", "user.name=retrain flow", "-c", "user.email=retrain-flow@localhost"]
+    _git(repo, "add", "-A", "--", *paths)
+    _git(repo, *ident, "commit", "--quiet", "--allow-empty", "--only", "-m", message, "--", *paths)
+    sha = _git(repo, "rev-parse", "HEAD").stdout.strip()
+    _git(repo, "tag", tag, sha)
+    return sha

@@ -1,0 +1,226 @@
+"""The retrain flow end to end against the real ``dvc`` and a temporary Prefect API, on a toy
+pipeline whose stages take milliseconds (tests/integration/toy_pipeline.py)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from flows.retrain import plan, retrain
+from tests.integration.toy_pipeline import make_toy_repo
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def toy(tmp_path, monkeypatch) -> Path:
+    repo = make_toy_repo(tmp_path / "toy")
+    monkeypatch.chdir(repo)  # the flow works on the repository it runs in, as a deployment does
+    return repo
+
+
+def _snapshot(folder: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+def _artifacts(flow_run_id) -> dict[str, object]:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    with get_client(sync_client=True) as client:
+        arts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]))
+        )
+    return {a.key: a for a in arts}
+
+
+def _task_runs(flow_run_id) -> dict[str, object]:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    return {r.name: r for r in runs}
+
+
+def test_plan_task_reads_the_dag_from_dvc(toy):
+    """``task.fn()``: the engine adds nothing to the plan, so the plain function is tested."""
+    waves = plan.fn(str(toy), None, ["drift"])
+    assert waves[3:6] == [["prepare"], ["train@mobilenetv2", "train@custom_cnn"],
+                          ["evaluate@mobilenetv2", "evaluate@custom_cnn"]]  # fmt: skip
+    assert plan.fn(str(toy), ["validate"], []) == [["download"], ["split"], ["validate"]]
+
+
+def test_promotes_then_keeps_production_when_the_gate_fails(toy, prefect_api):
+    state = retrain(return_state=True)
+    assert state.is_completed() and state.name == "Completed", state.message
+    result = state.result()
+    assert result["promoted"] and result["tag"].startswith("model-")
+    assert result["stages"]["train@custom_cnn"] == "ran"
+
+    prod = toy / "models" / "production"
+    record = yaml.safe_load((prod / "production.json").read_text())
+    assert (prod / "bundle.json").read_bytes() == (toy / "models" / "ensemble" / "bundle.json").read_bytes()
+    assert record["git_tag"] == result["tag"]
+    lock = yaml.safe_load((toy / "dvc.lock").read_text())
+    assert record["data_version"] == lock["stages"]["download"]["outs"][0]["md5"]
+    assert record["metrics"]["metrics/calibration.json"]["test_malignant_recall"] == 0.96
+    assert (toy / "models" / "production.dvc").is_file()
+    tagged = subprocess.run(
+        ["git", "show", f"{result['tag']}:dvc.lock"], cwd=toy, capture_output=True, text=True
+    )
+    assert tagged.stdout == (toy / "dvc.lock").read_text()
+
+    arts = _artifacts(state.state_details.flow_run_id)
+    md = arts["retrain-summary"].data
+    assert "# Retrain" in md and ": promoted" in md
+    assert "| **ensemble** | 0.650 | 0.550 | 0.450 | 0.800 | 0.810 [0.770, 0.840] |" in md
+    assert "| `train@custom_cnn` | ran |" in md
+    assert arts["retrain-metrics-diff"].type == "table"
+
+    # A candidate that cannot reach the (raised) recall target: not promoted, production untouched.
+    before = _snapshot(prod)
+    lock_before = (toy / "dvc.lock").read_text()
+    state2 = retrain(
+        params_overrides={"calibrate.target_recall": 0.99, "train.common.epochs": 1}, return_state=True
+    )
+    assert state2.is_completed() and state2.name == "Not promoted", state2.message
+    r2 = state2.result()
+    assert not r2["promoted"]
+    assert r2["reason"].startswith("test_malignant_recall 0.960 < target 0.990")
+    assert "malignant_auc 0.730 vs production 0.810 (-0.080; drop allowed 0.010): too low" in r2["reason"]
+    assert r2["stages"]["download"] == "skipped" and r2["stages"]["calibrate"] == "ran"
+    assert set(r2["stages"]) == set(result["stages"])  # models/production.dvc is not a stage to run
+    assert (toy / "dvc.lock").read_text() != lock_before  # the candidate was rebuilt...
+    assert _snapshot(prod) == before  # ...and production is byte for byte what it was
+    tags = subprocess.run(["git", "tag"], cwd=toy, capture_output=True, text=True).stdout.split()
+    assert tags == [result["tag"]]
+    arts2 = _artifacts(state2.state_details.flow_run_id)
+    assert (
+        "Outcome:** not promoted: test_malignant_recall 0.960 < target 0.990" in arts2["retrain-summary"].data
+    )
+    table = arts2["retrain-metrics-diff"].data
+    rows = {(r["file"], r["metric"]): r for r in (json.loads(table) if isinstance(table, str) else table)}
+    assert rows[("metrics/ensemble.json", "malignant_auc")] == {
+        "file": "metrics/ensemble.json", "metric": "malignant_auc", "production": 0.81, "candidate": 0.73,
+        "change": -0.08,
+    }  # fmt: skip
+
+
+def test_validation_failure_stops_before_training(toy, prefect_api):
+    state = retrain(params_overrides={"validate.min_class_count": 1000}, return_state=True)
+    assert state.is_failed()
+    assert "stage 'validate' failed: validation FAILED: metadata: class count below" in state.message
+    assert not (toy / "models").exists()
+    names = set(_task_runs(state.state_details.flow_run_id))
+    assert "dvc repro validate" in names and not any(n.startswith("dvc repro train") for n in names)
+    md = _artifacts(state.state_details.flow_run_id)["retrain-summary"].data
+    assert "## Stage `validate` failed" in md
+    assert "validation FAILED: metadata: class count below validate.min_class_count" in md
+    assert "| passed | 0 |" in md and "| metadata_fail_class_count | 7 |" in md
+    assert "| `prepare` | not run |" in md
+
+
+def test_a_transient_lock_error_is_retried_and_the_run_completes(toy, prefect_api):
+    """Another process holds the DVC repository lock: the first `dvc repro` fails with DVC's lock
+    error, the task is retried after its backoff, by then the lock is free, and the run completes."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, zc.lockfile; l = zc.lockfile.LockFile(sys.argv[1]); "
+         "print('held', flush=True); sys.stdin.read()", str(toy / ".dvc" / "tmp" / "lock")],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert holder.stdout.readline().strip() == "held"
+
+    def release_when_retry_is_scheduled():
+        from prefect.client.orchestration import get_client
+        from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterName
+
+        flt = TaskRunFilter(name=TaskRunFilterName(any_=["dvc repro download"]))
+        deadline = time.monotonic() + 60
+        with get_client(sync_client=True) as client:
+            while time.monotonic() < deadline:
+                runs = client.read_task_runs(task_run_filter=flt)
+                if any(r.state and r.state.name == "AwaitingRetry" for r in runs):
+                    break
+                time.sleep(0.2)
+        holder.stdin.close()  # the holder exits and the lock is free
+
+    watcher = threading.Thread(target=release_when_retry_is_scheduled, daemon=True)
+    watcher.start()
+    try:
+        state = retrain(stages=["download"], return_state=True)
+    finally:
+        if not holder.stdin.closed:
+            holder.stdin.close()
+        holder.wait(timeout=30)
+        watcher.join(timeout=5)
+    assert state.is_completed(), state.message
+    result = state.result()
+    assert result["stages"] == {"download": "ran"}
+    assert not result["promoted"] and result["reason"] == "this run did not reproduce 'calibrate'"
+    run = _task_runs(state.state_details.flow_run_id)["dvc repro download"]
+    assert run.run_count == 2
+    assert (toy / "data" / "raw" / "metadata.csv").is_file()
+
+
+def test_unknown_stage_fails_fast_with_the_stage_list(toy, prefect_api):
+    state = retrain(stages=["trian"], return_state=True)
+    assert state.is_failed()
+    assert "unknown stage 'trian'; dvc.yaml has: download, split, validate, prepare" in state.message
+
+
+def test_with_two_gpus_backbones_train_concurrently_one_gpu_each(toy, prefect_api, monkeypatch):
+    """DVC releases its lock while a stage command runs, so train@a and train@b can overlap."""
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    monkeypatch.setenv("TOY_TRAIN_SECONDS", "4")
+    state = retrain(stages=["train"], return_state=True)
+    assert state.is_completed(), state.message
+    runs = [
+        json.loads((toy / "models" / bb / "run.json").read_text()) for bb in ("mobilenetv2", "custom_cnn")
+    ]
+    assert sorted(r["device"] for r in runs) == ["0", "1"]
+    assert max(r["start"] for r in runs) < min(r["end"] for r in runs)  # the two ran at the same time
+    lock = yaml.safe_load((toy / "dvc.lock").read_text())
+    assert {"train@mobilenetv2", "train@custom_cnn"} <= set(lock["stages"])  # both recorded
+    md = _artifacts(state.state_details.flow_run_id)["retrain-summary"].data
+    assert "| devices | 0, 1 |" in md
+    assert re.search(r"\| `train@custom_cnn` \| ran \| \d+\.\d \| [01] \|", md), md
+
+
+def test_with_a_dvc_remote_the_run_pulls_and_pushes_the_run_cache(toy, prefect_api, tmp_path):
+    """A default remote makes the flow `dvc repro --pull` and `dvc push --run-cache`, so another
+    machine restores unchanged stages' outputs instead of recomputing them."""
+    remote = tmp_path / "remote"
+    subprocess.run(
+        [sys.executable, "-m", "dvc", "remote", "add", "-d", "store", str(remote)], cwd=toy, check=True
+    )
+    state = retrain(stages=["prepare"], return_state=True)
+    assert state.is_completed(), state.message
+    assert (remote / "files" / "md5").is_dir() and any((remote / "runs").iterdir())
+
+    other = tmp_path / "other-machine"
+    subprocess.run(["git", "clone", "-q", str(toy), str(other)], check=True)  # no dvc.lock, no data
+    subprocess.run(
+        [sys.executable, "-m", "dvc", "remote", "add", "-d", "store", str(remote)], cwd=other, check=True
+    )
+    out = subprocess.run(
+        [sys.executable, "-m", "dvc", "repro", "--pull", "--single-item", "download"],
+        cwd=other, capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    assert "Stage 'download' is cached - skipping run, checking out outputs" in out
+    assert (other / "data" / "raw" / "metadata.csv").read_bytes() == (
+        toy / "data" / "raw" / "metadata.csv"
+    ).read_bytes()

@@ -1,0 +1,317 @@
+"""The retrain flow's decisions on small values: the gate, the transient-error classifier, the
+stage plan, the params overrides, the device list and the report (no Prefect engine needed)."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from flows.dvcops import (
+    DvcError,
+    Layout,
+    Pipeline,
+    StageFailed,
+    diff_metrics,
+    is_transient,
+    parse_dot,
+    set_params,
+)
+from flows.promote import decide
+from flows.report import RunReport, diff_table, fmt, render_summary
+from flows.retrain import _parse_set, gpu_devices, retry_if_transient
+from stages.params import ParamsError
+
+CANDIDATE = {"test_malignant_recall": 0.96, "malignant_auc": 0.90, "macro_auc": 0.85}
+PRODUCTION = {"test_malignant_recall": 0.95, "malignant_auc": 0.91, "macro_auc": 0.86}
+
+
+# --------------------------------------------------------------------------- the gate
+
+
+def test_gate_promotes_within_tolerance():
+    d = decide(CANDIDATE, PRODUCTION, target_recall=0.95, max_auc_drop=0.02)
+    assert d.promote
+    assert [c.passed for c in d.checks] == [True, True, True]
+    assert "malignant_auc 0.900 vs production 0.910 (-0.010; drop allowed 0.020): ok" in d.reason
+
+
+def test_gate_rejects_recall_below_target():
+    d = decide(
+        {**CANDIDATE, "test_malignant_recall": 0.949}, PRODUCTION, target_recall=0.95, max_auc_drop=0.02
+    )
+    assert not d.promote
+    assert d.reason == "test_malignant_recall 0.949 < target 0.950"
+
+
+def test_gate_rejects_auc_drop_beyond_tolerance():
+    d = decide({**CANDIDATE, "macro_auc": 0.83}, PRODUCTION, target_recall=0.95, max_auc_drop=0.02)
+    assert not d.promote
+    assert d.reason == "macro_auc 0.830 vs production 0.860 (-0.030; drop allowed 0.020): too low"
+    # exactly at the tolerance passes (float noise must not flip it)
+    ok = decide({**CANDIDATE, "macro_auc": 0.86 - 0.02}, PRODUCTION, target_recall=0.95, max_auc_drop=0.02)
+    assert ok.promote
+
+
+def test_gate_negative_tolerance_demands_an_improvement():
+    d = decide(CANDIDATE, CANDIDATE, target_recall=0.95, max_auc_drop=-0.01)
+    assert not d.promote
+    assert "malignant_auc 0.900 vs production 0.900 (+0.000; gain required 0.010): too low" in d.reason
+
+
+def test_gate_without_production_checks_recall_only():
+    d = decide({**CANDIDATE, "macro_auc": 0.1}, None, target_recall=0.95, max_auc_drop=0.0)
+    assert d.promote
+    assert d.reason == "no production model yet; test_malignant_recall 0.960 >= target 0.950"
+    bad = decide({**CANDIDATE, "test_malignant_recall": 0.5}, None, target_recall=0.95, max_auc_drop=0.0)
+    assert not bad.promote
+
+
+@pytest.mark.parametrize("value", [None, float("nan"), "0.9", True])
+def test_gate_rejects_missing_or_non_numeric_metrics(value):
+    d = decide({**CANDIDATE, "malignant_auc": value}, PRODUCTION, target_recall=0.95, max_auc_drop=1.0)
+    assert not d.promote
+    assert d.reason == "malignant_auc missing or not a number in the candidate"
+
+
+# --------------------------------------------------------------------------- transient errors
+
+LOCK = (
+    "ERROR: Unable to acquire lock. Most likely another DVC process is running or was terminated "
+    "abruptly. Check the page <https://dvc.org/doc/user-guide/troubleshooting#lock-issue>"
+)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        LOCK,
+        "ERROR: 'data/prepared' is busy, it is being blocked by:\n  (PID 4242): dvc repro train@a",
+        "ProtocolError: ('Connection aborted.', ConnectionResetError(104, 'Connection reset by peer'))",
+        "error: download failed: <urlopen error [Errno -3] Temporary failure in name resolution>",
+        "requests.exceptions.ReadTimeout: HTTPSConnectionPool(host='dataverse.harvard.edu'): Read timed out.",
+        "error: HTTP Error 503: Service Unavailable",
+        "ERROR: failed to push data to the cloud - 502 Bad Gateway",
+    ],
+)
+def test_transient_errors_are_retried(text):
+    assert is_transient(text)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "validation FAILED: metadata: 3 rows with dx not in [akiec, ...]: ISIC_0024306 (row 2)\n"
+        "ERROR: failed to reproduce 'validate': failed to run: python -m stages.validate, exited with 1",
+        "error: params.yaml: download.dataverse.timeout_s: -1.0 is below the minimum 0.1",
+        "ERROR: failed to reproduce 'train@a': failed to run: python -m stages.train, exited with -9",
+        "ValueError: Input contains NaN",
+        "ERROR: unexpected error - [Errno 28] No space left on device",
+    ],
+)
+def test_permanent_errors_are_not_retried(text):
+    assert not is_transient(text)
+
+
+class _State:
+    def __init__(self, exc):
+        self.exc = exc
+
+    def result(self):
+        raise self.exc
+
+
+def test_retry_condition_reads_the_tasks_exception():
+    assert retry_if_transient(None, None, _State(StageFailed("download", 255, LOCK)))
+    assert not retry_if_transient(None, None, _State(StageFailed("validate", 1, "validation FAILED")))
+    assert not retry_if_transient(None, None, _State(ValueError("Unable to acquire lock")))  # not from dvc
+    assert retry_if_transient(None, None, _State(DvcError("`dvc push` timed out", transient=True)))
+
+
+# --------------------------------------------------------------------------- the plan
+
+DOT = """strict digraph {
+"download";
+"split";
+"validate";
+"prepare";
+"train@b1";
+"train@b2";
+"evaluate@b1";
+"evaluate@b2";
+"ensemble";
+"calibrate";
+"drift";
+"download" -> "split";
+"split" -> "validate";
+"validate" -> "prepare";
+"prepare" -> "train@b1";
+"prepare" -> "train@b2";
+"train@b1" -> "evaluate@b1";
+"train@b2" -> "evaluate@b2";
+"evaluate@b1" -> "ensemble";
+"evaluate@b2" -> "ensemble";
+"ensemble" -> "calibrate";
+"calibrate" -> "drift";
+}
+"""
+
+
+@pytest.fixture
+def pipeline() -> Pipeline:
+    nodes, edges = parse_dot(DOT)
+    return Pipeline(tuple(nodes), frozenset(edges))
+
+
+def test_parse_dot_reads_dvc_dag_output(pipeline):
+    assert pipeline.stages[:5] == ("download", "split", "validate", "prepare", "train@b1")
+    assert ("prepare", "train@b2") in pipeline.edges and len(pipeline.edges) == 11
+
+
+def test_default_plan_is_everything_but_drift_in_waves(pipeline):
+    waves = pipeline.levels(pipeline.resolve(None, exclude=["drift"]))
+    assert waves == [
+        ["download"], ["split"], ["validate"], ["prepare"], ["train@b1", "train@b2"],
+        ["evaluate@b1", "evaluate@b2"], ["ensemble"], ["calibrate"],
+    ]  # fmt: skip
+
+
+def test_named_stages_bring_their_upstream_and_groups_expand(pipeline):
+    assert pipeline.resolve(["validate"]) == ["download", "split", "validate"]
+    assert pipeline.levels(pipeline.resolve(["evaluate@b2"]))[-2:] == [["train@b2"], ["evaluate@b2"]]
+    assert set(pipeline.resolve(["train"])) >= {"train@b1", "train@b2"}
+    assert "drift" in pipeline.resolve(["drift"])
+    with pytest.raises(DvcError, match=r"unknown stage 'trian'; dvc.yaml has: download, split"):
+        pipeline.resolve(["trian"])
+
+
+# --------------------------------------------------------------------------- params overrides
+
+
+def test_set_params_changes_only_the_overridden_values(tmp_path):
+    from tests.conftest import REPO
+
+    path = tmp_path / "params.yaml"
+    original = (REPO / "params.yaml").read_text()
+    path.write_text(original)
+    assert set_params(path, {"train.common.epochs": 1, "train.backbones": ["custom_cnn"],
+                             "ensemble.members": ["custom_cnn"], "calibrate.target_recall": 0.9})  # fmt: skip
+    new = path.read_text()
+    changed = [(a, b) for a, b in zip(original.splitlines(), new.splitlines(), strict=True) if a != b]
+    assert len(changed) == 4  # comments and the layout of every other line are kept
+    data = yaml.safe_load(new)
+    assert data["train"]["common"]["epochs"] == 1 and data["train"]["backbones"] == ["custom_cnn"]
+    assert data["calibrate"]["target_recall"] == 0.9
+    assert not set_params(path, {"train.common.epochs": 1})  # already so: file untouched
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"train.common.epochz": 1}, "params override: train.common.epochz: unknown key (did you mean"),
+        ({"trian.epochs": 1}, "trian: no such section in params.yaml (from 'trian.epochs')"),
+        (
+            {"calibrate.target_recall": 1.5},
+            "params override: calibrate.target_recall: 1.5 is above the maximum",
+        ),
+        ({"train.backbones": ["custom_cnn"]}, "ensemble.members: ['mobilenetv2'] not in train.backbones"),
+    ],
+)
+def test_bad_overrides_name_the_key_and_leave_params_yaml_alone(tmp_path, overrides, message):
+    from tests.conftest import REPO
+
+    path = tmp_path / "params.yaml"
+    path.write_text((REPO / "params.yaml").read_text())
+    before = path.read_bytes()
+    with pytest.raises(ParamsError) as e:
+        set_params(path, overrides)
+    assert message in str(e.value)
+    assert path.read_bytes() == before
+
+
+def test_cli_set_parses_values_like_dvc_exp_run():
+    assert _parse_set(["train.common.epochs=1", "train.backbones=[a, b]", "download.source=local:x"]) == {
+        "train.common.epochs": 1,
+        "train.backbones": ["a", "b"],
+        "download.source": "local:x",
+    }
+    with pytest.raises(SystemExit, match="--set expects KEY=VALUE, got 'epochs'"):
+        _parse_set(["epochs"])
+
+
+# --------------------------------------------------------------------------- devices
+
+
+@pytest.mark.parametrize(
+    "visible, expected",
+    [
+        ("0,1", ["0", "1"]),
+        ("2", ["2"]),
+        ("", []),
+        ("-1", []),
+        ("0,-1,1", ["0"]),
+        ("GPU-ab12, GPU-cd34", ["GPU-ab12", "GPU-cd34"]),
+    ],
+)
+def test_gpu_devices_follow_cuda_visible_devices(visible, expected):
+    assert gpu_devices({"CUDA_VISIBLE_DEVICES": visible}) == expected
+
+
+# --------------------------------------------------------------------------- the report
+
+
+def test_fmt_rounds_for_people():
+    assert [fmt(0.123456), fmt(61.04), fmt(7), fmt(None), fmt(True), fmt(100.0)] == [
+        "0.123", "61.0", "7", "—", "yes", "100",
+    ]  # fmt: skip
+
+
+def test_diff_table_rounds_and_drops_ci_rows():
+    diff = diff_metrics(
+        {"metrics/ensemble.json": {"macro_auc": 0.8123456, "macro_auc_ci_low": 0.7, "old_key": 1}},
+        {"metrics/ensemble.json": {"macro_auc": 0.8234567, "macro_auc_ci_low": 0.71, "n": 5}},
+    )
+    rows = diff_table(diff)
+    assert rows == [
+        {"file": "metrics/ensemble.json", "metric": "macro_auc", "production": 0.8123, "candidate": 0.8235,
+         "change": 0.0111},
+        {"file": "metrics/ensemble.json", "metric": "n", "production": "—", "candidate": 5, "change": "—"},
+        {"file": "metrics/ensemble.json", "metric": "old_key", "production": 1, "candidate": "—",
+         "change": "—"},
+    ]  # fmt: skip
+
+
+def test_summary_shows_numbers_gate_and_failure(tmp_path):
+    layout = Layout(tmp_path)
+    r = RunReport(flow_run="brave-otter", outcome="not promoted", reason="macro_auc too low")
+    r.planned = ["download", "validate", "train@a"]
+    r.stage_runs = [{"stage": "download", "status": "skipped", "seconds": 1.04, "device": None}]
+    r.data_version = "d818394bd3ade0226ae30d8fe140f9a0.dir"
+    r.metrics = {
+        "metrics/eval/a.json": {"macro_auc": 0.81234, "macro_auc_ci_low": 0.7, "macro_auc_ci_high": 0.9},
+        "metrics/ensemble.json": {"macro_auc": 0.83, "malignant_auc": 0.9},
+        "metrics/calibration.json": {
+            "threshold": 0.2345,
+            "test_malignant_recall": 0.96,
+            "referrals_per_100": 61.04,
+        },
+    }
+    r.gate = decide(CANDIDATE, PRODUCTION, target_recall=0.99, max_auc_drop=0.0).as_dict()
+    md = render_summary(r, layout)
+    assert "# Retrain `brave-otter`: not promoted" in md
+    assert "| data version (`data/raw` md5 in dvc.lock) | `d818394bd3ade0226ae30d8fe140f9a0.dir` |" in md
+    assert "| `download` | up to date | 1.0 | — |" in md
+    assert "| `train@a` | not run | — | — |" in md
+    assert "| a | 0.812 [0.700, 0.900] | — |" in md
+    assert "| **ensemble** | 0.830 | 0.900 |" in md
+    assert "| 0.234 | 0.960 | 61.0 |" in md
+    assert "| test_malignant_recall | FAIL | test_malignant_recall 0.960 < target 0.990 |" in md
+
+    r2 = RunReport(
+        flow_run="x", outcome="failed", failed_stage="validate", failure="validation FAILED: 3 rows"
+    )
+    r2.metrics = {
+        "metrics/validation.json": {"passed": 0, "n_rows": 11, "metadata_fail_dx": 3, "images_fail_x": 0}
+    }
+    md2 = render_summary(r2, layout)
+    assert "## Stage `validate` failed" in md2 and "validation FAILED: 3 rows" in md2
+    assert "| passed | 0 |" in md2 and "| metadata_fail_dx | 3 |" in md2 and "images_fail_x" not in md2

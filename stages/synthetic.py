@@ -31,19 +31,28 @@ import sys
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
-from functools import cache
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 from tqdm import tqdm
 
-from stages.common import CLASSES, HAM_COLUMNS, StageError, n_workers
-from stages.params import SyntheticParams, parse_params
+from stages.common import CLASSES, HAM_COLUMNS, StageError, atomic_dir, n_workers, run_main, setup_logging
+from stages.params import SyntheticParams, load_params, parse_params
 
 log = logging.getLogger(__name__)
 
-__all__ = ["SyntheticResult", "LesionPlan", "plan_catalogue", "render_lesion", "generate", "main"]
+__all__ = [
+    "SyntheticResult",
+    "LesionPlan",
+    "Shot",
+    "plan_catalogue",
+    "plan_dataset",
+    "render_lesion",
+    "generate",
+    "main",
+]
 
 # --------------------------------------------------------------------------- catalogue model
 # Shares and metadata distributions measured on the real HAM10000 metadata (10,015 images).
@@ -116,6 +125,15 @@ class SyntheticResult:
     n_cross_id_duplicates: int = 0  # lesion_ids that re-photograph another lesion_id's lesion
 
 
+class Shot(NamedTuple):
+    """One image file of a physical lesion."""
+
+    lesion_id: str
+    image_id: str
+    view: int  # seeds the camera pose and light: same view = same photograph
+    copy: int  # 0 = the photograph itself; 1 = the same photograph exported again (new noise)
+
+
 @dataclass(frozen=True)
 class LesionPlan:
     """One physical lesion: its catalogue entries and how each photograph is seeded."""
@@ -124,8 +142,7 @@ class LesionPlan:
     dx: str
     look: str  # the class whose look it borrows (== dx for a typical lesion)
     blend: float  # how far towards ``look`` (0 = typical)
-    # (lesion_id, image_id, shot index) of every photograph, over all its catalogue entries.
-    shots: tuple[tuple[str, str, int], ...]
+    shots: tuple[Shot, ...]  # every image, over all its catalogue entries
     meta: dict[str, str] = field(default_factory=dict)  # dx_type, age, sex, localization
 
 
@@ -206,7 +223,10 @@ def plan_catalogue(
     n_dup = round(cross_id_duplicate_rate * n_entries)
     if cross_id_duplicate_rate > 0:
         n_dup = max(n_dup, 1)
-    independent = {c: sum(1 for dx, _ in entries if dx == c) for c in CLASSES}
+    by_class: dict[str, list[int]] = {c: [] for c in CLASSES}
+    for e, (dx, _) in enumerate(entries):
+        by_class[dx].append(e)
+    independent = {c: len(by_class[c]) for c in CLASSES}
     used: set[int] = set()
     for e in rng.permutation(n_entries).tolist():
         if n_dup == 0:
@@ -214,10 +234,13 @@ def plan_catalogue(
         dx = entries[e][0]
         if e in used or independent[dx] <= floor + 1:
             continue
-        targets = [t for t in range(n_entries) if entries[t][0] == dx and t != e and t not in used]
-        if not targets:
+        same_class = by_class[dx]
+        for _ in range(20):  # free targets abound: duplicates are a small share of lesions
+            t = same_class[int(rng.integers(len(same_class)))]
+            if t != e and t not in used:
+                break
+        else:
             continue
-        t = targets[int(rng.integers(len(targets)))]
         phys[e] = t
         used |= {e, t}
         independent[dx] -= 1
@@ -232,7 +255,7 @@ def plan_catalogue(
         metas[e]["age"] = ""
 
     looks: dict[int, tuple[str, float]] = {}
-    shots: dict[int, list[tuple[str, str, int]]] = {}
+    shots: dict[int, list[Shot]] = {}
     next_image = 0
     for e, (dx, k) in enumerate(entries):
         p = phys[e]
@@ -241,8 +264,13 @@ def plan_catalogue(
             look = LOOKALIKES[dx][int(rng.integers(len(LOOKALIKES[dx])))] if atypical else dx
             looks[p] = (look, float(rng.uniform(0.35, 0.9)) if atypical else 0.0)
         lst = shots.setdefault(p, [])
-        for _ in range(k):
-            lst.append((f"HAM_{lesion_numbers[e]:07d}", f"ISIC_{image_numbers[next_image]:07d}", len(lst)))
+        # A second catalogue entry of a lesion starts with the first photograph exported again,
+        # as archives receive the same file twice; its other images are new re-shots.
+        reexport = bool(lst)
+        for j in range(k):
+            view, copy = (lst[0].view, 1) if reexport and j == 0 else (len(lst), 0)
+            lesion_id, image_id = f"HAM_{lesion_numbers[e]:07d}", f"ISIC_{image_numbers[next_image]:07d}"
+            lst.append(Shot(lesion_id, image_id, view, copy))
             next_image += 1
     # The same physical lesion is the same patient: a duplicate entry inherits the metadata.
     return [
@@ -253,44 +281,31 @@ def plan_catalogue(
 
 # --------------------------------------------------------------------------- drawing helpers
 # Lengths are in "units" of half the output image height, so the look does not depend on the
-# resolution. A physical lesion is drawn once on a canvas 1.4x the output size; each photograph
-# is an affine view of that canvas, so re-shots show the same lesion, skin and hairs.
+# resolution. A physical lesion is drawn once on a canvas larger than the photograph; each
+# photograph is an affine view of that canvas, so re-shots show the same lesion, skin and hairs.
+# Everything is float32 and single-threaded C (PIL) or elementwise numpy: no BLAS, whose
+# thread-dependent summation order could make bytes depend on the machine's load.
 
-CANVAS = 1.4
+CANVAS = 1.3  # canvas / photograph size: room for the re-shot's shift, turn and zoom
+F32 = np.float32
 
 
 def _smoothstep(a: float, b: float, x: np.ndarray) -> np.ndarray:
-    t = np.clip((x - a) / (b - a), 0.0, 1.0)
+    t = np.clip((x - F32(a)) * F32(1 / (b - a)), 0, 1)
     return t * t * (3 - 2 * t)
 
 
-@cache
-def _interp(n_out: int, cell: float) -> np.ndarray:
-    """(n_out, n_grid) matrix: smooth interpolation of a random lattice with ``cell`` px spacing."""
-    pos = (np.arange(n_out) + 0.5) / cell
-    i0 = np.floor(pos).astype(int)
-    f = pos - i0
-    f = f * f * (3 - 2 * f)
-    m = np.zeros((n_out, int(i0.max()) + 2), dtype=np.float32)
-    m[np.arange(n_out), i0] = 1 - f
-    m[np.arange(n_out), i0 + 1] = f
-    return m
-
-
 def _noise(rng: np.random.Generator, shape: tuple[int, int], cell: float, octaves: int = 1) -> np.ndarray:
-    """Smooth value noise in [0, 1] (fractal if octaves > 1): two small matrix products per octave."""
+    """Smooth value noise in [0, 1] (fractal if octaves > 1): a random lattice, bicubic-upsampled."""
     h, w = shape
-    total = np.zeros(shape, dtype=np.float32)
-    amp_sum = 0.0
+    total = np.zeros(shape, dtype=F32)
     for o in range(octaves):
-        c = max(cell / 2**o, 1.0)
-        my, mx = _interp(h, c), _interp(w, c)
-        grid = rng.random((my.shape[1], mx.shape[1]), dtype=np.float32)
-        total += 0.5**o * (my @ grid @ mx.T)
-        amp_sum += 0.5**o
-    n = total / amp_sum
-    lo, hi = float(n.min()), float(n.max())
-    return (n - lo) / (hi - lo + 1e-6)
+        c = max(cell / 2**o, 1.5)
+        grid = rng.random((int(h / c) + 4, int(w / c) + 4), dtype=F32)
+        layer = Image.fromarray(grid, "F").resize((w, h), Image.BICUBIC, box=(1, 1, 1 + w / c, 1 + h / c))
+        total += np.asarray(layer) * F32(0.5**o)
+    lo, hi = total.min(), total.max()
+    return (total - lo) / (hi - lo + F32(1e-6))
 
 
 def _region(n: np.ndarray, inside: np.ndarray, coverage: float, edge: float = 0.04) -> np.ndarray:
@@ -303,8 +318,9 @@ def _region(n: np.ndarray, inside: np.ndarray, coverage: float, edge: float = 0.
 
 
 def _mix(img: np.ndarray, colour, weight: np.ndarray) -> np.ndarray:
+    """Paint ``colour`` (RGB triple or image) over ``img`` with per-pixel opacity ``weight``."""
     w = weight[..., None]
-    return img * (1 - w) + np.asarray(colour, dtype=np.float32) * w
+    return img + (np.asarray(colour, dtype=F32) - img) * w
 
 
 def _marks(shape: tuple[int, int], draw_fn, blur: float) -> np.ndarray:
@@ -312,8 +328,8 @@ def _marks(shape: tuple[int, int], draw_fn, blur: float) -> np.ndarray:
     mask = Image.new("L", (shape[1], shape[0]), 0)
     draw_fn(ImageDraw.Draw(mask))
     if blur > 0:
-        mask = mask.filter(ImageFilter.GaussianBlur(blur))
-    return np.asarray(mask, dtype=np.float32) / 255.0
+        mask = mask.filter(ImageFilter.BoxBlur(blur))
+    return np.asarray(mask, dtype=F32) * F32(1 / 255)
 
 
 # --------------------------------------------------------------------------- class looks
@@ -329,8 +345,17 @@ _CLASS_LOOK = {
     "vasc": ((168, 48, 74), 20, (0.18, 0.42), (0.01, 0.05), (0.0, 0.06), (0.02, 0.06), (0.03, 0.09)),
     "df": ((168, 118, 92), 20, (0.20, 0.42), (0.01, 0.05), (0.0, 0.06), (0.06, 0.14), (0.18, 0.32)),
 }
-BLACK, BLUE_GREY, RED, WHITE = (38, 28, 32), (100, 104, 134), (172, 72, 76), (222, 210, 214)
+BLACK, BLUE_GREY, RED, VEIL = (38, 28, 32), (100, 104, 134), (160, 72, 74), (196, 190, 212)
 DARK_BROWN, LIGHT_BROWN = (78, 48, 36), (168, 118, 82)
+
+
+def _vary_colour(colour, spread: float, rng: np.random.Generator) -> np.ndarray:
+    """Lighter or darker, a little redder or browner: independent channel noise would turn
+    brown into olive or magenta, colours no naevus has."""
+    # Darker pigment stays reddish-brown, lighter turns tan: per-channel exponents of lightness.
+    c = np.asarray(colour, float) * np.exp(rng.normal(0, spread)) ** np.array([0.8, 1.0, 1.15])
+    c += c.mean() * rng.normal(0, 0.035) * np.array([1.0, -0.5, -0.6]) + rng.normal(0, 3, 3)
+    return np.clip(c, 20, 240)
 
 
 def _class_look(cls: str, rng: np.random.Generator) -> dict:
@@ -338,7 +363,7 @@ def _class_look(cls: str, rng: np.random.Generator) -> dict:
     base, jitter, radius, irregular, asym, border_noise, soft = _CLASS_LOOK[cls]
     u = rng.uniform
     look = {
-        "base": np.clip(np.array(base) + rng.normal(0, jitter, 3), 25, 240),
+        "base": _vary_colour(base, jitter / 100, rng),
         "radius": u(*radius),
         "aspect": u(1.0, 1.35),
         "irregular": u(*irregular),
@@ -379,7 +404,7 @@ def _class_look(cls: str, rng: np.random.Generator) -> dict:
             dot_colour=np.array(BLACK, float),
             lobe=u(0.3, 0.8) * (rng.random() < 0.4),
         )
-        palette = [BLACK, BLUE_GREY, RED, WHITE, LIGHT_BROWN, DARK_BROWN]
+        palette = [BLACK, BLUE_GREY, RED, VEIL, LIGHT_BROWN, DARK_BROWN]
         pick = rng.choice(len(palette), size=int(rng.integers(2, 5)), replace=False)
         look["blotches"] = [(palette[i], u(0.08, 0.3)) for i in pick]
     elif cls == "bkl":
@@ -407,7 +432,7 @@ def _class_look(cls: str, rng: np.random.Generator) -> dict:
     elif cls == "akiec":
         look.update(
             opacity=u(0.5, 0.8),
-            scale=u(0.15, 0.45),
+            scale=u(0.1, 0.3),
             halo=u(0.15, 0.4),
             mottle=u(0.1, 0.2),
             milia=u(10, 40),
@@ -437,8 +462,9 @@ def _blend_looks(a: dict, b: dict, t: float) -> dict:
 SKIN_TONES = np.array(
     [(236, 196, 186), (228, 182, 170), (222, 186, 160), (214, 168, 150), (236, 208, 200),
      (218, 186, 196), (200, 152, 128), (182, 134, 110), (230, 172, 160)],
-    dtype=np.float32,
+    dtype=F32,
 )  # fmt: skip
+BORDER_TABLE = 1024  # samples of the border radius over the angle
 
 
 @dataclass(frozen=True)
@@ -447,11 +473,13 @@ class _Camera:
 
     vignette: float
     ring: float  # radius of the black ring, in half-diagonals (0 = no ring)
-    gains: np.ndarray
+    gains: tuple[float, float, float]
 
 
-def draw_canvas(dx: str, look_cls: str, blend: float, rng: np.random.Generator, width: int, height: int):
-    """The physical lesion on its patch of skin: float32 (Hc, Wc, 3) canvas and its camera."""
+def draw_canvas(
+    dx: str, look_cls: str, blend: float, rng: np.random.Generator, width: int, height: int
+) -> tuple[Image.Image, _Camera]:
+    """The physical lesion on its patch of skin: an RGB canvas larger than the photograph."""
     unit = height / 2
     hc, wc = int(round(height * CANVAS)), int(round(width * CANVAS))
     shape = (hc, wc)
@@ -459,99 +487,109 @@ def draw_canvas(dx: str, look_cls: str, blend: float, rng: np.random.Generator, 
     if blend > 0:
         look = _blend_looks(look, _class_look(look_cls, rng), blend)
 
-    yy, xx = np.mgrid[0:hc, 0:wc].astype(np.float32)
-    x = (xx + 0.5 - wc / 2) / unit
-    y = (yy + 0.5 - hc / 2) / unit
+    # ---- skin: a tone, slow unevenness, fine texture (pores and furrows), patchy redness
+    pair = rng.choice(len(SKIN_TONES), size=2, replace=False)
+    tone = _mix(SKIN_TONES[pair[0]], SKIN_TONES[pair[1]], F32(rng.random())) + rng.normal(0, 5, 3).astype(F32)
+    shading = (
+        1
+        + F32(0.10) * (_noise(rng, shape, 0.8 * unit) - 0.5)
+        + F32(0.06) * (_noise(rng, shape, 0.05 * unit, octaves=2) - 0.5)
+    )
+    skin = tone * shading[..., None]
+    redness = 0.25 * rng.uniform(0, 1)
+    if redness > 0.02:
+        skin = _mix(skin, (200, 110, 120), F32(redness) * _noise(rng, shape, 0.5 * unit))
 
-    # ---- skin: a tone, slow unevenness, fine texture (pores and furrows)
-    tone = SKIN_TONES[int(rng.integers(len(SKIN_TONES)))] + rng.normal(0, 6, 3).astype(np.float32)
-    slow = _noise(rng, shape, 0.8 * unit) - 0.5
-    fine = _noise(rng, shape, 0.05 * unit, octaves=2) - 0.5
-    skin = tone * (1 + 0.10 * slow + 0.06 * fine)[..., None]
-    skin = _mix(skin, (200, 110, 120), 0.25 * _noise(rng, shape, 0.5 * unit) * rng.uniform(0, 1))
-
-    # ---- lesion outline: an ellipse with Fourier-harmonic border, noisy edge, maybe a second lobe
-    cx, cy = rng.normal(0, 0.08, 2)
+    # ---- lesion outline: an ellipse with a Fourier-harmonic border, a noisy edge, maybe a lobe
+    x = (np.arange(wc, dtype=F32) + F32(0.5 - wc / 2)) * F32(1 / unit)
+    y = (np.arange(hc, dtype=F32) + F32(0.5 - hc / 2)) * F32(1 / unit)
+    cx, cy = (float(c) for c in rng.normal(0, 0.1, 2))
     ang = rng.uniform(0, np.pi)
-    dxr, dyr = x - cx, y - cy
-    u = (dxr * np.cos(ang) + dyr * np.sin(ang)) / look["aspect"]
-    v = -dxr * np.sin(ang) + dyr * np.cos(ang)
-    r = np.hypot(u, v)
-    theta = np.arctan2(v, u)
-    border = np.ones_like(r)
+    dxr, dyr = (x - F32(cx))[None, :], (y - F32(cy))[:, None]
+    u = (dxr * F32(np.cos(ang)) + dyr * F32(np.sin(ang))) * F32(1 / look["aspect"])
+    v = dyr * F32(np.cos(ang)) - dxr * F32(np.sin(ang))
+    angles = np.linspace(-np.pi, np.pi, BORDER_TABLE, endpoint=False)
+    border = np.ones(BORDER_TABLE)
     for k in range(1, 10):
         amp = (look["asym"] if k <= 2 else look["irregular"] / k**0.6) * rng.normal(0, 1)
-        border += amp * np.cos(k * theta + rng.uniform(0, 2 * np.pi))
-    rho = r / (look["radius"] * np.maximum(border, 0.35))
-    rho = rho + look["border_noise"] * (_noise(rng, shape, 0.15 * unit, octaves=2) - 0.5) * 2
+        border += amp * np.cos(k * angles + rng.uniform(0, 2 * np.pi))
+    radius_table = (look["radius"] * np.maximum(border, 0.35)).astype(F32)
+    idx = ((np.arctan2(v, u) + F32(np.pi)) * F32(BORDER_TABLE / (2 * np.pi))).astype(np.int32) % BORDER_TABLE
+    rho = np.hypot(u, v) / radius_table[idx]
+    rho += F32(2 * look["border_noise"]) * (_noise(rng, shape, 0.15 * unit, octaves=2) - 0.5)
     if look["lobe"] > 0.05:
         la = rng.uniform(0, 2 * np.pi)
         lr = look["radius"] * rng.uniform(0.35, 0.6)
         lx, ly = cx + np.cos(la) * look["radius"] * 0.9, cy + np.sin(la) * look["radius"] * 0.9
-        rho = np.minimum(rho, np.hypot(x - lx, y - ly) / lr + 0.15 * (1 - look["lobe"]))
+        lobe = np.hypot((x - F32(lx))[None, :], (y - F32(ly))[:, None]) * F32(1 / lr)
+        rho = np.minimum(rho, lobe + F32(0.15 * (1 - look["lobe"])))
     soft = look["soft"]
     inside = 1 - _smoothstep(1 - soft, 1 + soft, rho)
-    core = np.clip(1 - rho, 0, 1)
 
-    # ---- lesion body
-    mottle = _noise(rng, shape, 0.12 * unit, octaves=3) - 0.5
-    body = look["base"].astype(np.float32) * (1 + 2 * look["mottle"] * mottle)[..., None]
-    body *= (1 - look["centre_dark"] * core**0.7)[..., None]
+    # ---- lesion body, computed only in the lesion's bounding box (most lesions are small)
+    rows, cols = np.flatnonzero(inside.max(1) > 0.002), np.flatnonzero(inside.max(0) > 0.002)
+    if rows.size == 0:  # a degenerate outline: keep the skin, it is still a valid photograph
+        rows, cols = np.arange(hc // 2, hc // 2 + 1), np.arange(wc // 2, wc // 2 + 1)
+    box = (slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1))
+    ins, rh = inside[box], rho[box]
+    crop = ins.shape
+    core = np.clip(1 - rh, 0, 1)
+    mottle = _noise(rng, crop, 0.12 * unit, octaves=3) - 0.5
+    body = look["base"].astype(F32) * (1 + F32(2 * look["mottle"]) * mottle)[..., None]
+    body *= (1 - F32(look["centre_dark"]) * core**0.7)[..., None]
     for colour, coverage in look["blotches"]:
-        body = _mix(
-            body, colour, 0.85 * _region(_noise(rng, shape, 0.2 * unit, octaves=2), inside, coverage, 0.06)
-        )
+        patch = _region(_noise(rng, crop, 0.2 * unit, octaves=3), ins, coverage, 0.12)
+        body = _mix(body, colour, F32(rng.uniform(0.5, 0.8)) * patch)
     if look["network"] > 0.02 or look["peripheral_network"] > 0.02:
-        # Pigment network: the ridges of band-limited noise look like a honeycomb of dark lines.
-        ridge = (1 - np.abs(2 * _noise(rng, shape, 0.07 * unit) - 1)) ** 4
-        strength = look["network"] + look["peripheral_network"] * _smoothstep(0.3, 0.8, rho)
+        # Pigment network: the ridges of band-limited noise look like a mesh of dark lines.
+        ridge = (1 - np.abs(2 * _noise(rng, crop, 0.07 * unit) - 1)) ** 4
+        strength = F32(look["network"]) + F32(look["peripheral_network"]) * _smoothstep(0.3, 0.8, rh)
         body *= (1 - strength * ridge)[..., None]
     if look["cerebriform"] > 0.02:
         # Seborrhoeic keratosis: gyri and sulci, a waxy pattern of light ridges and dark furrows.
-        gyri = 1 - np.abs(2 * _noise(rng, shape, 0.12 * unit, octaves=2) - 1)
-        body *= (1 + look["cerebriform"] * (gyri - 0.6))[..., None]
+        gyri = 1 - np.abs(2 * _noise(rng, crop, 0.12 * unit, octaves=2) - 1)
+        body *= (1 + F32(look["cerebriform"]) * (gyri - F32(0.6)))[..., None]
     if look["lacunae"] > 0.05:
-        n = _noise(rng, shape, 0.09 * unit)
-        lac = _smoothstep(0.45, 0.58, n)
-        lac_colour = np.where(_noise(rng, shape, 0.3 * unit)[..., None] > 0.5,
-                              np.float32([150, 30, 60]), np.float32([110, 36, 88]))  # fmt: skip
-        septa = np.float32([214, 150, 160])
-        lac_img = septa * (1 - lac[..., None]) + lac_colour * lac[..., None]
-        body = body * (1 - look["lacunae"]) + lac_img * look["lacunae"]
+        # Vascular lesion: red and purple lacunae separated by pale septa.
+        depth = _noise(rng, crop, 0.045 * unit)
+        lac = _smoothstep(0.3, 0.45, depth)
+        red = _smoothstep(0.35, 0.65, _noise(rng, crop, 0.3 * unit))
+        lac_colour = _mix(np.broadcast_to(F32([92, 28, 72]), (*crop, 3)), (150, 22, 48), red)
+        lac_colour = lac_colour * (F32(1.2) - F32(0.45) * depth)[..., None]  # deeper = darker
+        lac_img = _mix(np.broadcast_to(F32([222, 164, 172]), (*crop, 3)), lac_colour, lac)
+        body = _mix(body, lac_img, np.full(crop, look["lacunae"], dtype=F32))
     if look["scale"] > 0.02:
-        body = _mix(
-            body,
-            (236, 226, 206),
-            0.9 * _region(_noise(rng, shape, 0.06 * unit, octaves=2), inside, look["scale"]),
-        )
+        flakes = _region(_noise(rng, crop, 0.1 * unit, octaves=3), ins, look["scale"], 0.12)
+        body = _mix(body, (236, 226, 206), F32(rng.uniform(0.4, 0.65)) * flakes)
     if look["white_centre"] > 0.02:
-        scar = 1 - _smoothstep(0.25, 0.6, rho + 0.25 * (_noise(rng, shape, 0.1 * unit) - 0.5))
-        body = _mix(body, (238, 224, 220), look["white_centre"] * scar)
+        scar = 1 - _smoothstep(0.25, 0.6, rh + F32(0.25) * (_noise(rng, crop, 0.1 * unit) - 0.5))
+        body = _mix(body, (238, 224, 220), F32(look["white_centre"]) * scar)
 
-    def _dots(n: float, radius_u: tuple[float, float], spread: float):
+    def _dots(n: float, size_u: tuple[float, float], spread: float):
         def draw(d: ImageDraw.ImageDraw) -> None:
             for _ in range(int(round(n))):
                 a, rr = rng.uniform(0, 2 * np.pi), look["radius"] * spread * np.sqrt(rng.random())
                 px = (cx + rr * np.cos(a)) * unit + wc / 2
                 py = (cy + rr * np.sin(a)) * unit + hc / 2
-                s = max(0.6, rng.uniform(*radius_u) * unit)
+                s = max(0.6, rng.uniform(*size_u) * unit)
                 d.ellipse((px - s, py - s, px + s, py + s), fill=int(rng.uniform(160, 255)))
 
         return draw
 
-    if look["dots"] >= 1:
-        dots = _marks(shape, _dots(look["dots"], (0.012, 0.035), 1.0), 0.5) * inside
-        body = _mix(body, look["dot_colour"], 0.9 * dots)
-    if look["milia"] >= 1:
-        milia = _marks(shape, _dots(look["milia"], (0.01, 0.025), 0.9), 0.4) * inside
-        body = _mix(body, (242, 236, 222), 0.85 * milia)
+    if look["dots"] >= 1:  # globules and dots
+        dots = _marks(shape, _dots(look["dots"], (0.012, 0.035), 1.0), 0.5)[box] * ins
+        body = _mix(body, look["dot_colour"], F32(0.9) * dots)
+    if look["milia"] >= 1:  # milia-like cysts, follicle openings
+        size = (0.006, 0.014) if look["milia"] > 15 else (0.01, 0.025)  # follicles vs. cysts
+        milia = _marks(shape, _dots(look["milia"], size, 0.9), 0.4)[box] * ins
+        body = _mix(body, (242, 236, 222), F32(0.85) * milia)
     if look["vessels"] >= 1:
-        # Arborising vessels: branching, tapering red lines.
-        def vessels(d: ImageDraw.ImageDraw) -> None:
+
+        def vessels(d: ImageDraw.ImageDraw) -> None:  # arborising: branching, tapering red lines
             for _ in range(int(round(look["vessels"]))):
                 a, rr = rng.uniform(0, 2 * np.pi), look["radius"] * 0.8 * np.sqrt(rng.random())
-                stack = [((cx + rr * np.cos(a)) * unit + wc / 2, (cy + rr * np.sin(a)) * unit + hc / 2,
-                          rng.uniform(0, 2 * np.pi), 3)]  # fmt: skip
+                px, py = (cx + rr * np.cos(a)) * unit + wc / 2, (cy + rr * np.sin(a)) * unit + hc / 2
+                stack = [(px, py, rng.uniform(0, 2 * np.pi), 3)]
                 while stack:
                     px, py, heading, depth = stack.pop()
                     pts = [(px, py)]
@@ -560,18 +598,20 @@ def draw_canvas(dx: str, look_cls: str, blend: float, rng: np.random.Generator, 
                         px, py = px + np.cos(heading) * 0.05 * unit, py + np.sin(heading) * 0.05 * unit
                         pts.append((px, py))
                     d.line(pts, fill=int(60 + 60 * depth), width=max(1, round(unit / 60 * depth / 2)))
-                    if depth > 1:
-                        for turn in (-0.6, 0.6):
-                            if rng.random() < 0.7:
-                                stack.append((px, py, heading + turn + rng.normal(0, 0.2), depth - 1))
+                    for turn in (-0.6, 0.6):
+                        if depth > 1 and rng.random() < 0.7:
+                            stack.append((px, py, heading + turn + rng.normal(0, 0.2), depth - 1))
 
-        body = _mix(body, (178, 28, 44), 0.95 * _marks(shape, vessels, 0.45) * _smoothstep(0, 0.3, inside))
+        vessel_mask = _marks(shape, vessels, 0.45)[box] * _smoothstep(0, 0.3, ins)
+        body = _mix(body, (178, 28, 44), F32(0.95) * vessel_mask)
 
-    # ---- composite: erythema halo, then the lesion over the skin
-    halo = look["halo"] * np.exp(-np.maximum(rho - 1, 0) * 2.5) * (1 - inside)
-    img = _mix(skin, (214, 110, 112), halo)
-    img = _mix(img, body, np.clip(inside * look["opacity"], 0, 1))  # body is an image here
-    if rng.random() < 0.4:  # hairs: dark, slightly curved, crossing the field
+    # ---- composite: erythema halo around, the lesion over the skin, hairs over everything
+    img = skin
+    if look["halo"] > 0.02:
+        halo = F32(look["halo"]) * np.exp(-np.maximum(rho - 1, 0) * F32(2.5)) * (1 - inside)
+        img = _mix(skin, (214, 110, 112), halo)
+    img[box] = _mix(img[box], body, np.clip(ins * F32(look["opacity"]), 0, 1))
+    if rng.random() < 0.4:
 
         def hairs(d: ImageDraw.ImageDraw) -> None:
             for _ in range(int(rng.integers(1, 10))):
@@ -584,52 +624,81 @@ def draw_canvas(dx: str, look_cls: str, blend: float, rng: np.random.Generator, 
                     px, py = px + np.cos(heading) * 0.08 * unit, py + np.sin(heading) * 0.08 * unit
                 d.line(pts, fill=int(rng.uniform(150, 255)), width=max(1, round(unit / rng.uniform(40, 75))))
 
-        img = _mix(img, rng.uniform(25, 70) * np.float32([1.0, 0.8, 0.7]), _marks(shape, hairs, 0.5))
+        hair_colour = F32(rng.uniform(25, 70)) * F32([1.0, 0.8, 0.7])
+        img = _mix(img, hair_colour, _marks(shape, hairs, 0.5))
     camera = _Camera(
         vignette=float(rng.uniform(0.1, 0.5)),
-        ring=float(rng.uniform(0.78, 0.98)) if rng.random() < 0.2 else 0.0,
-        gains=rng.uniform(0.95, 1.05, 3).astype(np.float32),
+        ring=float(rng.uniform(0.8, 0.98)) if rng.random() < 0.2 else 0.0,
+        gains=tuple(float(g) for g in rng.uniform(0.95, 1.05, 3)),
     )
-    return img.astype(np.float32), camera
+    canvas = Image.fromarray(np.clip(img + F32(0.5), 0, 255).astype(np.uint8), "RGB")
+    # Optics: the dermatoscope's lens never draws a perfectly sharp edge.
+    return canvas.filter(ImageFilter.BoxBlur(0.4 * unit / 75)), camera
+
+
+def _shade(camera: _Camera, width: int, height: int) -> np.ndarray:
+    """The dermatoscope's fall-off (and black ring): fixed to the camera, not the skin."""
+    xs = np.arange(width, dtype=F32) + F32(0.5 - width / 2)
+    ys = np.arange(height, dtype=F32) + F32(0.5 - height / 2)
+    rr = np.hypot(xs[None, :], ys[:, None]) * F32(2 / np.hypot(width, height))
+    shade = 1 - F32(camera.vignette) * rr**2.5
+    if camera.ring > 0:
+        shade *= 1 - _smoothstep(camera.ring - 0.03, camera.ring + 0.03, rr)
+    return shade[..., None]
 
 
 def take_shot(
-    canvas: np.ndarray, camera: _Camera, rng: np.random.Generator, width: int, height: int
+    canvas: Image.Image,
+    camera: _Camera,
+    shade: np.ndarray,
+    rng: np.random.Generator,
+    noise_rng: np.random.Generator,
+    width: int,
+    height: int,
+    copy: int = 0,
 ) -> np.ndarray:
-    """One photograph: a slightly moved, turned and zoomed view, re-lit, with sensor noise."""
-    hc, wc, _ = canvas.shape
+    """One photograph: a slightly moved, turned and zoomed view, re-lit, with sensor noise.
+
+    ``rng`` draws the pose and light (the photograph), ``noise_rng`` the sensor noise (the file):
+    a re-export (``copy`` > 0) keeps the photograph and changes the file.
+    """
     angle = rng.normal(0, np.deg2rad(3.0))
     zoom = rng.uniform(0.96, 1.04)
-    sx, sy = rng.normal(0, 0.02, 2) * (width, height)
-    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
-    ox, oy = xx + 0.5 - width / 2 - sx, yy + 0.5 - height / 2 - sy
+    sx, sy = float(rng.normal(0, 0.02)) * width, float(rng.normal(0, 0.02)) * height
     c, s = np.cos(angle) / zoom, np.sin(angle) / zoom
-    px = np.clip(c * ox - s * oy + wc / 2 - 0.5, 0, wc - 1.001)
-    py = np.clip(s * ox + c * oy + hc / 2 - 0.5, 0, hc - 1.001)
-    x0, y0 = px.astype(np.int32), py.astype(np.int32)
-    fx, fy = (px - x0)[..., None], (py - y0)[..., None]
-    img = (
-        canvas[y0, x0] * (1 - fx) * (1 - fy)
-        + canvas[y0, x0 + 1] * fx * (1 - fy)
-        + canvas[y0 + 1, x0] * (1 - fx) * fy
-        + canvas[y0 + 1, x0 + 1] * fx * fy
-    )
-    # Light and white balance change between shots; the dermatoscope's vignette does not move.
-    gains = camera.gains * rng.uniform(0.92, 1.08) * rng.uniform(0.97, 1.03, 3).astype(np.float32)
-    img = (img / 255.0) ** rng.uniform(0.93, 1.07) * 255.0 * gains
-    half_diag = np.hypot(width, height) / 2
-    rr = np.hypot(xx + 0.5 - width / 2, yy + 0.5 - height / 2) / half_diag
-    shade = 1 - camera.vignette * rr**2.5
-    if camera.ring > 0:
-        shade *= 1 - _smoothstep(camera.ring - 0.03, camera.ring + 0.03, rr)
-    img = img * shade[..., None] + rng.normal(0, rng.uniform(1.0, 2.5), img.shape).astype(np.float32)
-    return np.clip(img + 0.5, 0, 255).astype(np.uint8)
+    ox, oy = width / 2 + sx, height / 2 + sy
+    wc, hc = canvas.size
+    affine = (c, -s, wc / 2 - c * ox + s * oy, s, c, hc / 2 - s * ox - c * oy)
+    view = canvas.transform((width, height), Image.AFFINE, affine, resample=Image.BILINEAR)
+    # Light and white balance change between shots: a per-channel gain and gamma, as a lookup.
+    gains = np.array(camera.gains) * rng.uniform(0.92, 1.08) * rng.uniform(0.97, 1.03, 3)
+    if copy:  # another export of the same photograph: a touch of colour management
+        gains *= noise_rng.uniform(0.985, 1.015, 3)
+    levels = (np.arange(256) / 255.0) ** rng.uniform(0.93, 1.07) * 255.0
+    lut = np.clip(levels[None, :] * gains[:, None] + 0.5, 0, 255).astype(int)  # (3, 256)
+    img = np.asarray(view.point(lut.ravel().tolist()), dtype=F32) * shade
+    # Sensor noise, mostly luminance once demosaiced: one plane for all three channels.
+    img += noise_rng.standard_normal((height, width, 1), dtype=F32) * F32(noise_rng.uniform(1.0, 2.5))
+    return np.clip(img + F32(0.5), 0, 255).astype(np.uint8)
 
 
 def render_lesion(plan: LesionPlan, seed: int, width: int, height: int) -> list[np.ndarray]:
     """Every photograph of one physical lesion, as (height, width, 3) uint8 arrays."""
     canvas, camera = draw_canvas(plan.dx, plan.look, plan.blend, _seq(seed, 1, plan.index), width, height)
-    return [take_shot(canvas, camera, _seq(seed, 2, plan.index, k), width, height) for _, _, k in plan.shots]
+    shade = _shade(camera, width, height)
+    return [
+        take_shot(
+            canvas,
+            camera,
+            shade,
+            _seq(seed, 2, plan.index, shot.view),
+            _seq(seed, 3, plan.index, shot.view, shot.copy),
+            width,
+            height,
+            shot.copy,
+        )
+        for shot in plan.shots
+    ]
 
 
 def _jpeg(pixels: np.ndarray, quality: int) -> bytes:
@@ -643,15 +712,24 @@ def _render_chunk(job: tuple[list[LesionPlan], int, int, int, int, str]) -> int:
     plans, seed, width, height, quality, img_dir = job
     n = 0
     for plan in plans:
-        for (_, image_id, _), pixels in zip(
-            plan.shots, render_lesion(plan, seed, width, height), strict=True
-        ):
-            (Path(img_dir) / f"{image_id}.jpg").write_bytes(_jpeg(pixels, quality))
+        for shot, pixels in zip(plan.shots, render_lesion(plan, seed, width, height), strict=True):
+            (Path(img_dir) / f"{shot.image_id}.jpg").write_bytes(_jpeg(pixels, quality))
             n += 1
     return n
 
 
 # --------------------------------------------------------------------------- the stage
+
+
+def plan_dataset(params: SyntheticParams, seed: int) -> list[LesionPlan]:
+    """The catalogue ``generate`` draws for these params and seed (cheap: no pixels)."""
+    return plan_catalogue(
+        params.n_images,
+        params.max_images_per_lesion,
+        params.cross_id_duplicate_rate,
+        params.atypical_rate,
+        _seq(seed, 0),
+    )
 
 
 def _chunks(plans: list[LesionPlan], images_per_chunk: int) -> list[list[LesionPlan]]:
@@ -676,17 +754,11 @@ def generate(params: SyntheticParams, seed: int, out_dir: Path, *, workers: int 
         raise StageError(f"{out_dir}: output folder does not exist")
     if any(out_dir.iterdir()):
         raise StageError(f"{out_dir}: output folder is not empty")
-    plans = plan_catalogue(
-        params.n_images,
-        params.max_images_per_lesion,
-        params.cross_id_duplicate_rate,
-        params.atypical_rate,
-        _seq(seed, 0),
-    )
+    plans = plan_dataset(params, seed)
     rows = [
-        {"lesion_id": lesion_id, "image_id": image_id, "dx": p.dx, **p.meta}
+        {"lesion_id": shot.lesion_id, "image_id": shot.image_id, "dx": p.dx, **p.meta}
         for p in plans
-        for lesion_id, image_id, _ in p.shots
+        for shot in p.shots
     ]
     # Sorted by the (random) ids, lesion by lesion like HAM's file; row order reveals no class.
     rows.sort(key=lambda r: (r["lesion_id"], r["image_id"]))
@@ -713,7 +785,7 @@ def generate(params: SyntheticParams, seed: int, out_dir: Path, *, workers: int 
 
     counts = {c: sum(1 for r in rows if r["dx"] == c) for c in CLASSES}
     n_lesions = len({r["lesion_id"] for r in rows})
-    n_dup = sum(len({lid for lid, _, _ in p.shots}) - 1 for p in plans)
+    n_dup = sum(len({shot.lesion_id for shot in p.shots}) - 1 for p in plans)
     log.info(
         "synthetic: %d images of %d lesion_ids (%d catalogued twice), per class %s",
         len(rows), n_lesions, n_dup, counts,
@@ -726,9 +798,6 @@ def _looks_like_ours(folder: Path) -> bool:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from stages.common import atomic_dir, run_main, setup_logging
-    from stages.params import load_params
-
     ap = argparse.ArgumentParser(
         prog="python -m stages.synthetic",
         description="Draw a synthetic HAM10000-layout folder (metadata.csv + images/<image_id>.jpg), "

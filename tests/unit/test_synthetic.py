@@ -1,4 +1,4 @@
-"""The embedded synthetic data set: HAM-shaped, deterministic, learnable but not trivially."""
+"""The embedded synthetic data set: HAM-shaped, deterministic, grouped, learnable but not trivially."""
 
 from __future__ import annotations
 
@@ -11,107 +11,292 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from stages.common import CLASSES, DX_TYPES, HAM_COLUMNS, LOCALIZATIONS, SEXES
-from stages.params import parse_params
-from stages.synthetic import generate, plan_lesions
+from stages.common import CLASSES, DX_TYPES, HAM_COLUMNS, LOCALIZATIONS, SEXES, StageError
+from stages.params import SyntheticParams, parse_params
+from stages.synthetic import (
+    CLASS_SHARE,
+    class_quotas,
+    generate,
+    main,
+    min_lesions_per_class,
+    plan_dataset,
+)
+
+N, W, H, SEED = 300, 96, 72, 7
 
 
-def _params(n=300, **kw):
-    return parse_params({"download": {"synthetic": {"n_images": n, **kw}}}).download.synthetic
+def _params(n: int = N, **kw) -> SyntheticParams:
+    return parse_params(
+        {"download": {"synthetic": {"n_images": n, "width": W, "height": H, **kw}}}
+    ).download.synthetic
+
+
+def _plan(params: SyntheticParams, seed: int = SEED):
+    return plan_dataset(params, seed)
+
+
+def _read(root: Path) -> pd.DataFrame:
+    return pd.read_csv(root / "metadata.csv", dtype=str, keep_default_na=False)
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 @pytest.fixture(scope="module")
 def synth(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("synth")
-    generate(_params(300, width=96, height=72), 7, out, workers=2)
+    res = generate(_params(), SEED, out, workers=2)
+    assert res.n_images == N
     return out
 
 
-def _files(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+# --------------------------------------------------------------------------- layout and values
 
 
-def test_layout_and_values(synth):
-    text = (synth / "metadata.csv").read_bytes()
-    assert b"\r" not in text
-    df = pd.read_csv(synth / "metadata.csv", dtype=str, keep_default_na=False)
-    assert list(df.columns) == list(HAM_COLUMNS)
-    assert len(df) == 300 and df["image_id"].is_unique
-    assert all(re.fullmatch(r"ISIC_\d{7}", i) for i in df["image_id"])
-    assert all(re.fullmatch(r"HAM_\d{7}", i) for i in df["lesion_id"])
+def test_metadata_has_ham_columns_lf_and_valid_values(synth):
+    raw = (synth / "metadata.csv").read_bytes()
+    assert raw.startswith(b"lesion_id,image_id,dx,dx_type,age,sex,localization\n")
+    assert b"\r" not in raw and raw.endswith(b"\n")
+    df = _read(synth)
+    assert list(df.columns) == list(HAM_COLUMNS) and len(df) == N
+    assert df["image_id"].is_unique
+    assert df["image_id"].str.fullmatch(r"ISIC_\d{7}").all()
+    assert df["lesion_id"].str.fullmatch(r"HAM_\d{7}").all()
     assert set(df["dx"]) == set(CLASSES)
     assert set(df["dx_type"]) <= set(DX_TYPES)
     assert set(df["sex"]) <= set(SEXES) and set(df["localization"]) <= set(LOCALIZATIONS)
-    ages = pd.to_numeric(df["age"].replace("", np.nan))
-    assert ages.dropna().between(0, 120).all()
-    assert sorted(p.stem for p in (synth / "images").iterdir()) == sorted(df["image_id"])
-    with Image.open(synth / "images" / f"{df['image_id'][0]}.jpg") as im:
-        assert (im.format, im.mode, im.size) == ("JPEG", "RGB", (96, 72))
+    # Ages as HAM writes them: "45.0", steps of 5 in 5..85, a few unknown (empty).
+    known = df.loc[df["age"] != "", "age"]
+    assert known.str.fullmatch(r"\d+\.0").all()
+    ages = known.astype(float)
+    assert ages.between(5, 85).all() and (ages % 5 == 0).all() and ages.nunique() >= 8
+    assert 1 <= (df["age"] == "").sum() <= 0.05 * N
+    # Class-dependent metadata as in HAM: melanomas are histology-proven, naevi often follow-up.
+    assert set(df.loc[df["dx"] == "mel", "dx_type"]) == {"histo"}
+    assert "follow_up" in set(df.loc[df["dx"] == "nv", "dx_type"])
+    assert ages[df["dx"] == "nv"].mean() < ages[df["dx"].isin(["bcc", "akiec"])].mean()
 
 
-def test_imbalance_and_lesion_groups(synth):
-    df = pd.read_csv(synth / "metadata.csv", dtype=str, keep_default_na=False)
-    counts = df["dx"].value_counts()
-    assert counts.index[0] == "nv" and counts["nv"] > 0.45 * len(df)
-    per_lesion = df.groupby("lesion_id").size()
-    assert per_lesion.min() >= 1 and per_lesion.max() <= 6 and (per_lesion > 1).sum() >= 10
-    # every image of a lesion carries the lesion's metadata
-    assert (
-        (df.groupby("lesion_id")[["dx", "dx_type", "age", "sex", "localization"]].nunique() == 1).all().all()
-    )
+def test_every_image_is_an_rgb_jpeg_of_the_configured_size_and_nothing_else(synth):
+    df = _read(synth)
+    files = sorted(p.name for p in (synth / "images").iterdir())
+    assert files == sorted(f"{i}.jpg" for i in df["image_id"])
+    assert sorted(p.name for p in synth.iterdir()) == ["images", "metadata.csv"]
+    for image_id in df["image_id"]:
+        with Image.open(synth / "images" / f"{image_id}.jpg") as im:
+            assert (im.format, im.mode, im.size) == ("JPEG", "RGB", (W, H))
+            a = np.asarray(im, dtype=np.float32)
+        assert a.std() > 5, f"{image_id} is nearly blank"
+
+
+def test_ids_reveal_neither_class_nor_lesion(synth):
+    df = _read(synth).sort_values("image_id")
+    # In image-id order the diagnosis changes about as often as in a random order (~50 %).
+    changes = (df["dx"].to_numpy()[1:] != df["dx"].to_numpy()[:-1]).mean()
+    assert changes > 0.3
+    # Images of one lesion do not get consecutive numbers.
+    number = df["image_id"].str[5:].astype(int)
+    spans = number.groupby(df["lesion_id"]).agg(lambda s: s.max() - s.min())
+    multi = df.groupby("lesion_id").size() > 1
+    assert spans[multi].median() > 10
+
+
+# --------------------------------------------------------------------------- determinism
 
 
 def test_same_seed_same_bytes_whatever_the_workers(tmp_path, synth):
-    generate(_params(300, width=96, height=72), 7, tmp_path / "one", workers=1)
-    assert _files(tmp_path / "one") == _files(synth)
-    generate(_params(300, width=96, height=72), 8, tmp_path / "other", workers=2)
-    assert _files(tmp_path / "other")["metadata.csv"] != _files(synth)["metadata.csv"]
+    one = tmp_path / "one"
+    one.mkdir()
+    generate(_params(), SEED, one, workers=1)
+    assert _files(one) == _files(synth)
 
 
-def _ahash(path: Path) -> imagehash.ImageHash:
-    with Image.open(path) as im:
-        return imagehash.average_hash(im)
+def test_different_seed_different_data(tmp_path, synth):
+    other = tmp_path / "other"
+    other.mkdir()
+    generate(_params(), SEED + 1, other, workers=2)
+    a, b = _files(synth), _files(other)
+    assert a["metadata.csv"] != b["metadata.csv"]
+    assert not set(a.values()) & set(b.values())  # not a single identical file
 
 
-def test_reshots_are_near_duplicates_and_twins_exist(synth):
-    df = pd.read_csv(synth / "metadata.csv", dtype=str, keep_default_na=False)
-    h = {i: _ahash(synth / "images" / f"{i}.jpg") for i in df["image_id"]}
+# --------------------------------------------------------------------------- classes and lesions
+
+
+def test_class_imbalance_like_ham_with_a_lesion_floor(synth):
+    df = _read(synth)
+    counts = df["dx"].value_counts()
+    assert counts.index[0] == "nv" and counts["nv"] > 0.55 * N
+    assert counts["mel"] > counts["df"] and counts["bkl"] > counts["vasc"]
+    lesions_per_class = df.groupby("dx")["lesion_id"].nunique()
+    assert (lesions_per_class >= 6).all(), lesions_per_class.to_dict()
+    # Independent physical lesions (twins count once) also stay above the floor.
+    physical = pd.Series([p.dx for p in _plan(_params())]).value_counts()
+    assert (physical >= min_lesions_per_class(N)).all() and min_lesions_per_class(N) >= 6
+
+
+@pytest.mark.parametrize("n", [7, 40, 299, 300, 700, 10_000, 200_000])
+def test_class_quotas_sum_to_n_and_follow_ham_at_scale(n):
+    q = class_quotas(n)
+    assert sum(q.values()) == n and set(q) == set(CLASSES) and min(q.values()) >= 1
+    assert q["nv"] == max(q.values())
+    if n >= 300:
+        assert min(q.values()) >= 6
+    if n >= 10_000:
+        for c in CLASSES:
+            assert q[c] / n == pytest.approx(CLASS_SHARE[c], abs=0.01)
+
+
+def test_too_few_images_is_refused_with_the_key_name(tmp_path):
+    with pytest.raises(StageError, match=r"download\.synthetic\.n_images: 5 is too small; use at least 7"):
+        generate(SyntheticParams(n_images=5), SEED, tmp_path)
+
+
+def test_images_per_lesion_and_shared_lesion_metadata(synth):
+    df = _read(synth)
+    per_lesion = df.groupby("lesion_id").size()
+    assert per_lesion.min() >= 1 and per_lesion.max() <= 6
+    assert (per_lesion == 1).mean() > 0.5 and (per_lesion >= 3).sum() >= 5
+    same = df.groupby("lesion_id")[["dx", "dx_type", "age", "sex", "localization"]].nunique()
+    assert (same == 1).all().all()
+
+
+@pytest.mark.parametrize("cap", [1, 2, 4])
+def test_max_images_per_lesion_is_respected(cap):
+    params = _params(700, max_images_per_lesion=cap)
+    entries: dict[str, int] = {}
+    for plan in _plan(params):
+        for shot in plan.shots:
+            entries[shot.lesion_id] = entries.get(shot.lesion_id, 0) + 1
+    assert sum(entries.values()) == 700
+    assert max(entries.values()) == cap
+
+
+def test_cross_id_duplicates_share_dx_and_metadata_and_one_near_identical_image(synth):
+    df = _read(synth).set_index("image_id")
+    plans = _plan(_params())
+    twins = [p for p in plans if len({s.lesion_id for s in p.shots}) > 1]
+    n_lesion_ids = df["lesion_id"].nunique()
+    assert 1 <= len(twins) <= 0.05 * n_lesion_ids
+    for p in twins:
+        rows = df.loc[[s.image_id for s in p.shots]]
+        assert rows["lesion_id"].nunique() == 2
+        assert (rows[["dx", "dx_type", "age", "sex", "localization"]].nunique() == 1).all()
+        # The second entry starts with the same photograph exported again: what a hash finds.
+        (copy,) = [s for s in p.shots if s.copy]
+        (source,) = [s for s in p.shots if s.view == copy.view and not s.copy]
+        assert copy.lesion_id != source.lesion_id
+        a, b = (
+            np.asarray(Image.open(synth / "images" / f"{s.image_id}.jpg"), np.float32) for s in (copy, source)
+        )
+        assert np.abs(a - b).mean() < 6
+        assert _phash(synth, copy.image_id) - _phash(synth, source.image_id) <= 4
+
+
+def test_no_cross_id_duplicates_when_the_rate_is_zero():
+    plans = _plan(_params(cross_id_duplicate_rate=0.0))
+    assert all(len({s.lesion_id for s in p.shots}) == 1 for p in plans)
+    assert not any(s.copy for p in plans for s in p.shots)
+
+
+def _phash(root: Path, image_id: str) -> imagehash.ImageHash:
+    with Image.open(root / "images" / f"{image_id}.jpg") as im:
+        return imagehash.phash(im)
+
+
+def test_reshots_are_near_duplicates(synth):
+    df = _read(synth)
+    h = {i: _phash(synth, i) for i in df["image_id"]}
+    physical = {s.image_id: p.index for p in _plan(_params()) for s in p.shots}
     same = [
         h[a] - h[b]
         for _, g in df.groupby("lesion_id")
-        for a, b in zip(g["image_id"], g["image_id"][1:], strict=False)
+        for a, b in zip(g["image_id"], g["image_id"].iloc[1:], strict=False)
     ]
     rng = np.random.default_rng(0)
     ids = df["image_id"].to_numpy()
-    lesion = dict(zip(df["image_id"], df["lesion_id"], strict=True))
-    pairs = [tuple(rng.choice(ids, 2, replace=False)) for _ in range(300)]
-    other = [h[a] - h[b] for a, b in pairs if lesion[a] != lesion[b]]
-    assert np.mean(same) < 0.6 * np.mean(other)
-
-    twins = [les for les in plan_lesions(_params(300, width=96, height=72), 7) if les.twin_of is not None]
-    assert twins, "cross_id_duplicate_rate > 0 must catalogue some lesions twice"
-    plan = plan_lesions(_params(300, width=96, height=72), 7)
-    for t in twins:
-        src = plan[t.twin_of]
-        assert t.lesion_id != src.lesion_id and t.dx == src.dx
+    pairs = [tuple(rng.choice(ids, 2, replace=False)) for _ in range(400)]
+    other = [h[a] - h[b] for a, b in pairs if physical[a] != physical[b]]
+    assert len(same) >= 30
+    assert np.mean(same) < 0.5 * np.mean(other)
+    # ...but re-shots are not copies: they move, turn and change light.
+    assert np.mean(same) > 2
 
 
 def test_learnable_but_not_perfect(synth):
-    """Colour statistics alone separate the classes well above chance, never perfectly."""
+    """Colour statistics separate the classes well above chance (1/7), never perfectly."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import balanced_accuracy_score
-    from sklearn.model_selection import GroupShuffleSplit
+    from sklearn.model_selection import StratifiedGroupKFold
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
 
-    df = pd.read_csv(synth / "metadata.csv", dtype=str, keep_default_na=False)
+    df = _read(synth)
     feats = []
     for i in df["image_id"]:
-        a = np.asarray(Image.open(synth / "images" / f"{i}.jpg"), dtype=np.float32) / 255
-        centre = a[18:54, 24:72].reshape(-1, 3)
-        feats.append(
-            np.concatenate([centre.mean(0), centre.std(0), np.percentile(centre, [10, 50, 90], 0).ravel()])
-        )
-    x, y = np.array(feats), df["dx"].to_numpy()
-    train, test = next(GroupShuffleSplit(1, test_size=0.3, random_state=0).split(x, y, df["lesion_id"]))
-    clf = LogisticRegression(max_iter=2000, class_weight="balanced").fit(x[train], y[train])
-    score = balanced_accuracy_score(y[test], clf.predict(x[test]))
-    assert 1 / 7 + 0.15 < score < 0.999
+        with Image.open(synth / "images" / f"{i}.jpg") as im:
+            a = np.asarray(im.convert("HSV"), np.float32)[H // 4 : 3 * H // 4, W // 4 : 3 * W // 4]
+        a = a.reshape(-1, 3) / 255
+        hist = [np.histogram(a[:, c], bins=8, range=(0, 1))[0] / len(a) for c in range(3)]
+        feats.append(np.concatenate([*hist, a.mean(0), a.std(0)]))
+    x, y, groups = np.array(feats), df["dx"].to_numpy(), df["lesion_id"].to_numpy()
+    pred = np.empty(len(y), dtype=object)
+    for train, test in StratifiedGroupKFold(3, shuffle=True, random_state=0).split(x, y, groups):
+        clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=3000, class_weight="balanced"))
+        pred[test] = clf.fit(x[train], y[train]).predict(x[test])
+    score = balanced_accuracy_score(y, pred)
+    assert 0.3 < score < 0.95, score
+
+
+# --------------------------------------------------------------------------- bad outputs and the CLI
+
+
+def test_output_folder_must_exist_and_be_empty(tmp_path):
+    with pytest.raises(StageError, match=r"missing: output folder does not exist"):
+        generate(_params(), SEED, tmp_path / "missing")
+    (tmp_path / "stale.jpg").write_bytes(b"x")
+    with pytest.raises(StageError, match=r"output folder is not empty"):
+        generate(_params(), SEED, tmp_path)
+
+
+def test_cli_writes_a_folder_and_replaces_only_its_own(tmp_path, capsys):
+    out = tmp_path / "synth"
+    argv = ["--out", str(out), "--n-images", "30", "--seed", "3", "--width", "48", "--height", "36"]
+    assert main([*argv, "--workers", "1"]) == 0
+    first = _files(out)
+    df = _read(out)
+    assert len(df) == 30 and set(df["dx"]) == set(CLASSES)
+    with Image.open(out / "images" / f"{df['image_id'][0]}.jpg") as im:
+        assert im.size == (48, 36)
+    assert main([*argv, "--workers", "2"]) == 0  # an earlier synthetic set is replaced
+    assert _files(out) == first
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep me")
+    assert main(["--out", str(foreign), "--n-images", "30"]) == 1
+    assert "exists and is not a synthetic data set; choose a new folder" in capsys.readouterr().err
+    assert (foreign / "notes.txt").read_text() == "keep me"
+
+
+def test_cli_bad_value_names_the_key(tmp_path, capsys):
+    assert main(["--out", str(tmp_path / "x"), "--n-images", "3"]) == 1
+    err = capsys.readouterr().err
+    assert "download.synthetic.n_images: 3 is below the minimum 7" in err
+    assert not (tmp_path / "x").exists()
+
+
+def test_cli_reads_params_file(tmp_path):
+    params = tmp_path / "params.yaml"
+    params.write_text(
+        "base: {seed: 11}\ndownload:\n  synthetic: {n_images: 21, width: 40, height: 32, jpeg_quality: 80}\n"
+    )
+    assert main(["--out", str(tmp_path / "a"), "--params", str(params), "--workers", "1"]) == 0
+    direct = tmp_path / "b"
+    direct.mkdir()
+    p = parse_params(
+        {"download": {"synthetic": {"n_images": 21, "width": 40, "height": 32, "jpeg_quality": 80}}}
+    )
+    generate(p.download.synthetic, 11, direct, workers=1)
+    assert _files(tmp_path / "a") == _files(direct)
+    assert re.fullmatch(r"ISIC_\d{7}", _read(direct)["image_id"][0])

@@ -40,7 +40,7 @@ lint: setup  ## ruff
 	$(BIN)/ruff check stages flows tests bench
 
 bench: setup  ## benchmarks (need ../shared/data/ham10000); results go to bench/RESULTS.md
-	$(BIN)/python -m bench.run
+	$(BIN)/python -m bench.run $(BENCH)
 
 lock:  ## re-resolve requirements.in into requirements.lock (needs the registries)
 	rm -rf .lockenv && $(PYTHON) -m venv .lockenv && .lockenv/bin/pip install -q -r requirements.in

@@ -173,9 +173,11 @@ def test_pixel_limit_is_applied_from_the_header_without_allocating(tmp_path):
     which shows the measurement catches a check that decodes first and asks later.
     """
     code = (
-        "import resource, sys; from stages.validate import inspect_image; "
+        "import re, sys; from stages.validate import inspect_image; "
         "f = inspect_image(sys.argv[1], int(sys.argv[2])); "
-        "rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss; "
+        # VmHWM, not ru_maxrss: Linux carries ru_maxrss over fork+exec, so a child of a big
+        # pytest process would report the parent's peak; VmHWM belongs to this image alone.
+        "rss = int(re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read()).group(1)); "
         "print(f['width'], f['height'], f['error'] is None, rss)"
     )
 

@@ -28,7 +28,8 @@ $(STAMP): requirements.lock pyproject.toml
 
 demo: setup  ## set up, then run the whole pipeline on the embedded synthetic set (offline)
 	$(BIN)/dvc repro
-	@echo; echo "== metrics =="; $(BIN)/dvc metrics show
+	@echo; $(BIN)/python -m stages.summary --metrics metrics
+	@echo; echo "all metrics: dvc metrics show; plots: dvc plots show (writes dvc_plots/index.html)"
 
 test: setup  ## set up, then run the test suite (pytest's 5, "no tests collected", is not a failure)
 	$(BIN)/python -m pytest; rc=$$?; if [ $$rc -eq 5 ]; then rc=0; fi; exit $$rc

@@ -119,12 +119,13 @@ class FractionsParams:
 
 @dataclass(frozen=True)
 class SplitParams:
-    # pHash Hamming radius for *candidate* retrieval; candidates are verified before grouping.
-    hash_radius: int = _f(4, lo=0, hi=16)
-    # Verification: aHash and dHash within this radius, and the lesion colours (mean RGB of the
-    # image centre) within this many grey levels per channel.
-    verify_hash_radius: int = _f(6, lo=0, hi=32)
-    verify_colour_gap: float = _f(10.0, lo=0.0, hi=255.0)
+    # pHash Hamming radius for *candidate* retrieval only; candidates are verified before grouping.
+    hash_radius: int = _f(8, lo=0, hi=32)
+    # Verification: best normalised cross-correlation of the two high-passed grey thumbnails
+    # over flips, rotations and shifts; a pair is a duplicate at or above the threshold.
+    verify_threshold: float = _f(0.55, lo=-1.0, hi=1.0)
+    # Candidates scoring below this at half resolution skip the full-resolution pass.
+    verify_prefilter: float = _f(0.3, lo=-1.0, hi=1.0)
     max_group_size: int = _f(12, lo=1, hi=1000)
     fractions: FractionsParams = field(default_factory=FractionsParams)
     dedupe_majority_in_train: bool = False

@@ -1,6 +1,8 @@
-"""The split stage on the 9,247 real HAM10000 thumbnails."""
+"""The split stage on the 9,247 real HAM10000 thumbnails (~6 s per run on 2 cores)."""
 
 from __future__ import annotations
+
+import json
 
 import pandas as pd
 import pytest
@@ -20,35 +22,67 @@ def real_raw(tmp_path_factory, shared_ham):
     return raw
 
 
-def _split(raw, out, seed):
-    return run(parse_params({}).split, seed=seed, raw_dir=raw, out_dir=out / "split",
+def _split(raw, out, seed, **kw):
+    return run(parse_params({"split": kw}).split, seed=seed, raw_dir=raw, out_dir=out / "split",
                metrics_path=out / "split.json", plots_dir=out / "plots")  # fmt: skip
 
 
 def test_real_split_has_no_leakage_and_keeps_proportions(real_raw, tmp_path):
     res = _split(real_raw, tmp_path / "a", seed=42)
     m, s = res.metrics, res.split
-    assert m["n_images"] == 9247 and m["leaking_groups"] == 0
+    assert m == json.loads((tmp_path / "a" / "split.json").read_text())
+    assert m["n_images"] == 9247 and m["n_lesions"] == 6882 and m["n_undecodable"] == 0
+    assert m["leaking_groups"] == 0
+    # the verifier: no proven false positive, and it does find same-lesion pairs
     assert m["n_cross_diagnosis_duplicate_pairs"] == 0
+    assert m["same_lesion_pairs"] == 2982 and m["same_lesion_pair_recall"] >= 0.03
+    assert m["n_candidate_pairs"] > 10 * m["n_near_duplicate_pairs"]
     assert m["largest_group"] <= 12
+    assert s.groupby("group_id").size().max() <= 12
+
     where = s.set_index("image_id")["split"]
     d = pd.read_csv(tmp_path / "a" / "split" / "duplicates.csv")
-    assert len(d) == m["n_near_duplicate_pairs"] > 0
+    assert len(d) == m["n_near_duplicate_pairs"] > 100
     assert (d["dx_a"] == d["dx_b"]).all()
     assert (where[d["image_id_a"]].to_numpy() == where[d["image_id_b"]].to_numpy()).all()
     assert (s.groupby("lesion_id")["split"].nunique() == 1).all()
+    assert (s.groupby("group_id")["split"].nunique() == 1).all()
+
     whole = s["dx"].value_counts(normalize=True)
+    n_class = s["dx"].value_counts()
     groups_per_class = s.groupby("dx")["group_id"].nunique()
+    target = {"train": 0.70, "val": 0.15, "test": 0.15}
     for part in ("train", "val", "test"):
-        share = s[s["split"] == part]["dx"].value_counts(normalize=True)
-        assert set(share.index) == set(whole.index), f"{part} lacks a class"
+        here = s[s["split"] == part]["dx"].value_counts()
+        assert set(here.index) == set(whole.index), f"{part} lacks a class"
+        assert abs(len(s[s["split"] == part]) / len(s) - target[part]) <= 0.01
         for dx in whole.index:
             if groups_per_class[dx] >= 50:
-                assert abs(share[dx] - whole[dx]) <= 0.02, (part, dx)
+                # the class's share of the split is the class's share of the whole ...
+                assert abs(here[dx] / here.sum() - whole[dx]) <= 0.02, (part, dx)
+                # ... and the split holds its target share of the class's images
+                assert abs(here[dx] / n_class[dx] - target[part]) <= 0.02, (part, dx)
 
     # same seed: byte-identical; another seed: a different split
     _split(real_raw, tmp_path / "b", seed=42)
     a = (tmp_path / "a" / "split" / "split.csv").read_bytes()
     assert a == (tmp_path / "b" / "split" / "split.csv").read_bytes()
+    assert (tmp_path / "a" / "split" / "duplicates.csv").read_bytes() == (
+        tmp_path / "b" / "split" / "duplicates.csv"
+    ).read_bytes()
     _split(real_raw, tmp_path / "c", seed=7)
+    c = pd.read_csv(tmp_path / "c" / "split" / "split.csv")
     assert a != (tmp_path / "c" / "split" / "split.csv").read_bytes()
+    assert (c["split"] != s["split"]).mean() > 0.2  # not a cosmetic difference
+
+
+def test_real_split_options_drop_duplicates_but_keep_every_class(real_raw, tmp_path):
+    res = _split(real_raw, tmp_path, seed=42, dedupe_majority_in_train=True, eval_images="canonical")
+    m, s = res.metrics, res.split
+    kept = s[s["split"] != "dropped"]
+    assert m["leaking_groups"] == 0 and m["n_dropped"] == len(s) - len(kept) > 1000
+    assert (kept[kept["split"] != "train"].groupby("group_id").size() == 1).all()
+    assert (kept[(kept["split"] == "train") & (kept["dx"] == "nv")].groupby("group_id").size() == 1).all()
+    # minority duplicates stay in train as natural augmentation
+    assert kept[(kept["split"] == "train") & (kept["dx"] == "mel")].groupby("group_id").size().max() > 1
+    assert kept.groupby("split")["dx"].nunique().to_dict() == {"train": 7, "val": 7, "test": 7}

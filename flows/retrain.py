@@ -371,7 +371,11 @@ def _gate_and_promote(
     decision = decide(
         gate_metrics(report.metrics, layout),
         gate_metrics(production.get("metrics") or {}, layout) if production else None,
-        target_recall=params.calibrate.target_recall,
+        target_recall=(
+            params.calibrate.target_recall
+            if params.promote.min_test_recall is None
+            else params.promote.min_test_recall
+        ),
         max_auc_drop=params.promote.max_auc_drop,
     )
     report.gate = decision.as_dict()

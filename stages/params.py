@@ -348,11 +348,14 @@ class DriftParams:
 @dataclass(frozen=True)
 class PromoteParams:
     """The retrain flow's promotion gate (flows/promote.py). No DVC stage reads this section, so
-    changing it reruns nothing; the recall target is ``calibrate.target_recall``."""
+    changing it reruns nothing."""
 
     # The candidate may lose at most this much malignant_auc and macro_auc against production;
     # a negative value demands an improvement of at least that much.
     max_auc_drop: float = _f(0.01, lo=-1.0, hi=1.0)
+    # The test malignant recall a candidate must reach; null = calibrate.target_recall (the
+    # recall the threshold was tuned for on val).
+    min_test_recall: float | None = _f(None, lo=0.0, hi=1.0)
     # In a git repository: commit the pipeline record (dvc.lock, params, metrics,
     # models/production.dvc) and tag it model-<UTC time>, so `dvc metrics diff <tag>` works.
     git_tag: bool = True
@@ -402,8 +405,10 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
     if origin in (typing.Union, types.UnionType):
         errors = []
         for arm in typing.get_args(tp):
-            if arm is type(None) and value is None:
-                return None
+            if arm is type(None):
+                if value is None:
+                    return None
+                continue
             try:
                 return _convert(value, arm, key)
             except ParamsError as e:
@@ -454,6 +459,9 @@ def _build(cls: type, raw: dict[str, Any], prefix: str) -> Any:
             continue  # the dataclass default applies
         value = _convert(raw[name], hints[name], key)
         lo, hi = f.metadata.get("lo"), f.metadata.get("hi")
+        if value is None:  # an optional knob left unset: no bounds to check
+            kwargs[name] = value
+            continue
         if lo is not None and value < lo:
             raise ParamsError(f"{key}: {value!r} is below the minimum {lo}")
         if hi is not None and value > hi:

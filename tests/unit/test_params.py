@@ -86,3 +86,12 @@ def test_local_source_path():
     p = parse_params({"download": {"source": "local:../shared/data/ham10000"}})
     assert p.download.local_path == Path("../shared/data/ham10000")
     assert parse_params({}).download.local_path is None
+
+
+def test_optional_knob_accepts_null_and_checks_bounds_otherwise():
+    assert parse_params({"promote": {"min_test_recall": None}}).promote.min_test_recall is None
+    assert parse_params({"promote": {"min_test_recall": 0.9}}).promote.min_test_recall == 0.9
+    with pytest.raises(ParamsError, match="promote.min_test_recall: 1.5 is above the maximum 1.0"):
+        parse_params({"promote": {"min_test_recall": 1.5}})
+    with pytest.raises(ParamsError, match="promote.min_test_recall: expected a number, got 'x'"):
+        parse_params({"promote": {"min_test_recall": "x"}})

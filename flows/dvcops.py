@@ -35,6 +35,7 @@ __all__ = [
     "lock_hashes",
     "parse_dot",
     "run_stage",
+    "stream_command",
     "subprocess_env",
 ]
 
@@ -58,8 +59,9 @@ class Layout:
     plots_out: str = "reports/plots"
     # The stage that writes the bundle: a candidate exists only when a run reproduced it.
     bundle_stage: str = "calibrate"
-    # Stages the retrain flow leaves to others by default (the monitor flow runs drift).
-    not_retrain: tuple[str, ...] = ("drift",)
+    # Stages the retrain flow leaves to others by default: the monitor flow checks batches for
+    # drift; demo_batch only feeds the demo's drift check.
+    not_retrain: tuple[str, ...] = ("drift", "demo_batch")
 
     def path(self, rel: str) -> Path:
         return self.root / rel
@@ -266,11 +268,38 @@ def run_stage(
     """
     argv = dvc_argv("repro", "--single-item", *(["--pull"] if pull else []), stage)
     env = subprocess_env({"CUDA_VISIBLE_DEVICES": device} if device is not None else None)
-    tail: deque[str] = deque(maxlen=tail_lines)
     skipped = False
+
+    def seen(line: str) -> None:
+        nonlocal skipped
+        skipped = skipped or f"Stage '{stage}' didn't change, skipping" in line
+        on_line(line)
+
     t0 = time.monotonic()
+    returncode, tail = stream_command(argv, repo, on_line=seen, env=env, tail_lines=tail_lines)
+    if returncode != 0:
+        raise StageFailed(stage, returncode, "\n".join(tail))
+    return StageRun(stage, "skipped" if skipped else "ran", round(time.monotonic() - t0, 1), device)
+
+
+def stream_command(
+    argv: list[str],
+    cwd: Path,
+    *,
+    on_line: Callable[[str], None],
+    env: Mapping[str, str] | None = None,
+    tail_lines: int = 60,
+) -> tuple[int, list[str]]:
+    """Run a command, handing each output line (stdout and stderr) to ``on_line`` as it comes;
+    return its exit status and its last ``tail_lines`` lines."""
+    tail: deque[str] = deque(maxlen=tail_lines)
     with subprocess.Popen(
-        argv, cwd=repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, bufsize=0
+        argv,
+        cwd=cwd,
+        env=dict(env) if env is not None else subprocess_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        bufsize=0,
     ) as proc:
         assert proc.stdout is not None
         pending = b""
@@ -282,16 +311,13 @@ def run_stage(
                 line = raw.decode("utf-8", "replace").rstrip()
                 if line:
                     tail.append(line)
-                    skipped = skipped or f"Stage '{stage}' didn't change, skipping" in line
                     on_line(line)
         if pending.strip():
             line = pending.decode("utf-8", "replace").rstrip()
             tail.append(line)
             on_line(line)
         returncode = proc.wait()
-    if returncode != 0:
-        raise StageFailed(stage, returncode, "\n".join(tail))
-    return StageRun(stage, "skipped" if skipped else "ran", round(time.monotonic() - t0, 1), device)
+    return returncode, list(tail)
 
 
 # --------------------------------------------------------------------------- record and metrics

@@ -34,6 +34,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
+from stages.bundle import REFERENCE_KEY, write_drift_reference
 from stages.common import (
     CLASSES,
     MALIGNANT,
@@ -64,7 +65,7 @@ from stages.metrics import (
     recall_first_threshold,
     reliability_table,
 )
-from stages.params import CalibrateParams, load_params
+from stages.params import CalibrateParams, DriftReferenceParams, load_params
 
 log = logging.getLogger(__name__)
 
@@ -408,6 +409,17 @@ def reliability_plot(
 # --------------------------------------------------------------------------- stage
 
 
+@dataclass(frozen=True)
+class DriftReference:
+    """Where the drift reference stored in the bundle comes from (see stages.bundle)."""
+
+    raw_dir: Path  # data/raw: images/<image_id>.jpg
+    split_csv: Path  # the validated split
+    params: DriftReferenceParams
+    max_pixels: int
+    workers: int = 0
+
+
 def run(
     params: CalibrateParams,
     *,
@@ -422,6 +434,7 @@ def run(
     card_path: Path,
     all_params: dict[str, Any],
     data_md5: str | None,
+    reference: DriftReference | None = None,
     classes: Sequence[str] = CLASSES,
 ) -> CalibrateResult:
     ensemble_dir = Path(ensemble_dir)
@@ -533,6 +546,21 @@ def run(
         )
         write_json(tmp / "bundle.json", bundle)
         (tmp / "model_card.md").write_text(card, encoding="utf-8")
+        if reference is not None:
+            # Built with the members as they now are in the bundle, then recorded in bundle.json.
+            bundle[REFERENCE_KEY] = write_drift_reference(
+                tmp,
+                raw_dir=reference.raw_dir,
+                split_csv=reference.split_csv,
+                split=reference.params.split,
+                max_images=reference.params.max_images,
+                stats_size=reference.params.stats_size,
+                max_pixels=reference.max_pixels,
+                draft_gap=float(manifest.get("draft_gap", 2.0)),
+                seed=seed,
+                workers=reference.workers,
+            )
+            write_json(tmp / "bundle.json", bundle)
     with atomic_file(card_path, "w", encoding="utf-8") as fh:
         fh.write(card)
 
@@ -584,6 +612,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--metrics", type=Path, required=True, help="metrics JSON to write")
     ap.add_argument("--plots", type=Path, required=True, help="plots folder to write")
     ap.add_argument("--card", type=Path, required=True, help="model card Markdown to write")
+    ap.add_argument(
+        "--raw", type=Path, help="raw data folder (images/<image_id>.jpg): with --split, the bundle gets "
+        "the drift reference (features and embeddings of drift.reference.split)"
+    )
+    ap.add_argument("--split", type=Path, help="validated split CSV (image_id, split)")
     ap.add_argument("-v", "--verbose", action="store_true")
     args = ap.parse_args(argv)
     setup_logging(args.verbose)
@@ -604,6 +637,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             card_path=args.card,
             all_params=dataclasses.asdict(params),
             data_md5=md5,
+            reference=(
+                DriftReference(
+                    args.raw, args.split, params.drift.reference, params.drift.max_pixels,
+                    params.drift.workers,
+                )  # fmt: skip
+                if args.raw and args.split
+                else None
+            ),
         )
         return 0
 

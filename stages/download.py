@@ -8,6 +8,12 @@ Sources (``download.source``):
   below it (the original release splits them over ``HAM10000_images_part_1/`` and ``_part_2/``);
 * ``dataverse`` - the real release from Harvard Dataverse (resumable, checksummed).
 
+Extra sources (``download.extra_sources``): more folders or ``.zip`` files in HAM10000 layout,
+read exactly as ``local:PATH`` is, merged after the source into the same output. This is how a
+labelled batch of new images joins the next data version; the split stage then groups and splits
+it with the rest. An image_id in two sources is kept once when its rows and image bytes are
+identical, and is an error otherwise.
+
 Output: ``metadata.csv`` (exact HAM10000 columns, LF, ages numeric or empty) and
 ``images/<image_id>.jpg`` (source bytes unchanged). The output folder is replaced in one rename
 only when everything succeeded, so a failed download leaves the previous ``data/raw`` intact.
@@ -17,8 +23,10 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import io
 import logging
+import os
 import shutil
 import sys
 import tempfile
@@ -44,6 +52,8 @@ class DownloadResult:
     source: str
     n_rows: int
     n_images: int
+    # (source, metadata rows it added) in merge order, when download.extra_sources is not empty
+    rows_per_source: tuple[tuple[str, int], ...] = ()
 
 
 # --------------------------------------------------------------------------- zip handling
@@ -188,10 +198,12 @@ def import_folder(src: Path, out_dir: Path, *, move: bool = False) -> DownloadRe
     return DownloadResult(source=f"local:{src}", n_rows=len(df), n_images=len(images))
 
 
-def import_local(path: Path, out_dir: Path, *, scratch: Path) -> DownloadResult:
-    """``local:PATH``: a folder, or a zip that is first extracted (safely) into ``scratch``."""
+def import_local(path: Path, out_dir: Path, *, scratch: Path, key: str = "download.source") -> DownloadResult:
+    """``local:PATH``: a folder, or a zip that is first extracted (safely) into ``scratch``.
+
+    ``key`` is the params key that named ``path``, for the error messages."""
     if not path.exists():
-        raise StageError(f"download.source: local path {str(path)!r} does not exist")
+        raise StageError(f"{key}: local path {str(path)!r} does not exist")
     if path.is_dir():
         return import_folder(path, out_dir)
     if zipfile.is_zipfile(path):
@@ -204,7 +216,7 @@ def import_local(path: Path, out_dir: Path, *, scratch: Path) -> DownloadResult:
                 raise StageError(str(e).replace(str(staging), str(path))) from None
         finally:
             shutil.rmtree(staging, ignore_errors=True)
-    raise StageError(f"download.source: {str(path)!r} is neither a folder nor a zip archive")
+    raise StageError(f"{key}: {str(path)!r} is neither a folder nor a zip archive")
 
 
 def import_dataverse_files(files: dict[str, Path], out_dir: Path, *, scratch: Path) -> DownloadResult:
@@ -226,6 +238,142 @@ def import_dataverse_files(files: dict[str, Path], out_dir: Path, *, scratch: Pa
         shutil.rmtree(staging, ignore_errors=True)
 
 
+# --------------------------------------------------------------------------- extra sources
+
+MAX_NAMED = 5  # ids named in a one-line error
+
+
+def _name_ids(ids: Sequence[str]) -> str:
+    named = ", ".join(ids[:MAX_NAMED])
+    return named + (f" and {len(ids) - MAX_NAMED} more" if len(ids) > MAX_NAMED else "")
+
+
+def _rows_by_id(df: pd.DataFrame) -> dict[str, list[tuple[str, ...]]]:
+    rows: dict[str, list[tuple[str, ...]]] = {}
+    for row in df[list(HAM_COLUMNS)].itertuples(index=False, name=None):
+        rows.setdefault(row[1], []).append(row)
+    return rows
+
+
+def _image_bytes(img_dir: Path, image_id: str) -> bytes | None:
+    path = img_dir / f"{image_id}.jpg"
+    return path.read_bytes() if path.is_file() else None
+
+
+@dataclass
+class _Merged:
+    """What the output folder holds so far, source by source."""
+
+    img_dir: Path
+    rows: dict[str, list[tuple[str, ...]]]  # image_id -> its metadata rows
+    owner: dict[str, str]  # image_id (row or file) -> the source that brought it
+    lesion_dx: dict[str, set[str]]  # lesion_id -> its diagnoses
+
+    def add_lesions(self, df: pd.DataFrame) -> None:
+        for lesion_id, dx in zip(df["lesion_id"], df["dx"], strict=True):
+            self.lesion_dx.setdefault(lesion_id, set()).add(dx)
+
+
+def _split_clashes(
+    merged: _Merged, rows: dict[str, list[tuple[str, ...]]], img_dir: Path
+) -> tuple[list[str], dict[str, list[str]]]:
+    """Ids a new source shares with the merged ones: (identical rows and bytes, {owner: other ids})."""
+    same: list[str] = []
+    conflicts: dict[str, list[str]] = {}
+    ids = set(rows) | {p.stem for p in img_dir.iterdir()}
+    for image_id in sorted(ids & merged.owner.keys()):
+        if merged.rows.get(image_id) == rows.get(image_id) and _image_bytes(
+            merged.img_dir, image_id
+        ) == _image_bytes(img_dir, image_id):
+            same.append(image_id)
+        else:
+            conflicts.setdefault(merged.owner[image_id], []).append(image_id)
+    return same, conflicts
+
+
+def _add_source(merged: _Merged, name: str, staging: Path) -> pd.DataFrame:
+    """Move one imported source (``staging``: metadata.csv + images/) into the merged output;
+    return its rows that were not there yet."""
+    df = read_metadata_table(staging / "metadata.csv")
+    img_dir = staging / "images"
+    rows = _rows_by_id(df)
+    same, conflicts = _split_clashes(merged, rows, img_dir)
+    if conflicts:
+        raise StageError(
+            "; ".join(
+                f"image_id {_name_ids(ids)} in both {other} and {name} with a different row or image"
+                for other, ids in conflicts.items()
+            )
+            + ": give the new images their own ids, or remove one copy"
+        )
+    if same:
+        # The same labelled batch listed twice, or a batch that repeats images already in the
+        # source: one copy is the truth, a second would only be a duplicate for split to find.
+        log.info(
+            "%s: %d image(s) identical (rows and bytes) to ones merged already, kept once: %s",
+            name, len(same), _name_ids(same),
+        )  # fmt: skip
+        df = df[~df["image_id"].isin(same)]
+    shared = sorted(set(df["lesion_id"]) & merged.lesion_dx.keys())
+    if shared:
+        # Legitimate (a known lesion photographed again) but worth seeing: split puts each
+        # lesion_id in one split, and validate refuses a lesion with two diagnoses.
+        new_dx = df.groupby("lesion_id")["dx"].agg(set)
+        mixed = [les for les in shared if not new_dx[les] <= merged.lesion_dx[les]]
+        log.info("%s: %d lesion_id(s) also in earlier sources: %s", name, len(shared), _name_ids(shared))
+        if mixed:
+            log.warning(
+                "%s: lesion_id %s has another dx in an earlier source; validate will refuse it",
+                name, _name_ids(mixed),
+            )  # fmt: skip
+    for path in img_dir.iterdir():
+        if path.stem not in merged.owner:
+            os.replace(path, merged.img_dir / path.name)
+            merged.owner[path.stem] = name
+    for image_id in df["image_id"]:
+        merged.owner.setdefault(image_id, name)
+        merged.rows.setdefault(image_id, rows[image_id])
+    merged.add_lesions(df)
+    return df
+
+
+def merge_extra_sources(
+    out_dir: Path, base: str, extras: Sequence[tuple[str, Path]], *, scratch: Path
+) -> DownloadResult:
+    """Add each extra source to ``out_dir``, a HAM10000-layout folder already holding ``base``.
+
+    ``extras`` are (params key, path) pairs. Each is imported exactly as ``local:PATH`` is, into a
+    staging folder inside ``out_dir`` (its images then move in by rename), and its rows are
+    appended after the earlier ones. An image_id already merged (as a row or a file) is left out
+    of the newcomer when its rows and image bytes are identical; otherwise the merge fails naming
+    the ids and both sources.
+    """
+    img_dir = out_dir / "images"
+    base_df = read_metadata_table(out_dir / "metadata.csv")
+    ids = [p.stem for p in img_dir.iterdir()] + base_df["image_id"].tolist()
+    merged = _Merged(img_dir, _rows_by_id(base_df), dict.fromkeys(ids, base), {})
+    merged.add_lesions(base_df)
+    frames, counts = [base_df], [(base, len(base_df))]
+    for key, path in extras:
+        name = f"{key} ({path})"
+        staging = Path(tempfile.mkdtemp(prefix=".extra-", dir=out_dir))
+        try:
+            try:
+                import_local(path, staging, scratch=scratch, key=key)
+            except StageError as e:  # name the params key, and the source rather than our staging
+                msg = str(e).replace(str(staging), str(path))
+                raise StageError(msg if msg.startswith(key) else f"{key}: {msg}") from None
+            frames.append(_add_source(merged, name, staging))
+            counts.append((name, len(frames[-1])))
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    df = pd.concat(frames, ignore_index=True)
+    write_metadata_csv(df, out_dir / "metadata.csv")
+    n_images = sum(1 for _ in img_dir.iterdir())
+    log.info("merged metadata rows: %s", ", ".join(f"{n} from {src}" for src, n in counts))
+    return DownloadResult(f"{base} + {len(extras)} extra source(s)", len(df), n_images, tuple(counts))
+
+
 # --------------------------------------------------------------------------- stage
 
 
@@ -233,9 +381,13 @@ def run(params: DownloadParams, *, seed: int, out_dir: Path, cache_dir: Path) ->
     """Fetch the configured source into ``out_dir``, replacing it only on success."""
     cache_dir.mkdir(parents=True, exist_ok=True)
     local = params.local_path
-    # Resolve the source before touching the output, so a bad source fails fast.
+    # Resolve the sources before touching the output, so a bad source fails fast.
     if local is not None and not local.exists():
         raise StageError(f"download.source: local path {str(local)!r} does not exist")
+    extras = [(f"download.extra_sources[{i}]", path) for i, path in enumerate(params.extra_paths)]
+    for key, path in extras:
+        if not path.exists():
+            raise StageError(f"{key}: local path {str(path)!r} does not exist")
     with atomic_dir(out_dir) as tmp:
         if params.source == "synthetic":
             from stages.synthetic import generate
@@ -250,6 +402,8 @@ def run(params: DownloadParams, *, seed: int, out_dir: Path, cache_dir: Path) ->
         else:
             assert local is not None
             result = import_local(local, tmp, scratch=cache_dir)
+        if extras:
+            result = merge_extra_sources(tmp, f"download.source ({params.source})", extras, scratch=cache_dir)
     log.info("data/raw: %d metadata rows, %d images from %s", result.n_rows, result.n_images, result.source)
     return result
 
@@ -258,7 +412,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         prog="python -m stages.download",
         description="Bring a HAM10000-layout data set into OUT (metadata.csv + images/). "
-        "The source is params.yaml's download.source: synthetic | dataverse | local:PATH.",
+        "The source is params.yaml's download.source: synthetic | dataverse | local:PATH. "
+        "Extra sources (download.extra_sources: folders or .zip files in HAM10000 layout, e.g. "
+        "labelled batches of new images) are merged after it into the same OUT.",
     )
     ap.add_argument(
         "--params", type=Path, default=Path("params.yaml"), help="params file (default: %(default)s)"
@@ -268,6 +424,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--cache", type=Path, required=True, help="folder kept between runs for partial downloads"
     )
     ap.add_argument("--source", help="override download.source (e.g. local:../shared/data/ham10000)")
+    ap.add_argument(
+        "--extra-source",
+        action="append",
+        metavar="PATH",
+        help="override download.extra_sources: merge this HAM10000-layout folder or .zip too "
+        "(repeat for several)",
+    )
     ap.add_argument("-v", "--verbose", action="store_true")
     args = ap.parse_args(argv)
     setup_logging(args.verbose)
@@ -276,9 +439,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         params = load_params(args.params)
         section = params.download
         if args.source:
-            import dataclasses
-
             section = dataclasses.replace(section, source=args.source)
+        if args.extra_source:
+            section = dataclasses.replace(section, extra_sources=tuple(args.extra_source))
         run(section, seed=params.base.seed, out_dir=args.out, cache_dir=args.cache)
         return 0
 

@@ -62,6 +62,10 @@ class SyntheticParams:
     # Fraction of lesions drawn part-way towards a look-alike class (a naevus that looks like a
     # melanoma): keeps the task learnable but not perfectly separable, as in real dermoscopy.
     atypical_rate: float = _f(0.2, lo=0.0, hi=1.0)
+    # Whose set it is (stages/synthetic.py's PROFILES): default, or another clinic with its own
+    # patients and dermatoscope (colour cast, lighting, vignette, export): a drifted batch. Each
+    # clinic's image_ids and lesion_ids come from its own range: it can join the default set.
+    profile: Literal["default", "clinic_b", "clinic_c"] = "default"
 
 
 @dataclass(frozen=True)
@@ -88,8 +92,17 @@ class DownloadParams:
     source: str = "synthetic"
     synthetic: SyntheticParams = field(default_factory=SyntheticParams)
     dataverse: DataverseParams = field(default_factory=DataverseParams)
+    # More labelled data merged with the source into data/raw: each a PATH as local:PATH takes
+    # (folder or .zip in HAM10000 layout, relative to the repository root), e.g. a new batch.
+    extra_sources: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        for i, extra in enumerate(self.extra_sources):
+            key = f"download.extra_sources[{i}]"
+            if not extra.strip():
+                raise ParamsError(f"{key}: empty path; give a folder or .zip in HAM10000 layout")
+            if extra.startswith("local:"):
+                raise ParamsError(f"{key}: write the path without 'local:' ({extra[len('local:') :]!r})")
         if self.source in ("synthetic", "dataverse"):
             return
         if self.source.startswith("local:") and len(self.source) > len("local:"):
@@ -101,6 +114,10 @@ class DownloadParams:
     @property
     def local_path(self) -> Path | None:
         return Path(self.source[len("local:") :]) if self.source.startswith("local:") else None
+
+    @property
+    def extra_paths(self) -> tuple[Path, ...]:
+        return tuple(Path(extra) for extra in self.extra_sources)
 
 
 @dataclass(frozen=True)
@@ -340,9 +357,89 @@ class CalibrateParams:
     ci_level: float = _f(0.95, lo=0.5, hi=0.999)
 
 
+def _inside_repo(key: str, value: str) -> None:
+    """A path the pipeline *writes* must stay inside the repository (relative, no ``..``)."""
+    p = Path(value)
+    if not value or p.is_absolute() or ".." in p.parts:
+        raise ParamsError(f"{key}: {value!r} must be a relative path inside the repository (it is written)")
+
+
+# Evidently's stat tests (evidently.legacy.calculations.stattests), by column kind.
+NUM_STATTESTS = (
+    "wasserstein", "ks", "psi", "kl_div", "jensenshannon", "hellinger", "anderson",
+    "cramer_von_mises", "mannw", "ed", "t_test", "emperical_mmd",
+)  # fmt: skip
+CAT_STATTESTS = (
+    "jensenshannon", "chisquare", "psi", "kl_div", "hellinger", "z", "TVD", "fisher_exact", "g_test",
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class DriftReferenceParams:
+    """The reference table ``calibrate`` stores in the bundle: changing it rebuilds the bundle."""
+
+    split: Literal["train", "val"] = "train"
+    # A seeded sample of the split keeps the bundle small and the report fast on large sets.
+    max_images: int = _f(3000, lo=50, hi=10_000_000)
+    # Long side (px) of the view brightness, colour and sharpness are measured on.
+    stats_size: int = _f(128, lo=16, hi=2048)
+
+
+@dataclass(frozen=True)
+class DemoBatchParams:
+    """The demo's batch of "new" images: the synthetic source drawn with another device profile."""
+
+    profile: Literal["default", "clinic_b", "clinic_c"] = "clinic_b"  # download.synthetic.profile choices
+    n_images: int = _f(300, lo=7, hi=100_000)
+    seed: int = _f(7, lo=0, hi=2**31 - 1)
+
+
 @dataclass(frozen=True)
 class DriftParams:
-    threshold: float = _f(0.5, lo=0.0, hi=1.0)  # share of drifted features that flags drift
+    # The batch the `drift` stage checks: a folder of images (relative to the repository root,
+    # or absolute), optionally with a HAM10000 metadata CSV. Only read, never written.
+    new_images: str = "data/incoming/demo-clinic-b"
+    reference: DriftReferenceParams = field(default_factory=DriftReferenceParams)
+    # Per-feature tests (Evidently's names) and their thresholds: for the distance tests
+    # (wasserstein, jensenshannon) a feature drifts when the distance is >= the threshold; for
+    # p-value tests (ks, chisquare ...) when p < the threshold.
+    num_method: str = "wasserstein"
+    num_threshold: float = _f(0.2, lo=0.0, hi=100.0)
+    cat_method: str = "jensenshannon"
+    cat_threshold: float = _f(0.1, lo=0.0, hi=1.0)
+    # dataset_drift when at least this share of the per-image features drifted (Evidently's rule).
+    drift_share: float = _f(0.5, lo=0.0, hi=1.0)
+    # A single feature whose whole distribution moved by >= this many reference standard
+    # deviations (normed Wasserstein distance, whatever num_method is) also flags the batch: a
+    # blur or a recompression moves one or two features a lot, not half of them a little.
+    alarm_threshold: float = _f(1.0, lo=0.0, hi=1000.0)
+    # Evidently's EmbeddingsDrift method on the raw embedding: model (a classifier told to tell
+    # the two apart; drift when its ROC AUC >= threshold), mmd, distance or ratio.
+    embedding_method: Literal["model", "mmd", "distance", "ratio"] = "model"
+    embedding_threshold: float = _f(0.6, lo=0.0, hi=1.0)
+    pca_components: int = _f(5, lo=0, hi=64)  # embedding PCA components in the per-feature report
+    max_pixels: int = _f(40_000_000, lo=1_000, hi=1_000_000_000)  # refused from the header above
+    workers: int = _f(0, lo=0, hi=256)  # 0 = all cores
+    # Every check is also a snapshot in this local Evidently workspace (`evidently ui --workspace`).
+    workspace: str = "evidently_workspace"
+    project: str = "skin-lesion drift"
+    # The monitor flow: batches (sub-folders) dropped here are checked once each.
+    inbox: str = "data/inbox"
+    monitor_state: str = "data/monitor"
+    # On drift the monitor emits skinlesion.drift.detected; false marks the event so the retrain
+    # deployment's trigger ignores it (the check and its report still happen).
+    trigger_retrain: bool = True
+    demo_batch: DemoBatchParams = field(default_factory=DemoBatchParams)
+
+    def __post_init__(self) -> None:
+        if self.num_method not in NUM_STATTESTS:
+            raise ParamsError(f"drift.num_method: {self.num_method!r} is not one of {list(NUM_STATTESTS)}")
+        if self.cat_method not in CAT_STATTESTS:
+            raise ParamsError(f"drift.cat_method: {self.cat_method!r} is not one of {list(CAT_STATTESTS)}")
+        if not self.new_images:
+            raise ParamsError("drift.new_images: empty; give the folder of new images to check")
+        for key in ("workspace", "monitor_state"):
+            _inside_repo(f"drift.{key}", getattr(self, key))
 
 
 @dataclass(frozen=True)

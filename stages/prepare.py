@@ -29,19 +29,15 @@ import csv
 import hashlib
 import logging
 import math
-import multiprocessing
 import sys
 import time
-from collections import deque
-from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ProcessPoolExecutor
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
-from PIL import Image, ImageOps
 from tqdm import tqdm
 
 from stages import tfdata
@@ -56,69 +52,19 @@ from stages.common import (
     setup_logging,
     write_json,
 )
+from stages.images import PAD_COLOR, draft_request, load_image, to_square  # noqa: F401 (re-exported)
+from stages.parallel import in_order
 from stages.params import PrepareParams, load_params
 
 log = logging.getLogger(__name__)
 
 SPLITS: tuple[str, ...] = ("train", "val", "test")
-# Mid grey: after the usual [-1, 1] or ImageNet input scaling it is close to 0, so the padding
-# carries no signal (black would mimic the dermatoscope's vignette, white a lesion-free skin).
-PAD_COLOR: tuple[int, int, int] = (128, 128, 128)
-# Draft decode to >= 2x the target, then an antialiased bicubic resize: Pillow's own thumbnail()
-# recipe (reducing_gap=2). Lanczos measured ~20% more CPU per thumbnail for no visible gain.
-RESAMPLE = Image.Resampling.BICUBIC
 CSV_COLUMNS: tuple[str, ...] = ("image_id", "lesion_id", "dx", "label", "age", "sex", "localization")
 MAX_NAMED_FAILURES = 10
 CHUNK_IMAGES = 32
 
 
 # --------------------------------------------------------------------------- pure core
-
-
-def draft_request(width: int, height: int, size: int, aspect: str, gap: float) -> tuple[int, int]:
-    """The smallest decode size that leaves a resampling step of at least ``gap`` to ``size``.
-
-    The square is cut from the short side (crop) or holds the long side (pad); that side must
-    stay >= ``gap * size`` after the JPEG decoder's own downscaling.
-    """
-    ref = min(width, height) if aspect == "crop" else max(width, height)
-    want = gap * size
-    return (max(1, math.ceil(want * width / ref)), max(1, math.ceil(want * height / ref)))
-
-
-def to_square(img: Image.Image, size: int, aspect: str) -> Image.Image:
-    """Resize an RGB image to ``size`` x ``size``: centre-crop to a square, or pad to one."""
-    w, h = img.size
-    if aspect == "crop":
-        m = min(w, h)
-        left, top = (w - m) / 2, (h - m) / 2
-        # resize(box=) resamples straight from the centre square (no crop copy, filter support
-        # taken from the neighbours); the box stays fractional so the square's centre does not
-        # move with the decoder's draft scale.
-        return img.resize((size, size), RESAMPLE, box=(left, top, left + m, top + m))
-    if aspect == "pad":
-        m = max(w, h)
-        nw, nh = max(1, round(w * size / m)), max(1, round(h * size / m))
-        canvas = Image.new("RGB", (size, size), PAD_COLOR)
-        canvas.paste(img.resize((nw, nh), RESAMPLE), ((size - nw) // 2, (size - nh) // 2))
-        return canvas
-    raise ValueError(f"aspect must be 'crop' or 'pad', got {aspect!r}")
-
-
-def load_image(path: str | Path, size: int, aspect: str, draft_gap: float = 2.0) -> np.ndarray:
-    """Decode an image file by content (JPEG, PNG, ...; any mode) into uint8 ``[size, size, 3]``.
-
-    The one decode path of the project: what training sees is what prediction should feed.
-    """
-    with Image.open(path) as img:
-        if img.format == "JPEG":
-            img.draft("RGB", draft_request(img.width, img.height, size, aspect, draft_gap))
-        img.load()
-        # L, CMYK, P, RGBA, I;16 ... all end up RGB; an RGB image is used as is (no copy).
-        rgb = img if img.mode == "RGB" else img.convert("RGB")
-        if "exif" in img.info or "XML:com.adobe.xmp" in img.info:  # only then can it be rotated
-            rgb = ImageOps.exif_transpose(rgb)
-        return np.asarray(to_square(rgb, size, aspect), dtype=np.uint8)
 
 
 def ordered_rows(split_df: pd.DataFrame, meta_df: pd.DataFrame, *, split_name: str = "split.csv",
@@ -232,46 +178,6 @@ def encode_chunk(jobs: list[Job], size: int, aspect: str, draft_gap: float) -> t
     return tfdata.frame_records(payloads), failures
 
 
-def _mp_context() -> multiprocessing.context.BaseContext:
-    """fork when safe (cheapest start); else a forkserver with this module preloaded."""
-    methods = multiprocessing.get_all_start_methods()
-    # Forking a process that already runs TensorFlow's thread pools (a test session, a notebook)
-    # can deadlock the child. A forkserver is a fresh interpreter, started once per process, that
-    # imports this module once and forks clean workers from then on.
-    if "fork" in methods and "tensorflow" not in sys.modules:
-        return multiprocessing.get_context("fork")
-    if "forkserver" in methods:
-        ctx = multiprocessing.get_context("forkserver")
-        ctx.set_forkserver_preload([__name__])
-        return ctx
-    return multiprocessing.get_context("spawn")
-
-
-def _in_order(
-    fn: Callable[..., Any], tasks: Iterator[tuple[Any, tuple[Any, ...]]], workers: int, window: int
-) -> Iterator[tuple[Any, Any]]:
-    """``(tag, fn(*args))`` for each ``(tag, args)`` in order, over a process pool, with at
-    most ``window`` tasks in flight (so finished results never pile up in memory)."""
-    if workers <= 1:
-        for tag, args in tasks:
-            yield tag, fn(*args)
-        return
-    pending: deque[tuple[Any, Future[Any]]] = deque()
-    with ProcessPoolExecutor(workers, mp_context=_mp_context()) as pool:
-        try:
-            for tag, args in tasks:
-                pending.append((tag, pool.submit(fn, *args)))
-                if len(pending) >= window:
-                    tag0, fut = pending.popleft()
-                    yield tag0, fut.result()
-            while pending:
-                tag0, fut = pending.popleft()
-                yield tag0, fut.result()
-        finally:
-            for _, fut in pending:
-                fut.cancel()
-
-
 # --------------------------------------------------------------------------- I/O
 
 
@@ -343,7 +249,7 @@ def run(
         fh, open_key = None, None
         try:
             with tqdm(total=len(df), unit="img", desc="prepare", mininterval=1.0) as bar:
-                for key, (records, bad) in _in_order(encode_chunk, tasks(), workers, window=4 * workers):
+                for key, (records, bad) in in_order(encode_chunk, tasks(), workers, window=4 * workers):
                     failures.extend(bad)
                     if not failures:  # after a failure nothing is written; decoding goes on to name all
                         if key != open_key:

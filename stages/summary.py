@@ -57,6 +57,24 @@ def summarize(metrics_dir: Path) -> str:
         )
         nan = float("nan")
         lines.append(f"calibration: ECE {cal.get('ece_before', nan):.3f} -> {cal.get('ece_after', nan):.3f}")
+    drift = _load(metrics_dir / "drift.json")
+    if drift:
+        verdict = "DRIFT DETECTED" if drift.get("drift_detected") else "no drift"
+        why = []
+        if drift.get("dataset_drift"):
+            why.append(f"{drift.get('n_drifted_features')} of {drift.get('n_features')} features drifted")
+        if drift.get("alarm_features"):
+            why.append("large shift in " + ", ".join(drift["alarm_features"]))
+        if drift.get("embedding_drift"):
+            why.append(f"embedding drift (score {drift.get('embedding_drift_score', 0):.2f})")
+        lines.append("")
+        lines.append(
+            f"drift check of {drift.get('batch')} ({drift.get('n_images')} images, "
+            f"{drift.get('n_unreadable', 0)} unreadable): {verdict}" + (f": {'; '.join(why)}" if why else "")
+        )
+        if drift.get("drifted_features"):
+            lines.append(f"  drifted features: {', '.join(drift['drifted_features'])}")
+        lines.append(f"  report: {drift.get('report', 'reports/drift/index.html')}")
     return "\n".join(lines) if lines else f"no metrics found under {metrics_dir}"
 
 

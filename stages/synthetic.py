@@ -16,6 +16,14 @@ offline in minutes. So this module draws a set with the properties the pipeline 
   globules, vessels, lacunae, scale, white scar) follow its class; a share of lesions borrows
   the look of a look-alike class, so a model can learn the task but never perfectly.
 
+Device profiles (``download.synthetic.profile``, ``--profile``): ``default`` is the set above;
+each other profile is another clinic, photographing its own patients with its own dermatoscope:
+a colour cast, other mid-tones, another lens fall-off, sensor and JPEG export. A drift check must
+flag such a batch; a classifier must still see its lesions (same classes, same looks). A clinic's
+lesions come from its own random stream and its image_ids and lesion_ids from its own block of
+numbers (``ID_BLOCK``), so a labelled batch from another clinic can join the default set as
+training data without reusing an id or a lesion of it, whatever the two seeds and sizes.
+
 Determinism: the catalogue comes from one RNG, and each physical lesion (and each of its shots)
 from its own ``SeedSequence(seed, spawn_key=...)``, so the bytes are identical for a seed
 whatever the number of worker processes.
@@ -45,10 +53,13 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "SyntheticResult",
+    "DeviceProfile",
+    "PROFILES",
     "LesionPlan",
     "Shot",
     "plan_catalogue",
     "plan_dataset",
+    "clinic_seed",
     "render_lesion",
     "generate",
     "main",
@@ -115,6 +126,64 @@ LOOKALIKES = {
     "df": ("nv", "bkl"),
 }
 FIRST_IMAGE_NUMBER = 24306  # HAM's image numbers start here; ours only look alike
+# A set's image numbers are drawn from FIRST_IMAGE_NUMBER + [0, max(3 n, 10,000)) and its lesion
+# numbers from [0, max(3 lesions, 10,000)), n <= 200,000 (download.synthetic.n_images): both stay
+# below 625,000. Clinic k (a profile) draws from the same spans shifted by k * ID_BLOCK, so two
+# profiles never share an image_id or a lesion_id, whatever their seeds and sizes (the default's
+# ids look like, and may equal, real HAM10000 ones: ISIC_0024306.., HAM_0000000..; the other
+# clinics' cannot). Up to 9 clinics keep 7 digits (^ISIC_\d{7}$, HAM_\d{7}).
+ID_BLOCK = 1_000_000
+# Clinic k's patients: the generator's streams for seed + k * 2**32. SeedSequence reads an int as
+# 32-bit words, and the default's seeds (< 2**31) have no second word: other streams, any seed.
+CLINIC_SEED_STRIDE = 2**32
+
+
+@dataclass(frozen=True)
+class DeviceProfile:
+    """A clinic: its patients (a random stream and id blocks of its own) and its dermatoscope.
+
+    The device factors apply on top of every lesion's own camera draw, so the draws (and the
+    default profile's bytes) stay as they were; the identity values leave a picture bit for bit
+    unchanged. They never touch the lesion: only light, optics, sensor and export.
+    """
+
+    name: str
+    description: str  # one line for --help
+    clinic: int  # 0 = the default set's; picks the patients' stream and the id blocks
+    gains: tuple[float, float, float] = (1.0, 1.0, 1.0)  # white balance (R, G, B)
+    gamma: float = 1.0  # tone curve exponent: > 1 darkens the mid-tones, < 1 lightens them
+    vignette: float = 0.0  # added to the lens fall-off at the corner (default draws 0.1-0.5)
+    noise: float = 1.0  # sensor noise, times the default's
+    max_jpeg_quality: int = 100  # the clinic's export caps download.synthetic.jpeg_quality
+
+
+PROFILES: dict[str, DeviceProfile] = {
+    p.name: p
+    for p in (
+        DeviceProfile("default", "the embedded set's devices, neutral white balance", 0),
+        # Halogen light reads warm (red-yellow, little blue); an older optic falls off strongly
+        # towards the corners; a cheaper sensor is noisier; the clinic exports at quality 75.
+        DeviceProfile(
+            "clinic_b",
+            "another clinic, halogen dermatoscope: warm cast, darker mid-tones, strong vignette, JPEG <= 75",
+            1,
+            gains=(1.08, 0.96, 0.78),
+            gamma=1.3,
+            vignette=0.3,
+            noise=1.6,
+            max_jpeg_quality=75,
+        ),
+        # White LEDs read cool (blue); polarised LED devices light the field evenly and brightly.
+        DeviceProfile(
+            "clinic_c",
+            "another clinic, LED dermatoscope: cool cast, brighter mid-tones, almost no vignette",
+            2,
+            gains=(0.90, 1.0, 1.10),
+            gamma=0.8,
+            vignette=-0.1,
+        ),
+    )
+}
 
 
 @dataclass(frozen=True)
@@ -205,6 +274,8 @@ def plan_catalogue(
     cross_id_duplicate_rate: float,
     atypical_rate: float,
     rng: np.random.Generator,
+    first_image_number: int = FIRST_IMAGE_NUMBER,
+    first_lesion_number: int = 0,
 ) -> list[LesionPlan]:
     """The catalogue without pixels: physical lesions, their lesion_ids, image_ids and metadata.
 
@@ -247,8 +318,10 @@ def plan_catalogue(
         n_dup -= 1
 
     # Shuffled ids: neither their order nor their value tells the class or the lesion.
-    image_numbers = rng.choice(max(3 * n_images, 10_000), size=n_images, replace=False) + FIRST_IMAGE_NUMBER
-    lesion_numbers = rng.choice(max(3 * n_entries, 10_000), size=n_entries, replace=False)
+    image_numbers = rng.choice(max(3 * n_images, 10_000), size=n_images, replace=False) + first_image_number
+    lesion_numbers = (
+        rng.choice(max(3 * n_entries, 10_000), size=n_entries, replace=False) + first_lesion_number
+    )
     metas = [_lesion_meta(dx, rng) for dx, _ in entries]
     unknown_age = rng.choice(n_entries, size=round(UNKNOWN_AGE_SHARE * n_entries), replace=False)
     for e in unknown_age.tolist():
@@ -636,6 +709,19 @@ def draw_canvas(
     return canvas.filter(ImageFilter.BoxBlur(0.4 * unit / 75)), camera
 
 
+def _on_device(camera: _Camera, profile: DeviceProfile) -> _Camera:
+    """The lesion's camera as the profile's device sees it (the default profile: unchanged)."""
+    return _Camera(
+        vignette=min(max(camera.vignette + profile.vignette, 0.0), 0.9),
+        ring=camera.ring,
+        gains=(
+            camera.gains[0] * profile.gains[0],
+            camera.gains[1] * profile.gains[1],
+            camera.gains[2] * profile.gains[2],
+        ),
+    )
+
+
 def _shade(camera: _Camera, width: int, height: int) -> np.ndarray:
     """The dermatoscope's fall-off (and black ring): fixed to the camera, not the skin."""
     xs = np.arange(width, dtype=F32) + F32(0.5 - width / 2)
@@ -656,6 +742,7 @@ def take_shot(
     width: int,
     height: int,
     copy: int = 0,
+    profile: DeviceProfile = PROFILES["default"],
 ) -> np.ndarray:
     """One photograph: a slightly moved, turned and zoomed view, re-lit, with sensor noise.
 
@@ -674,17 +761,26 @@ def take_shot(
     gains = np.array(camera.gains) * rng.uniform(0.92, 1.08) * rng.uniform(0.97, 1.03, 3)
     if copy:  # another export of the same photograph: a touch of colour management
         gains *= noise_rng.uniform(0.985, 1.015, 3)
-    levels = (np.arange(256) / 255.0) ** rng.uniform(0.93, 1.07) * 255.0
+    levels = (np.arange(256) / 255.0) ** (rng.uniform(0.93, 1.07) * profile.gamma) * 255.0
     lut = np.clip(levels[None, :] * gains[:, None] + 0.5, 0, 255).astype(int)  # (3, 256)
     img = np.asarray(view.point(lut.ravel().tolist()), dtype=F32) * shade
     # Sensor noise, mostly luminance once demosaiced: one plane for all three channels.
-    img += noise_rng.standard_normal((height, width, 1), dtype=F32) * F32(noise_rng.uniform(1.0, 2.5))
+    noise = noise_rng.standard_normal((height, width, 1), dtype=F32)
+    img += noise * F32(noise_rng.uniform(1.0, 2.5) * profile.noise)
     return np.clip(img + F32(0.5), 0, 255).astype(np.uint8)
 
 
-def render_lesion(plan: LesionPlan, seed: int, width: int, height: int) -> list[np.ndarray]:
-    """Every photograph of one physical lesion, as (height, width, 3) uint8 arrays."""
+def render_lesion(
+    plan: LesionPlan, seed: int, width: int, height: int, profile: str = "default"
+) -> list[np.ndarray]:
+    """Every photograph of one physical lesion, as (height, width, 3) uint8 arrays.
+
+    ``profile`` (a key of :data:`PROFILES`) is the device: for the same plan and seed, the lesion
+    and the pose of every shot are the same under every profile, only the light, optics, sensor
+    and export differ. (``generate`` passes each clinic's own seed: its own patients.)"""
+    device = PROFILES[profile]
     canvas, camera = draw_canvas(plan.dx, plan.look, plan.blend, _seq(seed, 1, plan.index), width, height)
+    camera = _on_device(camera, device)
     shade = _shade(camera, width, height)
     return [
         take_shot(
@@ -696,6 +792,7 @@ def render_lesion(plan: LesionPlan, seed: int, width: int, height: int) -> list[
             width,
             height,
             shot.copy,
+            device,
         )
         for shot in plan.shots
     ]
@@ -707,12 +804,12 @@ def _jpeg(pixels: np.ndarray, quality: int) -> bytes:
     return buf.getvalue()
 
 
-def _render_chunk(job: tuple[list[LesionPlan], int, int, int, int, str]) -> int:
+def _render_chunk(job: tuple[list[LesionPlan], int, int, int, int, str, str]) -> int:
     """Worker: draw and write every photograph of a chunk of lesions; returns the image count."""
-    plans, seed, width, height, quality, img_dir = job
+    plans, seed, width, height, quality, profile, img_dir = job
     n = 0
     for plan in plans:
-        for shot, pixels in zip(plan.shots, render_lesion(plan, seed, width, height), strict=True):
+        for shot, pixels in zip(plan.shots, render_lesion(plan, seed, width, height, profile), strict=True):
             (Path(img_dir) / f"{shot.image_id}.jpg").write_bytes(_jpeg(pixels, quality))
             n += 1
     return n
@@ -722,14 +819,25 @@ def _render_chunk(job: tuple[list[LesionPlan], int, int, int, int, str]) -> int:
 
 
 def plan_dataset(params: SyntheticParams, seed: int) -> list[LesionPlan]:
-    """The catalogue ``generate`` draws for these params and seed (cheap: no pixels)."""
+    """The catalogue ``generate`` draws for these params and seed (cheap: no pixels).
+
+    The profile's clinic has patients of its own: its catalogue comes from its own stream, its
+    image_ids and lesion_ids from its own block of numbers."""
+    block = PROFILES[params.profile].clinic * ID_BLOCK
     return plan_catalogue(
         params.n_images,
         params.max_images_per_lesion,
         params.cross_id_duplicate_rate,
         params.atypical_rate,
-        _seq(seed, 0),
+        _seq(clinic_seed(params.profile, seed), 0),
+        FIRST_IMAGE_NUMBER + block,
+        block,
     )
+
+
+def clinic_seed(profile: str, seed: int) -> int:
+    """The seed of the profile's patients (``seed`` itself for the default profile)."""
+    return seed + PROFILES[profile].clinic * CLINIC_SEED_STRIDE
 
 
 def _chunks(plans: list[LesionPlan], images_per_chunk: int) -> list[list[LesionPlan]]:
@@ -770,9 +878,19 @@ def generate(params: SyntheticParams, seed: int, out_dir: Path, *, workers: int 
     img_dir = out_dir / "images"
     img_dir.mkdir()
     n_proc = n_workers(workers)
+    quality = min(params.jpeg_quality, PROFILES[params.profile].max_jpeg_quality)
     # Chunks of ~32 images: large enough to amortise process hand-off, small enough to balance.
     jobs = [
-        (c, seed, params.width, params.height, params.jpeg_quality, str(img_dir)) for c in _chunks(plans, 32)
+        (
+            c,
+            clinic_seed(params.profile, seed),
+            params.width,
+            params.height,
+            quality,
+            params.profile,
+            str(img_dir),
+        )
+        for c in _chunks(plans, 32)
     ]
     with tqdm(total=len(rows), desc="draw synthetic images", unit="img") as bar:
         if n_proc == 1 or len(jobs) == 1:
@@ -787,8 +905,8 @@ def generate(params: SyntheticParams, seed: int, out_dir: Path, *, workers: int 
     n_lesions = len({r["lesion_id"] for r in rows})
     n_dup = sum(len({shot.lesion_id for shot in p.shots}) - 1 for p in plans)
     log.info(
-        "synthetic: %d images of %d lesion_ids (%d catalogued twice), per class %s",
-        len(rows), n_lesions, n_dup, counts,
+        "synthetic (profile %s): %d images of %d lesion_ids (%d catalogued twice), per class %s",
+        params.profile, len(rows), n_lesions, n_dup, counts,
     )  # fmt: skip
     return SyntheticResult(len(rows), n_lesions, counts, n_dup)
 
@@ -815,6 +933,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, help="random seed (default: params' base.seed, else 42)")
     ap.add_argument("--width", type=int, help="image width in pixels (default 200)")
     ap.add_argument("--height", type=int, help="image height in pixels (default 150)")
+    ap.add_argument(
+        "--profile",
+        choices=sorted(PROFILES),
+        help="the device that photographs the set: "
+        + "; ".join(f"{p.name} ({p.description})" for p in PROFILES.values())
+        + ". Another clinic draws other lesions (same classes and looks), with image_ids and "
+        "lesion_ids of its own. Default: params' download.synthetic.profile, else default",
+    )
     ap.add_argument("--workers", type=int, default=0, help="worker processes (0 = all cores)")
     ap.add_argument("-v", "--verbose", action="store_true")
     args = ap.parse_args(argv)  # fmt: skip
@@ -822,7 +948,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     def body() -> int:
         params = load_params(args.params) if args.params else parse_params({})
-        overrides = {"n_images": args.n_images, "width": args.width, "height": args.height}
+        overrides = {
+            "n_images": args.n_images,
+            "width": args.width,
+            "height": args.height,
+            "profile": args.profile,
+        }
         raw = {k: getattr(params.download.synthetic, k) for k in SyntheticParams.__dataclass_fields__}
         raw.update({k: v for k, v in overrides.items() if v is not None})
         synthetic = parse_params({"download": {"synthetic": raw}}).download.synthetic

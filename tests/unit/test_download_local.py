@@ -10,8 +10,8 @@ import pytest
 
 from stages.common import HAM_COLUMNS, StageError
 from stages.download import main, run, safe_extract_zip
-from stages.params import parse_params
-from tests.conftest import make_jpeg
+from stages.params import ParamsError, parse_params
+from tests.conftest import make_jpeg, write_raw
 
 ROWS = [
     # lesion_id, image_id, dx, dx_type, age, sex, localization
@@ -111,6 +111,10 @@ def _snapshot(folder: Path) -> dict[str, bytes]:
         ("download:\n  source: local:/no/such/folder\n", "local path '/no/such/folder' does not exist"),
         ("download:\n  source: s3://bucket\n", "download.source: unknown source 's3://bucket'"),
         ("download:\n  sorce: synthetic\n", "download.sorce: unknown key (did you mean 'download.source'?)"),
+        (
+            "download:\n  extra_sources: [/no/such/batch]\n",
+            "download.extra_sources[0]: local path '/no/such/batch' does not exist",
+        ),
     ],
 )
 def test_cli_errors_are_one_line_and_leave_raw_intact(tmp_path, capsys, params_text, message):
@@ -152,3 +156,215 @@ def test_real_shared_data_imports_byte_for_byte(tmp_path, shared_ham):
     # the thumbnail folder (all 9,247) wins over the 124 originals that share ids
     for p in images[::97] + [tmp_path / "raw" / "images" / "ISIC_0024306.jpg"]:
         assert p.read_bytes() == (shared_ham / "images_200x150" / p.name).read_bytes()
+
+
+# --------------------------------------------------------------------------- download.extra_sources
+
+
+def _batch(root: Path, rows: list[dict], *, zipped: bool = False) -> Path:
+    """A labelled batch of new images in HAM10000 layout: a folder, or the same as a .zip."""
+    write_raw(root, rows)
+    if not zipped:
+        return root
+    archive = root.with_suffix(".zip")
+    with zipfile.ZipFile(archive, "w") as zf:
+        for p in sorted(root.rglob("*")):
+            zf.write(p, p.relative_to(root))
+    return archive
+
+
+def _rows(*ids: int, lesion: int = 100, dx: str = "mel") -> list[dict]:
+    return [{"lesion_id": f"HAM_{lesion + i:07d}", "image_id": f"ISIC_{i:07d}", "dx": dx} for i in ids]
+
+
+def _merge(tmp_path: Path, *extras: Path, source: str | None = None, **synthetic):
+    src = source or f"local:{_release_folder(tmp_path / 'release')}"
+    raw = {"source": src, "extra_sources": [str(e) for e in extras]}
+    if synthetic:
+        raw["synthetic"] = synthetic
+    return run(
+        parse_params({"download": raw}).download,
+        seed=0,
+        out_dir=tmp_path / "raw",
+        cache_dir=tmp_path / "cache",
+    )
+
+
+def _raw_meta(tmp_path: Path) -> pd.DataFrame:
+    return pd.read_csv(tmp_path / "raw" / "metadata.csv", dtype=str, keep_default_na=False)
+
+
+def test_extra_sources_are_merged_after_the_source(tmp_path):
+    folder = _batch(tmp_path / "batch1", _rows(11, 12, 13))
+    archive = _batch(tmp_path / "batch2", _rows(21, 22), zipped=True)  # a .zip, as local: takes it
+    res = _merge(tmp_path, folder, archive)
+    assert (res.n_rows, res.n_images) == (len(ROWS) + 3 + 2, len(ROWS) + 3 + 2)
+    assert [n for _, n in res.rows_per_source] == [len(ROWS), 3, 2]
+    assert res.rows_per_source[1][0] == f"download.extra_sources[0] ({folder})"
+
+    df = _raw_meta(tmp_path)
+    assert list(df.columns) == list(HAM_COLUMNS)
+    assert df["image_id"].tolist() == [r[1] for r in ROWS] + [f"ISIC_{i:07d}" for i in (11, 12, 13, 21, 22)]
+    assert df["age"].tolist()[-5:] == ["50.0"] * 5  # normalised like any local: source
+    images = tmp_path / "raw" / "images"
+    assert sorted(p.name for p in images.iterdir()) == sorted(f"{i}.jpg" for i in df["image_id"])
+    assert (images / "ISIC_0000012.jpg").read_bytes() == (folder / "images" / "ISIC_0000012.jpg").read_bytes()
+    assert sorted(p.name for p in (tmp_path / "raw").iterdir()) == ["images", "metadata.csv"]
+    assert not any((tmp_path / "cache").iterdir()), "extraction scratch must be cleaned up"
+
+
+def test_no_extra_sources_leaves_the_source_as_it_was(tmp_path):
+    _merge(tmp_path)
+    alone = _snapshot(tmp_path / "raw")
+    src = tmp_path / "release"
+    assert _download(f"local:{src}", tmp_path / "raw2", tmp_path / "cache").n_rows == len(ROWS)
+    assert alone == _snapshot(tmp_path / "raw2")
+
+
+def test_identical_image_in_two_sources_is_kept_once(tmp_path, caplog):
+    src = _release_folder(tmp_path / "release")
+    # The source's first row again (age written 45, normalised to 45.0 like the source's) with
+    # the very same image file; a new image of a known lesion; a known lesion with another dx.
+    batch = _batch(
+        tmp_path / "batch",
+        [
+            {"lesion_id": "HAM_0000001", "image_id": "ISIC_0000031", "dx": "nv"},
+            {"lesion_id": "HAM_0000002", "image_id": "ISIC_0000032", "dx": "bcc"},
+        ],
+    )
+    with open(batch / "metadata.csv", "a") as fh:
+        fh.write("HAM_0000001,ISIC_0000001,nv,follow_up,45,male,back\n")
+    (batch / "images" / "ISIC_0000001.jpg").write_bytes(
+        (src / "HAM10000_images_part_1" / "ISIC_0000001.jpg").read_bytes()
+    )
+    caplog.set_level("INFO", logger="stages.download")
+    res = _merge(tmp_path, batch, source=f"local:{src}")
+    assert (res.n_rows, res.n_images) == (len(ROWS) + 2, len(ROWS) + 2)
+    ids = _raw_meta(tmp_path)["image_id"].tolist()
+    assert ids == [r[1] for r in ROWS] + ["ISIC_0000031", "ISIC_0000032"]
+    assert (
+        "1 image(s) identical (rows and bytes) to ones merged already, kept once: ISIC_0000001" in caplog.text
+    )
+    # known lesions are merged (split keeps each lesion_id in one split), and said so
+    assert "2 lesion_id(s) also in earlier sources: HAM_0000001, HAM_0000002" in caplog.text
+    assert "lesion_id HAM_0000002 has another dx in an earlier source; validate will refuse it" in caplog.text
+
+
+def test_the_same_batch_listed_twice_adds_it_once(tmp_path):
+    batch = _batch(tmp_path / "batch", _rows(41, 42))
+    res = _merge(tmp_path, batch, batch)
+    assert res.n_rows == len(ROWS) + 2
+    assert [n for _, n in res.rows_per_source] == [len(ROWS), 2, 0]
+
+
+@pytest.mark.parametrize("what", ["row", "image", "two batches"])
+def test_conflicting_image_id_names_the_id_and_both_sources_and_keeps_raw(tmp_path, what):
+    raw = _good_raw(tmp_path)  # a previous data/raw that a failed merge must leave intact
+    before = _snapshot(raw)
+    src = tmp_path / "release"
+    batch = tmp_path / "batch"
+    extras, first, second = [batch], f"download.source (local:{src})", f"download.extra_sources[0] ({batch})"
+    if what == "row":  # ISIC_0000003 is a mel in the source; the same file, labelled nv here
+        _batch(batch, [*_rows(51), {"lesion_id": "HAM_0000002", "image_id": "ISIC_0000003", "dx": "nv"}])
+        (batch / "images" / "ISIC_0000003.jpg").write_bytes(
+            (src / "HAM10000_images_part_2" / "ISIC_0000003.jpg").read_bytes()
+        )
+    elif what == "image":  # the source's row word for word, another picture
+        _batch(batch, [dict(zip(HAM_COLUMNS, ROWS[2], strict=True))])
+    else:  # two new batches that give different images the ids ISIC_0000061 and _62
+        a = _batch(tmp_path / "a", _rows(61, 62, 63))
+        b = _batch(tmp_path / "b", _rows(62, 61, lesion=200))
+        extras, first, second = [a, b], f"download.extra_sources[0] ({a})", f"download.extra_sources[1] ({b})"
+    with pytest.raises(StageError) as e:
+        _merge(tmp_path, *extras, source=f"local:{src}")
+    msg = str(e.value)
+    assert "\n" not in msg
+    ids = "ISIC_0000061, ISIC_0000062" if what == "two batches" else "ISIC_0000003"
+    assert f"image_id {ids} in both {first} and {second} with a different row or image" in msg
+    assert _snapshot(raw) == before
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".raw")]
+
+
+def test_missing_or_unlabelled_extra_source_names_its_key(tmp_path, capsys):
+    raw = _good_raw(tmp_path)
+    before = _snapshot(raw)
+    batch = _batch(tmp_path / "batch", _rows(71))
+    unlabelled = tmp_path / "unlabelled"  # images only: a batch to monitor, not to train on
+    make_jpeg(unlabelled / "ISIC_0000072.jpg")
+    cases = [
+        (
+            [batch, tmp_path / "gone"],
+            f"download.extra_sources[1]: local path '{tmp_path / 'gone'}' does not exist",
+        ),
+        ([batch, unlabelled], f"download.extra_sources[1]: {unlabelled}: no HAM10000 metadata table found"),
+    ]
+    for extras, message in cases:
+        params = tmp_path / "params.yaml"
+        listed = [str(e) for e in extras]
+        params.write_text(f"download:\n  source: local:{tmp_path / 'release'}\n  extra_sources: {listed}\n")
+        rc = main(["--params", str(params), "--out", str(raw), "--cache", str(tmp_path / "cache")])
+        err = capsys.readouterr().err
+        assert rc == 1
+        error_lines = [line for line in err.splitlines() if line.startswith("error:")]
+        assert len(error_lines) == 1 and message in error_lines[0], err
+        assert _snapshot(raw) == before
+
+
+def test_cli_extra_source_flag_overrides_params(tmp_path):
+    _release_folder(tmp_path / "release")
+    batch = _batch(tmp_path / "batch", _rows(81, 82))
+    params = tmp_path / "params.yaml"
+    params.write_text(f"download:\n  source: local:{tmp_path / 'release'}\n  extra_sources: [/not/used]\n")
+    argv = ["--params", str(params), "--out", str(tmp_path / "raw"), "--cache", str(tmp_path / "cache")]
+    assert main([*argv, "--extra-source", str(batch)]) == 0
+    assert len(_raw_meta(tmp_path)) == len(ROWS) + 2
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["local:../batch"], "download.extra_sources[0]: write the path without 'local:' ('../batch')"),
+        (["ok", " "], "download.extra_sources[1]: empty path"),
+        ("../batch", "download.extra_sources: expected a list"),
+    ],
+)
+def test_bad_extra_sources_params_name_the_key(extra, message):
+    with pytest.raises(ParamsError) as e:
+        parse_params({"download": {"extra_sources": extra}})
+    assert message in str(e.value)
+
+
+@pytest.mark.realdata
+def test_real_labelled_batch_merges_into_a_synthetic_base(tmp_path, shared_ham):
+    import shutil
+
+    from stages.synthetic import plan_dataset
+
+    synthetic = {"n_images": 60, "width": 64, "height": 48}
+    base_ids = {
+        s.image_id
+        for p in plan_dataset(parse_params({"download": {"synthetic": synthetic}}).download.synthetic, 0)
+        for s in p.shots
+    }
+    real = pd.read_csv(shared_ham / "HAM10000_metadata.csv", dtype=str, keep_default_na=False)
+    # The default synthetic ids imitate HAM's numbering (ISIC_0024306...), so a few of them are
+    # real ids too; leave those out, or the merge rightly refuses them as conflicting.
+    subset = real[~real["image_id"].isin(base_ids)].sample(300, random_state=0)
+    batch = tmp_path / "batch"
+    (batch / "images").mkdir(parents=True)
+    subset.to_csv(batch / "metadata.csv", index=False)
+    for image_id in subset["image_id"]:
+        shutil.copyfile(
+            shared_ham / "images_200x150" / f"{image_id}.jpg", batch / "images" / f"{image_id}.jpg"
+        )
+
+    res = _merge(tmp_path, batch, source="synthetic", **synthetic)
+    assert (res.n_rows, res.n_images) == (60 + 300, 60 + 300)
+    df = _raw_meta(tmp_path)
+    assert list(df.columns) == list(HAM_COLUMNS)
+    assert set(subset["lesion_id"]) <= set(df["lesion_id"])
+    pd.testing.assert_frame_equal(df.iloc[60:].reset_index(drop=True), subset.reset_index(drop=True))
+    for image_id in subset["image_id"].iloc[::37]:
+        assert (tmp_path / "raw" / "images" / f"{image_id}.jpg").read_bytes() == (
+            shared_ham / "images_200x150" / f"{image_id}.jpg"
+        ).read_bytes()

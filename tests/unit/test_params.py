@@ -47,6 +47,12 @@ def test_params_are_frozen():
         ({"splt": {}}, "splt: unknown key (did you mean 'split'?)"),
         ({"split": {"hash_radus": 3}}, "split.hash_radus: unknown key (did you mean 'split.hash_radius'?)"),
         ({"download": {"synthetic": {"n_image": 5}}}, "download.synthetic.n_image: unknown key"),
+        (
+            {"download": {"synthetic": {"profile": "clinic_x"}}},
+            "download.synthetic.profile: 'clinic_x' is not one of ['default', 'clinic_b', 'clinic_c']",
+        ),
+        ({"download": {"extra_sources": "../batch"}}, "download.extra_sources: expected a list"),
+        ({"download": {"extra_sources": [3]}}, "download.extra_sources[0]: expected a string, got 3"),
         ({"base": {"seed": "42"}}, "base.seed: expected an integer, got '42'"),
         ({"base": {"seed": 4.0}}, "base.seed: expected an integer"),
         ({"base": {"seed": -1}}, "base.seed: -1 is below the minimum 0"),

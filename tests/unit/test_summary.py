@@ -30,3 +30,24 @@ def test_summary_shows_headline_numbers_with_cis(tmp_path):
     assert "threshold 0.297, test_malignant_recall 0.850" in text
     assert "ECE 0.118 -> 0.063" in text and "700 images" in text and "leaking groups 0" in text
     assert summarize(tmp_path / "nothing") == f"no metrics found under {tmp_path / 'nothing'}"
+
+
+def test_summary_ends_with_the_drift_verdict_and_report(tmp_path):
+    drift = {
+        "batch": "demo-clinic-b", "n_images": 300, "n_unreadable": 2, "drift_detected": True,
+        "dataset_drift": True, "n_drifted_features": 17, "n_features": 27, "alarm_features": ["lab_b"],
+        "embedding_drift": False, "embedding_drift_score": 0.52, "drifted_features": ["brightness", "lab_b"],
+        "report": "reports/drift/index.html",
+    }  # fmt: skip
+    (tmp_path / "drift.json").write_text(json.dumps(drift))
+    lines = summarize(tmp_path).splitlines()
+    assert lines[-3] == (
+        "drift check of demo-clinic-b (300 images, 2 unreadable): DRIFT DETECTED: 17 of 27 features "
+        "drifted; large shift in lab_b"
+    )
+    assert lines[-2] == "  drifted features: brightness, lab_b"
+    assert lines[-1] == "  report: reports/drift/index.html"
+    calm = {**drift, "drift_detected": False, "dataset_drift": False}
+    calm.update(alarm_features=[], drifted_features=[])
+    (tmp_path / "drift.json").write_text(json.dumps(calm))
+    assert "): no drift" in summarize(tmp_path)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import re
+import typing
 from pathlib import Path
 
 import imagehash
@@ -15,6 +17,9 @@ from stages.common import CLASSES, DX_TYPES, HAM_COLUMNS, LOCALIZATIONS, SEXES, 
 from stages.params import SyntheticParams, parse_params
 from stages.synthetic import (
     CLASS_SHARE,
+    FIRST_IMAGE_NUMBER,
+    ID_BLOCK,
+    PROFILES,
     class_quotas,
     generate,
     main,
@@ -226,16 +231,22 @@ def test_reshots_are_near_duplicates(synth):
 
 def test_learnable_but_not_perfect(synth):
     """Colour statistics separate the classes well above chance (1/7), never perfectly."""
+    score = _colour_classifier_score(synth)
+    assert 0.3 < score < 0.95, score
+
+
+def _colour_classifier_score(root: Path) -> float:
+    """Lesion-grouped cross-validated balanced accuracy of a linear model on centre colour stats."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import balanced_accuracy_score
     from sklearn.model_selection import StratifiedGroupKFold
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    df = _read(synth)
+    df = _read(root)
     feats = []
     for i in df["image_id"]:
-        with Image.open(synth / "images" / f"{i}.jpg") as im:
+        with Image.open(root / "images" / f"{i}.jpg") as im:
             a = np.asarray(im.convert("HSV"), np.float32)[H // 4 : 3 * H // 4, W // 4 : 3 * W // 4]
         a = a.reshape(-1, 3) / 255
         hist = [np.histogram(a[:, c], bins=8, range=(0, 1))[0] / len(a) for c in range(3)]
@@ -245,8 +256,7 @@ def test_learnable_but_not_perfect(synth):
     for train, test in StratifiedGroupKFold(3, shuffle=True, random_state=0).split(x, y, groups):
         clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=3000, class_weight="balanced"))
         pred[test] = clf.fit(x[train], y[train]).predict(x[test])
-    score = balanced_accuracy_score(y, pred)
-    assert 0.3 < score < 0.95, score
+    return float(balanced_accuracy_score(y, pred))
 
 
 # --------------------------------------------------------------------------- bad outputs and the CLI
@@ -300,3 +310,180 @@ def test_cli_reads_params_file(tmp_path):
     generate(p.download.synthetic, 11, direct, workers=1)
     assert _files(tmp_path / "a") == _files(direct)
     assert re.fullmatch(r"ISIC_\d{7}", _read(direct)["image_id"][0])
+
+
+# --------------------------------------------------------------------------- device profiles
+
+# sha256 over (relative path, bytes) of every file of generate(n_images=40, 64x48, seed 3),
+# measured with the generator before device profiles existed (commit 9db1981): the default
+# profile must keep drawing exactly this. Pinned libraries (requirements.lock) draw the same bytes
+# on any machine; if a deliberate lock upgrade changes them, re-measure and say so in the commit.
+DEFAULT_GOLDEN = {
+    "metadata.csv": "da703e6c3e539b21d5172f98d6b11d34005338aa3bdc8301e788ffd52ddf3d27",
+    "all files": "79e4facb935b4036e6ad092cca907675108591fe4bf7404662eedf6efbf517b3",
+}
+# Expected direction of each non-default profile: (mean brightness, blue/red balance).
+SHIFTS = {"clinic_b": ("darker", "warmer"), "clinic_c": ("brighter", "cooler")}
+
+
+def test_params_choices_are_the_profiles():
+    assert set(typing.get_args(typing.get_type_hints(SyntheticParams)["profile"])) == set(PROFILES)
+    assert set(SHIFTS) == set(PROFILES) - {"default"}
+    assert SyntheticParams().profile == "default"
+
+
+def test_default_profile_draws_what_it_drew_before_profiles(tmp_path):
+    out = tmp_path / "golden"
+    out.mkdir()
+    p = parse_params(
+        {"download": {"synthetic": {"n_images": 40, "width": 64, "height": 48, "profile": "default"}}}
+    ).download.synthetic
+    generate(p, 3, out, workers=1)
+    every = hashlib.sha256()
+    for name, data in _files(out).items():
+        every.update(name.encode() + b"\0" + data)
+    measured = {
+        "metadata.csv": hashlib.sha256((out / "metadata.csv").read_bytes()).hexdigest(),
+        "all files": every.hexdigest(),
+    }
+    assert measured == DEFAULT_GOLDEN
+
+
+@pytest.fixture(scope="module", params=sorted(SHIFTS))
+def other_clinic(request, tmp_path_factory) -> tuple[str, Path]:
+    """The module's params and seed, drawn by another clinic (profile)."""
+    out = tmp_path_factory.mktemp(request.param)
+    generate(_params(profile=request.param), SEED, out, workers=2)
+    return request.param, out
+
+
+@pytest.fixture(scope="module")
+def same_lesions() -> dict[str, np.ndarray]:
+    """Every shot of the module's default catalogue, rendered by each profile's device: the same
+    lesions and poses, (n, H, W, 3) float arrays."""
+    from stages.synthetic import render_lesion
+
+    plans = _plan(_params())
+    return {
+        profile: np.stack([a for p in plans for a in render_lesion(p, SEED, W, H, profile)]).astype(
+            np.float32
+        )
+        for profile in PROFILES
+    }
+
+
+def test_another_clinic_is_a_labelled_batch_with_ids_and_lesions_of_its_own(synth, other_clinic):
+    profile, root = other_clinic
+    base, other = _read(synth), _read(root)
+    assert list(other.columns) == list(HAM_COLUMNS) and len(other) == N
+    assert other["image_id"].str.fullmatch(r"ISIC_\d{7}").all() and other["image_id"].is_unique
+    assert other["lesion_id"].str.fullmatch(r"HAM_\d{7}").all()
+    assert not set(base["image_id"]) & set(other["image_id"])
+    assert not set(base["lesion_id"]) & set(other["lesion_id"])
+    # Same classes in the same proportions (labels a retrain can use), other patients.
+    assert other["dx"].value_counts().to_dict() == base["dx"].value_counts().to_dict()
+    assert not set(_files(synth).values()) & set(_files(root).values())
+    assert (
+        other[["age", "sex", "localization"]].values.tolist()
+        != base[["age", "sex", "localization"]].values.tolist()
+    )
+
+
+def test_profile_shifts_brightness_and_colour_on_the_same_lesions(same_lesions):
+    """Measured on the 300 shots (96x72, seed 7): clinic_b is 0.74-0.80x as bright with 0.62-0.68x
+    the blue/red balance and darker corners; clinic_c 1.08-1.14x as bright, 1.27-1.35x as blue."""
+    from scipy.stats import ks_2samp
+
+    a = same_lesions["default"]
+    mean_a = a.mean((1, 2))  # (n, RGB)
+    for profile, (brightness, balance) in SHIFTS.items():
+        b = same_lesions[profile]
+        mean_b = b.mean((1, 2))
+        grey = mean_b.mean(1) / mean_a.mean(1)
+        blue_red = (mean_b[:, 2] / mean_b[:, 0]) / (mean_a[:, 2] / mean_a[:, 0])
+        q_grey, q_blue = np.quantile(grey, [0.05, 0.5, 0.95]), np.quantile(blue_red, [0.05, 0.5, 0.95])
+        if brightness == "darker":
+            assert q_grey[2] < 0.85 and q_grey[1] > 0.65, (profile, q_grey)
+        else:
+            assert q_grey[0] > 1.05 and q_grey[1] < 1.25, (profile, q_grey)
+        if balance == "warmer":
+            assert q_blue[2] < 0.75, (profile, q_blue)
+        else:
+            assert q_blue[0] > 1.2, (profile, q_blue)
+        # What a drift check on per-image means sees: the two distributions barely overlap.
+        assert ks_2samp(mean_a.mean(1), mean_b.mean(1)).pvalue < 1e-10
+        assert ks_2samp(mean_a[:, 2] / mean_a[:, 0], mean_b[:, 2] / mean_b[:, 0]).pvalue < 1e-10
+
+    def corner_over_centre(x: np.ndarray) -> np.ndarray:
+        corners = np.concatenate([x[:, : H // 6, : W // 6], x[:, -H // 6 :, -W // 6 :]], axis=1)
+        return corners.mean((1, 2, 3)) / x[:, H // 4 : 3 * H // 4, W // 4 : 3 * W // 4].mean((1, 2, 3))
+
+    # clinic_b's optic falls off strongly: its corners darken more than its centre.
+    assert np.median(corner_over_centre(same_lesions["clinic_b"])) < np.median(corner_over_centre(a)) - 0.1
+
+
+def test_profile_keeps_the_lesion(same_lesions, other_clinic):
+    """A device shift, not another picture: a shot correlates with its default twin, and colour
+    statistics still separate the classes within the clinic's own set."""
+    profile, root = other_clinic
+    ga, gb = same_lesions["default"].mean(-1), same_lesions[profile].mean(-1)
+    ga, gb = ga - ga.mean((1, 2), keepdims=True), gb - gb.mean((1, 2), keepdims=True)
+    corr = (ga * gb).sum((1, 2)) / np.sqrt((ga * ga).sum((1, 2)) * (gb * gb).sum((1, 2)))
+    assert np.quantile(corr, 0.05) > 0.8 and np.median(corr) > 0.9, np.quantile(corr, [0.05, 0.5])
+    score = _colour_classifier_score(root)
+    assert 0.3 < score < 0.95, score
+
+
+@pytest.mark.parametrize(
+    "seeds, sizes", [((SEED, SEED), (700, 700)), ((SEED, SEED + 1), (700, 200)), ((0, 12345), (60, 700))]
+)
+def test_profile_ids_never_meet_the_default_sets(seeds, sizes):
+    def ids(profile: str, seed: int, n: int) -> tuple[set[str], set[str]]:
+        shots = [s for p in _plan(_params(n, profile=profile), seed) for s in p.shots]
+        return {s.image_id for s in shots}, {s.lesion_id for s in shots}
+
+    default_images, default_lesions = ids("default", seeds[0], sizes[0])
+    for profile in SHIFTS:
+        images, lesions = ids(profile, seeds[1], sizes[1])
+        assert len(images) == sizes[1] and not images & default_images and not lesions & default_lesions
+        assert all(re.fullmatch(r"ISIC_\d{7}", i) for i in images)
+        assert all(re.fullmatch(r"HAM_\d{7}", i) for i in lesions)
+
+
+def test_profile_id_ranges_are_disjoint_at_any_size():
+    """By construction: each clinic's numbers stay in its own block even at the largest n."""
+    n_max = SyntheticParams.__dataclass_fields__["n_images"].metadata["hi"]
+    for first in (FIRST_IMAGE_NUMBER, 0):  # image numbers, lesion numbers
+        spans = sorted(
+            (first + p.clinic * ID_BLOCK, first + p.clinic * ID_BLOCK + max(3 * n_max, 10_000))
+            for p in PROFILES.values()
+        )
+        assert all(hi <= next_lo for (_, hi), (next_lo, _) in zip(spans, spans[1:], strict=False))
+        assert spans[-1][1] - 1 <= 9_999_999  # still 7 digits
+
+
+def test_cli_profile_matches_generate_and_help_lists_profiles(tmp_path, capsys):
+    argv = ["--n-images", "21", "--seed", "5", "--width", "40", "--height", "32", "--workers", "1"]
+    assert main(["--out", str(tmp_path / "cli"), "--profile", "clinic_b", *argv]) == 0
+    direct = tmp_path / "direct"
+    direct.mkdir()
+    p = parse_params(
+        {"download": {"synthetic": {"n_images": 21, "width": 40, "height": 32, "profile": "clinic_b"}}}
+    ).download.synthetic
+    generate(p, 5, direct, workers=1)
+    assert _files(tmp_path / "cli") == _files(direct)
+    # clinic_b exports at JPEG quality 75 at most: smaller files than the default's 90
+    assert main(["--out", str(tmp_path / "plain"), *argv]) == 0
+    size = {
+        k: sum(len(v) for n, v in _files(tmp_path / k).items() if n.endswith(".jpg"))
+        for k in ("cli", "plain")
+    }
+    assert size["cli"] < 0.9 * size["plain"]
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    for name in PROFILES:
+        assert name in out
+    with pytest.raises(SystemExit):
+        main(["--out", str(tmp_path / "x"), "--profile", "clinic_x"])
+    assert "invalid choice: 'clinic_x'" in capsys.readouterr().err

@@ -107,6 +107,10 @@ class Bundle:
 
         members: list[Member] = []
         for m in meta["members"]:
+            if float(m["weight"]) <= 0.0:
+                # A member the ensemble gave no weight changes no prediction: not worth loading.
+                log.info("bundle %s: member %s has weight 0, not loaded", root, m["name"])
+                continue
             path = root / m["path"]
             if not path.is_file():
                 raise StageError(f"{path}: member {m['name']!r} listed in {root / BUNDLE_JSON} is missing")
@@ -178,7 +182,8 @@ def _embedding_model(model: Any) -> Any:
         head = model.get_layer("probs")
     except ValueError:
         head = model.layers[-1]
-    return keras.Model(model.inputs, [head.input, model.output], name=f"{model.name}_embedder")
+    # model.input (not .inputs): the same input structure as the model, a tensor or a dict.
+    return keras.Model(model.input, [head.input, model.output], name=f"{model.name}_embedder")
 
 
 # --------------------------------------------------------------------------- drift reference

@@ -45,14 +45,6 @@ from stages.common import (
     setup_logging,
     write_json,
 )
-from stages.evaluate import (
-    json_value,
-    labels,
-    logit_columns,
-    read_predictions,
-    subgroup_table,
-    worst_subgroup,
-)
 from stages.metrics import (
     apply_temperature,
     bootstrap_ci,
@@ -66,6 +58,14 @@ from stages.metrics import (
     reliability_table,
 )
 from stages.params import CalibrateParams, DriftReferenceParams, load_params
+from stages.predictions import (
+    json_value,
+    labels,
+    logit_columns,
+    read_predictions,
+    subgroup_table,
+    worst_subgroup,
+)
 
 log = logging.getLogger(__name__)
 

@@ -30,7 +30,9 @@ import numpy as np
 import pandas as pd
 
 from stages.common import CLASSES, StageError, atomic_dir, run_main, setup_logging, write_json
-from stages.evaluate import (
+from stages.metrics import classification_metrics, fit_simplex_weights, log_loss
+from stages.params import EnsembleParams, EvaluateParams, load_params
+from stages.predictions import (
     SPLITS,
     json_value,
     labels,
@@ -41,8 +43,6 @@ from stages.evaluate import (
     write_plots,
     write_predictions,
 )
-from stages.metrics import classification_metrics, fit_simplex_weights, log_loss
-from stages.params import EnsembleParams, EvaluateParams, load_params
 
 log = logging.getLogger(__name__)
 

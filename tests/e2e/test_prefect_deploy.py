@@ -7,15 +7,9 @@ when the test fails."""
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
-import os
 import re
-import signal
-import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -24,139 +18,17 @@ import yaml
 
 from flows.dvcops import set_params
 from tests.conftest import run_cmd
+from tests.e2e.conftest import (
+    PREFECT,
+    TINY,
+    Background,
+    _deployment,
+    _latest_artifact,
+    _prefect,
+    _run_deployment,
+)
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
-
-PREFECT = str(Path(sys.executable).parent / "prefect")
-TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
-
-# A pipeline that runs in a few minutes on 2 CPUs: few small images, tiny inputs, one epoch, two
-# cheap backbones trained from scratch (no ImageNet download offline), few bootstrap replicates.
-TINY = {
-    "download.synthetic.n_images": 420,
-    "download.synthetic.width": 64,
-    "download.synthetic.height": 48,
-    "validate.min_side": 16,
-    "prepare.image_size": 32,
-    "train.backbones": ["custom_cnn", "mobilenetv2"],
-    "ensemble.members": ["custom_cnn", "mobilenetv2"],
-    "train.weights": "none",
-    "train.common.epochs": 1,
-    "train.common.batch_size": 64,
-    "evaluate.bootstrap_samples": 20,
-    "calibrate.bootstrap_samples": 20,
-    # A 1-epoch model is near random: whether it clears a 95% test recall is a coin flip that
-    # changes with any default. This test is about the server/deploy/worker/promotion plumbing
-    # (the gate's decisions are unit-tested), so the first candidate's recall bar is 0.
-    "promote.min_test_recall": 0.0,
-}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Background:
-    """A long-running command in its own process group, with its output in a log file."""
-
-    def __init__(self, name: str, args: list[str], *, cwd: Path, env: dict[str, str], logs: Path):
-        self.name = name
-        self.log = logs / f"{name}.log"
-        self._fh = open(self.log, "w")  # noqa: SIM115 (closed in stop())
-        self.proc = subprocess.Popen(
-            args, cwd=cwd, env=env, stdout=self._fh, stderr=subprocess.STDOUT, start_new_session=True
-        )
-
-    def tail(self, n: int = 60) -> str:
-        lines = self.log.read_text(errors="replace").splitlines()
-        return f"--- {self.name} log (last {n} lines)\n" + "\n".join(lines[-n:])
-
-    def stop(self) -> None:
-        """SIGTERM the whole group (the worker's flow-run process included), SIGKILL if it lingers."""
-        for sig, grace in ((signal.SIGTERM, 20), (signal.SIGKILL, 10)):
-            if self.proc.poll() is not None:
-                break
-            try:
-                os.killpg(self.proc.pid, sig)
-            except ProcessLookupError:
-                break
-            try:
-                self.proc.wait(timeout=grace)
-            except subprocess.TimeoutExpired:
-                continue
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, signal.SIGKILL)  # stragglers left in the group
-        self._fh.close()
-
-
-@pytest.fixture
-def prefect_server(tmp_path):
-    """``prefect server start`` on a free port with its own home and SQLite database."""
-    port = _free_port()
-    home = tmp_path / "prefect-home"
-    home.mkdir()
-    env = {
-        **os.environ,
-        "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}",
-        "PREFECT_HOME": str(home),
-        "PREFECT_PROFILES_PATH": str(home / "profiles.toml"),
-        "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
-        "PREFECT_SERVER_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{home / 'prefect.db'}",
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        "PREFECT_UI_ENABLED": "false",
-        "PREFECT_CLI_PROMPT": "false",
-        "DO_NOT_TRACK": "1",
-    }
-    server = Background(
-        "server",
-        [PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-        cwd=tmp_path,
-        env=env,
-        logs=tmp_path,
-    )
-    try:
-        import httpx
-
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/api/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if server.proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail("prefect server did not become healthy\n" + server.tail())
-            time.sleep(0.5)
-        yield env, server
-    finally:
-        server.stop()
-
-
-def _prefect(args: list[str], env: dict[str, str], cwd: Path, timeout: float = 180) -> str:
-    return run_cmd([PREFECT, *args], cwd, env=env, timeout=timeout).stdout
-
-
-def _inspect(run_id: str, env, cwd) -> dict:
-    return json.loads(_prefect(["flow-run", "inspect", run_id, "--output", "json"], env, cwd))
-
-
-def _run_deployment(env, cwd: Path, worker: Background, *extra: str, timeout: float = 900) -> dict:
-    out = _prefect(["deployment", "run", "retrain/on-demand", *extra], env, cwd)
-    run_id = re.search(r"UUID: ([0-9a-f-]{36})", out).group(1)
-    deadline = time.monotonic() + timeout
-    while True:
-        info = _inspect(run_id, env, cwd)
-        if info["state_type"] in TERMINAL:
-            return info
-        if time.monotonic() > deadline:
-            pytest.fail(f"flow run {run_id} still {info['state_type']} after {timeout:g} s\n{worker.tail()}")
-        time.sleep(5)
-
-
-def _latest_artifact(key: str, env, cwd) -> dict:
-    return json.loads(_prefect(["artifact", "inspect", key, "--limit", "1", "--output", "json"], env, cwd))[0]
 
 
 def _snapshot(folder: Path) -> dict[str, str]:
@@ -187,9 +59,7 @@ def test_deploy_run_promote_then_reject_through_a_real_server(repo_copy, prefect
     assert weekly["pull_steps"] == [
         {"prefect.deployments.steps.set_working_directory": {"directory": str(repo.resolve())}}
     ]
-    on_demand = json.loads(
-        _prefect(["deployment", "inspect", "retrain/on-demand", "--output", "json"], env, repo)
-    )
+    on_demand = _deployment("retrain/on-demand", env)  # it owns an automation: see _deployment
     assert on_demand["schedules"] == [] and on_demand["work_pool_name"] == "cpu-pool"
     timings["deploy"] = time.monotonic() - t0
 

@@ -15,9 +15,9 @@ import pytest
 
 from stages import calibrate, ensemble
 from stages.common import CLASSES, MALIGNANT
-from stages.predictions import labels, predictions_frame, probabilities, read_predictions, write_predictions
 from stages.metrics import log_loss, malignant_score, operating_point
 from stages.params import parse_params
+from stages.predictions import labels, predictions_frame, probabilities, read_predictions, write_predictions
 
 MAL_IDX = [CLASSES.index(c) for c in MALIGNANT]
 

@@ -52,8 +52,10 @@ def stage_commands() -> dict[str, tuple[str, list[str]]]:
 
 def test_the_import_walker_sees_lazy_and_transitive_imports():
     mods = project_imports("stages.drift")
-    assert {"stages.bundle", "stages.imagefeatures", "stages.images", "stages.parallel", "stages.models"} <= mods
-    assert "stages.common" in project_imports("stages.images") or "stages.images" in mods
+    assert {"stages.bundle", "stages.imagefeatures", "stages.images", "stages.parallel"} <= mods
+    # stages.bundle imports stages.models inside Bundle.load(), not at module level
+    assert "stages.models" in project_imports("stages.bundle")
+    assert "stages.models" in mods and "stages.losses" in mods  # ... and models imports losses lazily
 
 
 @pytest.mark.parametrize("stage", sorted(stage_commands()))

@@ -51,6 +51,23 @@ def _umask() -> int:
     return mask
 
 
+def remove_stale_temps(target: Path) -> list[Path]:
+    """Remove the temp outputs (``.<name>.tmp-*``, ``.<name>.old-*``) a killed run left beside
+    ``target``. Only this target's own names: DVC's lock keeps two runs of a stage apart."""
+    gone = []
+    for pattern in (f".{target.name}.tmp-*", f".{target.name}.old-*"):
+        for p in target.parent.glob(pattern):
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() and not p.is_symlink() else p.unlink(
+                missing_ok=True
+            )
+            gone.append(p)
+    if gone:
+        log.warning(
+            "removed %d temp output(s) a killed run left behind: %s", len(gone), ", ".join(map(str, gone))
+        )
+    return gone
+
+
 @contextlib.contextmanager
 def atomic_dir(target: str | Path) -> Iterator[Path]:
     """Yield a fresh temp dir beside ``target``; on success it replaces ``target`` in one rename.
@@ -60,6 +77,7 @@ def atomic_dir(target: str | Path) -> Iterator[Path]:
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(target)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         yield tmp
@@ -81,6 +99,7 @@ def atomic_file(target: str | Path, mode: str = "w", **open_kw: Any) -> Iterator
     """Open a temp file beside ``target`` for writing; rename it over ``target`` on success."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(target)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.tmp-", dir=target.parent)
     os.close(fd)
     tmp = Path(tmp_name)

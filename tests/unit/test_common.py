@@ -1,0 +1,57 @@
+"""Atomic outputs: a killed writer leaves no half output under the final name, and its temp
+folder is removed at the next start of that output's writer (and git never sees it)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from stages.common import atomic_dir, atomic_file, write_json
+
+REPO = Path(__file__).resolve().parents[2]
+
+KILLED_WRITER = """
+import os, signal, sys
+from pathlib import Path
+from stages.common import atomic_dir
+with atomic_dir(Path(sys.argv[1])) as tmp:
+    (tmp / "half.bin").write_bytes(b"x" * 1000)
+    os.kill(os.getpid(), signal.SIGKILL)   # killed mid-write, as by the OOM killer or kill -9
+"""
+
+
+def test_a_killed_writer_leaves_the_old_output_and_its_temp_is_removed_next_time(tmp_path):
+    out = tmp_path / "reports" / "drift"
+    with atomic_dir(out) as tmp:
+        (tmp / "index.html").write_text("good run")
+    proc = subprocess.run([sys.executable, "-c", KILLED_WRITER, str(out)], cwd=REPO, check=False)
+    assert proc.returncode == -9
+    stale = list(out.parent.glob(".drift.tmp-*"))
+    assert len(stale) == 1 and (stale[0] / "half.bin").is_file()
+    assert (out / "index.html").read_text() == "good run"  # the final name still has the last good one
+    with atomic_dir(out) as tmp:
+        (tmp / "index.html").write_text("next run")
+    assert list(out.parent.glob(".drift.tmp-*")) == []
+    assert (out / "index.html").read_text() == "next run"
+
+
+def test_stale_temp_files_beside_a_file_output_are_removed(tmp_path):
+    target = tmp_path / "metrics" / "drift.json"
+    target.parent.mkdir()
+    (target.parent / ".drift.json.tmp-abc123").write_text("{half")
+    (target.parent / ".other.json.tmp-zzz").write_text("not ours")
+    write_json(target, {"a": 1})
+    assert sorted(p.name for p in target.parent.iterdir()) == [".other.json.tmp-zzz", "drift.json"]
+    with atomic_file(target) as fh:
+        fh.write("{}")
+    assert target.read_text() == "{}"
+
+
+def test_git_ignores_temp_outputs():
+    temps = ("metrics/.drift.json.tmp-abc", "reports/.drift.tmp-x1/index.html", "models/.ensemble.old-12")
+    for name in temps:
+        proc = subprocess.run(["git", "check-ignore", "-q", name], cwd=REPO, check=False)
+        assert proc.returncode == 0, f"{name} is not git-ignored"
+    tracked = subprocess.run(["git", "check-ignore", "-q", "metrics/drift.json"], cwd=REPO, check=False)
+    assert tracked.returncode == 1

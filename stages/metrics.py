@@ -24,6 +24,7 @@ from stages.common import CLASSES, MALIGNANT
 __all__ = [
     "balanced_accuracy",
     "binary_auc",
+    "macro_auc",
     "bootstrap_ci",
     "classification_metrics",
     "confusion_matrix",
@@ -93,6 +94,15 @@ def binary_auc(y: np.ndarray, score: np.ndarray) -> float:
     return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
+def macro_auc(y: np.ndarray, probs: np.ndarray) -> float:
+    """Mean one-vs-rest ROC AUC over the classes present with both outcomes (nan if none).
+
+    The one definition of the project: training's checkpoint monitor and the reports use it."""
+    y = np.asarray(y)
+    probs = np.asarray(probs, dtype=np.float64)
+    return _nanmean(np.array([binary_auc(y == i, probs[:, i]) for i in range(probs.shape[1])]))
+
+
 def roc_curve(y: np.ndarray, score: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(fpr, tpr, thresholds) at every distinct score, starting at (0, 0) with threshold +inf.
 
@@ -160,7 +170,7 @@ def classification_metrics(
     pred = probs.argmax(axis=1)
     cm = confusion_matrix(y, pred, k)
     precision, recall, f1 = per_class_prf(cm)
-    aucs = np.array([binary_auc(y == i, probs[:, i]) for i in range(k)])
+    aucs = np.array([binary_auc(y == i, probs[:, i]) for i in range(k)])  # macro_auc's terms
     mal_true = malignant_truth(y, classes)
     mal_pred = malignant_truth(pred, classes)
     mal_score = malignant_score(probs, classes)

@@ -43,6 +43,7 @@ from typing import Any
 import numpy as np
 
 from stages.common import CLASSES, StageError, atomic_dir, atomic_file, run_main, setup_logging, write_json
+from stages.metrics import macro_auc
 from stages.params import TrainParams, load_params
 
 log = logging.getLogger(__name__)
@@ -118,18 +119,6 @@ def plan_phases(
         )
         start += size
     return phases
-
-
-def macro_auc(y: np.ndarray, probs: np.ndarray) -> float:
-    """Mean one-vs-rest ROC AUC over the classes present with both outcomes (NaN if none)."""
-    from sklearn.metrics import roc_auc_score
-
-    aucs = []
-    for c in range(probs.shape[1]):
-        pos = y == c
-        if pos.any() and (~pos).any():
-            aucs.append(roc_auc_score(pos, probs[:, c]))
-    return float(np.mean(aucs)) if aucs else float("nan")
 
 
 def macro_f1(y: np.ndarray, probs: np.ndarray) -> float:

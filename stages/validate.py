@@ -539,7 +539,7 @@ def _size(r: pd.Series) -> str:
 # --------------------------------------------------------------------------- split
 
 
-def read_split(path: Path) -> pd.DataFrame:
+def read_split_table(path: Path) -> pd.DataFrame:
     """split.csv as text (empty fields stay ``""``), with the columns checked."""
     try:
         df = pd.read_csv(path, dtype=str, keep_default_na=False)
@@ -854,7 +854,7 @@ def quarantine_rows(images: pd.DataFrame, failures: list[Failure], check: Check)
     )
 
 
-def summarize(failures: list[Failure], report_index: Path | None, quarantined: int = 0) -> str:
+def failure_summary(failures: list[Failure], report_index: Path | None, quarantined: int = 0) -> str:
     """The short text a user reads in the terminal: one line per failing expectation."""
     suites = sorted({f.suite for f in failures}, key=["metadata", "images", "split"].index)
     head = f"validation failed: {len(failures)} expectation(s) in {', '.join(suites)}"
@@ -914,7 +914,7 @@ def run(
     raw, split_dir, out, report = Path(raw), Path(split), Path(out), Path(report)
 
     meta = add_metadata_facts(read_metadata(raw / "metadata.csv"))
-    split_df = read_split(split_dir / "split.csv")
+    split_df = read_split_table(split_dir / "split.csv")
     undecodable = _read_undecodable(split_dir / "undecodable.csv")
     files = list_image_files(raw / "images")
     workers = n_workers(params.workers)
@@ -959,7 +959,9 @@ def run(
 
     with atomic_dir(report) as site:
         index = report / gx.build_docs(site).relative_to(site)
-        summary = summarize(failures, index, len(quarantine)) if failures else f"validation passed ({index})"
+        summary = (
+            failure_summary(failures, index, len(quarantine)) if failures else f"validation passed ({index})"
+        )
         (site / "summary.txt").write_text(summary + "\n" + "".join(f"note: {f.line()}\n" for f in warned))
 
     usable = split_df[split_df["split"].isin(SPLITS) & ~split_df["image_id"].isin(quarantined_ids)]

@@ -17,12 +17,12 @@ from stages.params import ParamsError, parse_params
 from stages.validate import (
     Failure,
     ValidationFailed,
+    failure_summary,
     inspect_image,
     inspect_images,
     main,
     read_metadata,
     run,
-    summarize,
 )
 from tests.conftest import REPO, make_jpeg, write_raw
 
@@ -368,7 +368,7 @@ def test_summary_lists_one_line_per_expectation_with_first_examples():
     g = Failure(
         "images", "images", "has_row", "image file without a metadata row", "file", 1, ("x.jpg",), ("x.jpg",)
     )
-    text = summarize([g, f], Path("reports/validation/index.html"))
+    text = failure_summary([g, f], Path("reports/validation/index.html"))
     lines = text.splitlines()
     assert lines[0] == "validation failed: 2 expectation(s) in metadata, images (row = line in metadata.csv)"
     assert lines[1] == "  images: image file without a metadata row: 1 file, first: x.jpg"

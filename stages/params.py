@@ -166,7 +166,8 @@ class ValidateParams:
     localizations: tuple[str, ...] = LOCALIZATIONS
     min_side: int = _f(32, lo=1, hi=100_000)
     max_side: int = _f(8192, lo=1, hi=100_000)
-    max_pixels: int = _f(100_000_000, lo=1, hi=10**10)
+    # 100 MP; at most 1 GP: a larger cap would let one header allocate gigabytes (a bomb)
+    max_pixels: int = _f(100_000_000, lo=1, hi=1_000_000_000)
     fraction_tolerance: float = _f(0.05, lo=0.0, hi=1.0)
     workers: int = _f(0, lo=0, hi=256)
 

@@ -89,8 +89,12 @@ def _features_one(path: str) -> tuple[int, np.ndarray] | str:
     import imagehash
     from PIL import Image
 
+    from stages.images import open_checked
+
     try:
-        with Image.open(path) as im:
+        # The header's pixel count is checked before anything is decoded: split runs before
+        # validate, so a decompression bomb must be refused here too.
+        with open_checked(path) as im:
             # Draft mode: libjpeg decodes luminance only, at 1/2..1/8 scale, straight from the
             # DCT coefficients; pHash needs 32 px and the thumbnail 72, so the full image (and
             # its colour) is never built. No-op for non-JPEG files.

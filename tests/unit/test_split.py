@@ -313,3 +313,15 @@ def test_dedupe_and_canonical_options(tmp_path):
     m = res.metrics
     assert m["n_dropped"] == len(dropped) == m["n_dropped_train_majority"] + m["n_dropped_eval_canonical"] > 0
     assert m["train_n"] + m["val_n"] + m["test_n"] == len(kept) and m["leaking_groups"] == 0
+
+
+def test_a_decompression_bomb_is_refused_from_its_header_before_decoding(tmp_path):
+    from tests.unit.test_drift import huge_header_jpeg
+
+    raw = write_raw(tmp_path / "raw", _rows())
+    huge_header_jpeg(raw / "images" / "ISIC_0000004.jpg", 20_000, 20_000)
+    res = _run(raw, tmp_path)
+    und = pd.read_csv(tmp_path / "split" / "undecodable.csv")
+    assert und["image_id"].tolist() == ["ISIC_0000004"]
+    assert "20000x20000 pixels is over the limit of 100,000,000" in und["error"].iloc[0]
+    assert res.metrics["n_undecodable"] == 1

@@ -59,11 +59,21 @@ class DownloadResult:
 # --------------------------------------------------------------------------- zip handling
 
 
-def safe_extract_zip(zip_path: Path, dest: Path) -> None:
+# HAM10000's two image archives hold 10,015 files, ~3 GB uncompressed: 10x both is generous for
+# a real data set and still refuses a zip bomb (a few KB that expand to terabytes).
+MAX_ZIP_ENTRIES = 200_000
+MAX_ZIP_BYTES = 50 * 2**30
+
+
+def safe_extract_zip(
+    zip_path: Path, dest: Path, *, max_entries: int = MAX_ZIP_ENTRIES, max_bytes: int = MAX_ZIP_BYTES
+) -> None:
     """Extract ``zip_path`` into ``dest``, refusing any entry that would land outside it.
 
     Why not ``ZipFile.extractall``: it silently rewrites ``../`` and absolute names; a crafted
-    archive should be an error the user hears about, not a quietly different file tree.
+    archive should be an error the user hears about, not a quietly different file tree. The
+    entry count and the total uncompressed size (as the archive declares them, checked before
+    anything is written; ``zipfile`` never inflates an entry past its declared size) are capped too.
     """
     dest = dest.resolve()
     try:
@@ -71,7 +81,16 @@ def safe_extract_zip(zip_path: Path, dest: Path) -> None:
     except (zipfile.BadZipFile, OSError) as e:
         raise StageError(f"{zip_path}: not a readable zip archive ({e})") from None
     with zf:
-        for info in zf.infolist():
+        infos = zf.infolist()
+        if len(infos) > max_entries:
+            raise StageError(f"{zip_path}: {len(infos):,} entries, over the limit of {max_entries:,}")
+        total = sum(i.file_size for i in infos)
+        if total > max_bytes:
+            raise StageError(
+                f"{zip_path}: {total:,} bytes uncompressed, over the limit of {max_bytes:,} bytes "
+                "(a zip bomb, or not a HAM10000 archive)"
+            )
+        for info in infos:
             name = info.filename
             parts = PurePosixPath(name.replace("\\", "/")).parts
             target = (dest / Path(*parts)).resolve() if parts else dest

@@ -368,3 +368,20 @@ def test_real_labelled_batch_merges_into_a_synthetic_base(tmp_path, shared_ham):
         assert (tmp_path / "raw" / "images" / f"{image_id}.jpg").read_bytes() == (
             shared_ham / "images_200x150" / f"{image_id}.jpg"
         ).read_bytes()
+
+
+def test_zip_caps_on_entries_and_uncompressed_size_name_the_archive(tmp_path):
+    import zipfile
+
+    archive = tmp_path / "bomb.zip"
+    with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as zf:
+        for k in range(5):
+            zf.writestr(f"images/ISIC_000000{k}.jpg", b"\0" * 10_000)  # compresses to a few bytes
+    assert archive.stat().st_size < 2_000
+    with pytest.raises(StageError, match=r"bomb.zip: 5 entries, over the limit of 4"):
+        safe_extract_zip(archive, tmp_path / "a", max_entries=4)
+    with pytest.raises(StageError, match=r"bomb.zip: 50,000 bytes uncompressed, over the limit of 49,999 bytes \(a zip bomb"):
+        safe_extract_zip(archive, tmp_path / "b", max_bytes=49_999)
+    assert not (tmp_path / "a").exists() or not any((tmp_path / "a").iterdir())
+    safe_extract_zip(archive, tmp_path / "c", max_entries=5, max_bytes=50_000)
+    assert len(list((tmp_path / "c" / "images").iterdir())) == 5

@@ -120,6 +120,21 @@ def _remote_file(key: str, df: dict[str, Any]) -> RemoteFile:
     )
 
 
+def check_verifiable(files: list[RemoteFile], policy: str) -> None:
+    """A listed file with neither a usable checksum nor a size cannot be verified at all: refuse
+    it (``download.dataverse.unverified: refuse``, the default) or say so loudly (``warn``)."""
+    blind = [rf.key for rf in files if rf.checksum is None and rf.size is None]
+    if not blind:
+        return
+    msg = f"the Dataverse listing gives neither a checksum nor a size for {', '.join(blind)}"
+    if policy == "refuse":
+        raise StageError(
+            f"download.dataverse: {msg}: refusing files that cannot be verified (set "
+            "download.dataverse.unverified: warn to accept them unchecked)"
+        )
+    log.warning("%s: accepted UNVERIFIED (download.dataverse.unverified: warn)", msg)
+
+
 def parse_listing(payload: Any, wanted: tuple[str, ...] | list[str]) -> list[RemoteFile]:
     """Pick ``wanted`` out of a native-API dataset JSON (``data.latestVersion.files[]``).
 
@@ -430,6 +445,7 @@ def fetch_dataverse(params: DataverseParams, cache_dir: Path) -> dict[str, Path]
                     return paths
             raise StageError(_offline_message(base, str(e))) from None
         files = parse_listing(payload, params.files)
+        check_verifiable(files, params.unverified)
         with atomic_file(cache_dir / _LISTING_CACHE, "w", encoding="utf-8") as fh:
             json.dump({"base_url": base, "doi": params.doi, "payload": payload}, fh)
         log.info(

@@ -83,6 +83,8 @@ class DataverseParams:
     retries: int = _f(5, lo=0, hi=50)
     backoff_s: float = _f(2.0, lo=0.0, hi=600)
     chunk_bytes: int = _f(1 << 20, lo=1024, hi=1 << 30)
+    # A listed file with neither checksum nor size cannot be verified: refuse it, or warn loudly.
+    unverified: Literal["refuse", "warn"] = "refuse"
 
 
 @dataclass(frozen=True)

@@ -340,3 +340,18 @@ def test_range_helpers():
     assert content_range_start("bytes 4096-9999/10000") == 4096
     assert content_range_start("bytes */10000") is None
     assert to_tab(b'a,"b,c"\r\n1,2\r\n') == b"a\tb,c\n1\t2\n"
+
+
+def test_a_file_listed_without_checksum_or_size_is_refused_unless_warned(range_server, tmp_path, caplog):
+    data = _serve(range_server, "a.zip", _blob(3000))
+    range_server.checksums = {"a.zip": ""}  # no usable checksum ...
+    range_server.list_sizes = False  # ... and no size: nothing to verify the download against
+    refused = r"neither a checksum nor a size for a.zip: refusing .*dataverse.unverified: warn"
+    with pytest.raises(StageError, match=refused):
+        fetch_dataverse(_params(range_server, ("a.zip",)), tmp_path / "cache")
+    assert range_server.file_hits("a.zip") == []  # refused before any download
+    got = fetch_dataverse(_params(range_server, ("a.zip",), unverified="warn"), tmp_path / "cache")
+    assert got["a.zip"].read_bytes() == data
+    assert "a.zip: accepted UNVERIFIED" in caplog.text
+    range_server.list_sizes = True  # a size alone is still a check: no refusal
+    fetch_dataverse(_params(range_server, ("a.zip",)), tmp_path / "cache2")

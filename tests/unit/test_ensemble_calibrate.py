@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 
 from stages import calibrate, ensemble
-from stages.common import CLASSES, MALIGNANT
+from stages.common import CLASSES, MALIGNANT, StageError
 from stages.metrics import log_loss, malignant_score, operating_point
 from stages.params import parse_params
 from stages.predictions import labels, predictions_frame, probabilities, read_predictions, write_predictions
@@ -205,7 +205,7 @@ def test_ensemble_refuses_members_on_different_images(members, tmp_path):
 
 def test_ensemble_missing_member_names_the_file(members, tmp_path):
     (members / "custom_cnn" / "val.csv").unlink()
-    with pytest.raises(Exception, match=r"custom_cnn/val.csv: predictions not found; run the evaluate stage"):
+    with pytest.raises(StageError, match=r"custom_cnn/val.csv: predictions not found; run the evaluate"):
         _run_ensemble(members, tmp_path / "out")
 
 
@@ -369,7 +369,7 @@ def test_calibrate_failure_keeps_the_previous_bundle(members, tmp_path):
     p = _params()
     import dataclasses
 
-    with pytest.raises(Exception, match=r"custom_cnn/model.keras: member model not found"):
+    with pytest.raises(StageError, match=r"custom_cnn/model.keras: member model not found"):
         calibrate.run(
             p.calibrate,
             seed=1,
@@ -397,7 +397,7 @@ def test_calibrate_val_without_malignant_is_a_clear_error(members, tmp_path):
     val = read_predictions(out / "ensemble" / "val.csv")
     val = val[~val["dx"].isin(MALIGNANT)]
     write_predictions(val, out / "ensemble" / "val.csv")
-    with pytest.raises(Exception, match="validation split has no malignant case"):
+    with pytest.raises(StageError, match="validation split has no malignant case"):
         _run_calibrate(tmp_path, out)
 
 

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from stages import evaluate
-from stages.common import CLASSES, LOCALIZATIONS, SEXES
+from stages.common import CLASSES, LOCALIZATIONS, SEXES, StageError
 from stages.evaluate import (
     age_band,
     confidence_picks,
@@ -227,7 +227,7 @@ def test_non_softmax_model_is_refused(prepared, tmp_path):
     x = keras.layers.GlobalAveragePooling2D()(keras.layers.Rescaling(1.0)(image))
     (tmp_path / "m").mkdir()
     keras.Model(image, keras.layers.Dense(7)(x)).save(tmp_path / "m" / "model.keras")  # no softmax
-    with pytest.raises(Exception, match="not a probability distribution .* must end in a softmax"):
+    with pytest.raises(StageError, match="not a probability distribution .* must end in a softmax"):
         _run(prepared, tmp_path, tmp_path / "m")
 
 
@@ -307,11 +307,11 @@ def test_read_predictions_names_file_row_and_column(tmp_path):
     df = predictions_frame(meta, np.full((2, 7), 1 / 7))
     path = tmp_path / "p.csv"
     df.assign(dx=["nv", "melanoma"]).to_csv(path, index=False)
-    with pytest.raises(Exception, match=r"p.csv: row 3: dx 'melanoma' is not one of"):
+    with pytest.raises(StageError, match=r"p.csv: row 3: dx 'melanoma' is not one of"):
         read_predictions(path)
     df.assign(prob_nv=[0.1, "oops"]).to_csv(path, index=False)
-    with pytest.raises(Exception, match=r"p.csv: row 3: column prob_nv holds 'oops', not a finite number"):
+    with pytest.raises(StageError, match=r"p.csv: row 3: column prob_nv holds 'oops', not a finite number"):
         read_predictions(path)
     df.drop(columns=["logit_vasc"]).to_csv(path, index=False)
-    with pytest.raises(Exception, match=r"p.csv: missing column\(s\) \['logit_vasc'\]"):
+    with pytest.raises(StageError, match=r"p.csv: missing column\(s\) \['logit_vasc'\]"):
         read_predictions(path)

@@ -1,0 +1,488 @@
+"""The monitor flow's decisions on small values: batch fingerprints and the ledger (new, changed,
+seen), artifact keys, the drift event (checked against the trigger declared in prefect.yaml,
+with Prefect's own matching and templating), the hand-over of labelled batches, and the retrain's
+``extra_sources`` merge. The drift CLI runs for real on batches it refuses; the flow runs on a
+temporary Prefect API. A drifted batch through a real server is the e2e test's."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+from uuid import uuid4
+
+import pytest
+import yaml
+
+from flows.dvcops import set_params
+from flows.monitor import (
+    EVENT,
+    LEDGER,
+    Batch,
+    DriftCheckFailed,
+    MonitorFailed,
+    check_batch,
+    choose_bundle,
+    drift_event,
+    fingerprint,
+    load_ledger,
+    mark_handed_over,
+    monitor,
+    new_ledger,
+    pending_labelled,
+    plan_checks,
+    record_check,
+    render_batch,
+    save_ledger,
+    scan_inbox,
+    slug,
+)
+from flows.retrain import RetrainFailed, _overrides, merge_extra_sources, parse_extra_sources
+from stages.params import load_params
+from tests.conftest import REPO, make_jpeg
+
+METRICS = {
+    "batch": "clinic-b",
+    "drift_detected": True,
+    "dataset_drift": True,
+    "drift_share": 0.740741,
+    "drift_share_threshold": 0.5,
+    "n_features": 27,
+    "n_drifted_features": 2,
+    "drifted_features": ["brightness", "lab_a"],
+    "feature_alarm": True,
+    "alarm_features": ["brightness"],
+    "embedding_drift": True,
+    "embedding_drift_score": 0.834221,
+    "embedding_method": "model",
+    "embedding_threshold": 0.6,
+    "prediction_class_shift": 0.1234,
+    "predicted_class_share": {"nv": 0.6, "mel": 0.4, "bcc": 0.0},
+    "n_images": 50,
+    "n_unreadable": 2,
+    "unreadable": ["bad.jpg", "text.jpg"],
+    "unreadable_reasons": {"bad.jpg": "truncated JPEG", "text.jpg": "not an image"},
+    "labelled": True,
+    "n_labelled": 50,
+    "metadata_csv": "/in/clinic-b/metadata.csv",
+}
+
+
+def _batch(folder: Path, n: int = 3) -> Path:
+    for i in range(n):
+        make_jpeg(folder / "images" / f"ISIC_{i:07d}.jpg", seed=i)
+    return folder
+
+
+def _touch(path: Path, seconds: int = 10) -> None:
+    st = path.stat()
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + seconds * 10**9))
+
+
+# --------------------------------------------------------------------------- fingerprint, inbox
+
+
+def test_fingerprint_follows_names_sizes_and_mtimes_not_hidden_files(tmp_path):
+    b = _batch(tmp_path / "b")
+    fp, n = fingerprint(b)
+    assert n == 3 and re.fullmatch(r"[0-9a-f]{64}", fp)
+    assert fingerprint(b) == (fp, 3)  # stable
+
+    (b / ".DS_Store").write_text("x")
+    (b / ".partial").mkdir()
+    (b / ".partial" / "y.jpg").write_text("y")
+    assert fingerprint(b) == (fp, 3)
+
+    _touch(b / "images" / "ISIC_0000001.jpg")
+    touched, _ = fingerprint(b)
+    assert touched != fp
+
+    (b / "images" / "ISIC_0000001.jpg").rename(b / "images" / "ISIC_0000009.jpg")
+    assert fingerprint(b)[0] not in (fp, touched)
+
+    make_jpeg(b / "images" / "new.jpg", seed=9)
+    assert fingerprint(b)[1] == 4
+
+
+def test_scan_inbox_lists_visible_sub_folders_by_name(tmp_path):
+    inbox = tmp_path / "inbox"
+    assert scan_inbox(inbox) == []  # no inbox yet: nothing to check, no error
+    _batch(inbox / "zeta")
+    _batch(inbox / "alpha", 2)
+    (inbox / ".copying").mkdir()  # a batch still being copied in, renamed when complete
+    (inbox / "stray.jpg").write_bytes(b"x")  # a file at the top is not a batch
+    found = scan_inbox(inbox)
+    assert [b.name for b in found] == ["alpha", "zeta"]
+    assert found[0].path == (inbox / "alpha").resolve() and found[0].path.is_absolute()
+    assert found[0].n_files == 2
+
+
+def test_plan_checks_new_changed_and_seen(tmp_path):
+    inbox = tmp_path / "inbox"
+    for name in ("a", "b", "c"):
+        _batch(inbox / name)
+    ledger = new_ledger()
+    todo, seen = plan_checks(scan_inbox(inbox), ledger)
+    assert [(b.name, why) for b, why in todo] == [("a", "new"), ("b", "new"), ("c", "new")] and seen == []
+
+    for b, _ in todo[:2]:
+        record_check(ledger, b, at="2026-11-01T00:00:00Z", flow_run_name="r1", metrics={"labelled": False})
+    _touch(inbox / "b" / "images" / "ISIC_0000000.jpg")
+    todo, seen = plan_checks(scan_inbox(inbox), ledger)
+    assert [(b.name, why) for b, why in todo] == [("b", "changed"), ("c", "new")]
+    assert [b.name for b in seen] == ["a"]
+
+
+# --------------------------------------------------------------------------- ledger
+
+
+def test_ledger_round_trip_is_atomic_and_an_unreadable_one_is_an_error(tmp_path):
+    path = tmp_path / "state" / LEDGER
+    assert load_ledger(path) == new_ledger()
+    ledger = new_ledger()
+    b = Batch("a", tmp_path / "a", "f" * 64, 3)
+    record_check(ledger, b, at="2026-11-01T00:00:00Z", flow_run_name="r1", metrics=METRICS)
+    save_ledger(path, ledger)
+    assert load_ledger(path) == ledger
+    assert sorted(p.name for p in path.parent.iterdir()) == [LEDGER]  # no temp file left
+
+    path.write_text("{not json")
+    with pytest.raises(MonitorFailed, match=rf"{re.escape(str(path))}: unreadable monitor ledger"):
+        load_ledger(path)
+    path.write_text("[]")
+    with pytest.raises(MonitorFailed, match="not a monitor ledger"):
+        load_ledger(path)
+
+
+def test_a_failed_check_is_recorded_with_its_error_and_no_report(tmp_path):
+    ledger = new_ledger()
+    b = Batch("empty", tmp_path / "empty", "e" * 64, 0)
+    entry = record_check(ledger, b, at="t", flow_run_name="r", error="empty: no image files")
+    assert entry["status"] == "failed" and entry["error"] == "empty: no image files"
+    assert entry["report"] is None and entry["metrics"] is None and not entry["labelled"]
+
+
+# --------------------------------------------------------------------------- hand-over of labelled batches
+
+
+def test_pending_labelled_batches_are_handed_over_once_oldest_first(tmp_path):
+    ledger = new_ledger()
+
+    def check(name: str, at: str, **metrics) -> Batch:
+        folder = tmp_path / name
+        folder.mkdir(exist_ok=True)
+        b = Batch(name, folder, name * 4, 1)
+        record_check(ledger, b, at=at, flow_run_name="r", metrics=metrics)
+        return b
+
+    check("late", "2026-11-03T00:00:00Z", labelled=True)
+    check("early", "2026-11-01T00:00:00Z", labelled=True)
+    check("unlabelled", "2026-11-02T00:00:00Z", labelled=False)
+    record_check(ledger, Batch("broken", tmp_path / "broken", "x", 0), at="t", flow_run_name="r", error="e")
+    gone = check("gone", "2026-11-02T00:00:00Z", labelled=True)
+    gone.path.rmdir()  # deleted from the inbox: download could not read it
+
+    pending = pending_labelled(ledger)
+    assert pending == [str(tmp_path / "early"), str(tmp_path / "late")]
+    mark_handed_over(ledger, pending, at="2026-11-04T00:00:00Z", event_id="ev1")
+    assert pending_labelled(ledger) == []
+    assert ledger["batches"]["early"]["event_id"] == "ev1" and ledger["batches"]["early"]["handed_over"]
+    assert not ledger["batches"]["unlabelled"]["handed_over"]
+
+    # a labelled batch whose files changed is new data again: checked, then handed over again
+    check("early", "2026-11-05T00:00:00Z", labelled=True)
+    assert pending_labelled(ledger) == [str(tmp_path / "early")]
+
+
+# --------------------------------------------------------------------------- artifact keys
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        ("clinic-b", "clinic-b"),
+        ("2026-11-30", "2026-11-30"),
+        ("Clinic B", r"clinic-b-[0-9a-f]{8}"),
+        ("clinic_b__2026.11", r"clinic-b-2026-11-[0-9a-f]{8}"),
+        ("Dermatologie Zürich", r"dermatologie-zurich-[0-9a-f]{8}"),
+        ("皮膚", r"batch-[0-9a-f]{8}"),
+        ("--", r"batch-[0-9a-f]{8}"),
+        ("x" * 200, r"x{60}-[0-9a-f]{8}"),
+    ],
+)
+def test_slug_is_a_valid_artifact_key(name, expected):
+    from prefect.types.names import LOWERCASE_LETTERS_NUMBERS_AND_DASHES_ONLY_REGEX as KEY
+
+    s = slug(name)
+    assert re.fullmatch(expected, s), s
+    assert re.fullmatch(KEY, f"drift-{s}")
+
+
+def test_slug_keeps_batches_whose_names_differ_apart():
+    names = ["clinic-b", "Clinic B", "clinic_b", "CLINIC-B"]
+    assert len({slug(n) for n in names}) == len(names)
+
+
+# --------------------------------------------------------------------------- the event and the trigger
+
+
+def _retrain_trigger():
+    """The trigger `prefect deploy` builds from prefect.yaml, as the server evaluates it."""
+    from prefect.cli.deploy._triggers import _initialize_deployment_triggers
+    from prefect.server.events.schemas.automations import Automation
+
+    config = yaml.safe_load((REPO / "prefect.yaml").read_text())
+    on_demand = next(d for d in config["deployments"] if d["name"] == "on-demand")
+    [trigger] = _initialize_deployment_triggers("on-demand", copy.deepcopy(on_demand["triggers"]))
+    trigger.set_deployment_id(uuid4())
+    core = trigger.as_automation()
+    return Automation.model_validate({**core.model_dump(mode="json"), "id": str(uuid4())})
+
+
+def _received(resource: dict[str, str], payload: dict, event: str = EVENT):
+    from prefect.server.events.schemas.events import ReceivedEvent
+    from prefect.types._datetime import now
+
+    return ReceivedEvent(event=event, resource=resource, payload=payload, occurred=now("UTC"), id=uuid4())
+
+
+def test_drift_event_resource_and_payload(tmp_path):
+    b = Batch("clinic-b", tmp_path / "clinic-b", "a" * 64, 51)
+    report, metrics_path = tmp_path / "r" / "index.html", tmp_path / "drift.json"
+    extra = [str(tmp_path / "older"), str(b.path)]
+    resource, payload = drift_event(
+        b, METRICS, retrain=True, extra_sources=extra, report=report, metrics_path=metrics_path
+    )
+    assert resource == {
+        "prefect.resource.id": "skinlesion.batch.clinic-b",
+        "prefect.resource.name": "clinic-b",
+        "skinlesion.retrain": "true",
+        "skinlesion.labelled": "true",
+    }
+    assert payload["path"] == str(b.path) and payload["report"] == str(report)
+    assert payload["drifted_features"] == ["brightness", "lab_a"]
+    assert payload["embedding_drift_score"] == 0.834221 and payload["drift_share"] == 0.740741
+    assert isinstance(payload["extra_sources"], str) and json.loads(payload["extra_sources"]) == extra
+    json.dumps(payload)  # an event payload is JSON
+
+    off, _ = drift_event(
+        b,
+        {**METRICS, "labelled": False},
+        retrain=False,
+        extra_sources=[],
+        report=report,
+        metrics_path=metrics_path,
+    )
+    assert off["skinlesion.retrain"] == "false" and off["skinlesion.labelled"] == "false"
+
+
+def test_the_declared_trigger_matches_drift_events_marked_for_retraining_only(tmp_path):
+    automation = _retrain_trigger()
+    trigger = automation.trigger
+    assert trigger.posture == "Reactive" and trigger.threshold == 1 and automation.enabled
+    assert automation.name == "retrain-on-drift"
+    b = Batch("clinic-b", tmp_path / "clinic-b", "a" * 64, 51)
+
+    def event(retrain: bool, **kw):
+        resource, payload = drift_event(
+            b, METRICS, retrain=retrain, extra_sources=[], report=tmp_path, metrics_path=tmp_path
+        )
+        return _received({**resource, **kw.pop("resource", {})}, payload, **kw)
+
+    assert trigger.covers(event(True))
+    assert not trigger.covers(event(False))  # drift.trigger_retrain: false
+    assert not trigger.covers(event(True, event="skinlesion.drift.cleared"))
+    assert not trigger.covers(event(True, resource={"prefect.resource.id": "other.batch.clinic-b"}))
+
+
+def test_the_trigger_passes_extra_sources_to_the_retrain_unchanged(tmp_path):
+    """The server's own rendering of the trigger's parameters (RunDeployment.render_parameters:
+    v1 templates upgraded, then hydrated with the triggering event)."""
+    from prefect.server.events.actions import RunDeployment
+    from prefect.utilities.schema_tools.hydration import HydrationContext, hydrate
+
+    [action] = _retrain_trigger().actions
+    assert isinstance(action, RunDeployment)
+    b = Batch("clinic b", tmp_path / "clinic b", "a" * 64, 51)
+    extra = [str(tmp_path / "older batch"), str(b.path), '/odd/"quoted"']
+    resource, payload = drift_event(
+        b, METRICS, retrain=True, extra_sources=extra, report=tmp_path, metrics_path=tmp_path
+    )
+    params = copy.deepcopy(action.parameters)
+    RunDeployment._upgrade_v1_templates(params)
+    ctx = HydrationContext(
+        render_jinja=True, raise_on_error=True, jinja_context={"event": _received(resource, payload)}
+    )
+    rendered = hydrate(params, ctx)
+    assert rendered == {"extra_sources": payload["extra_sources"]}
+    assert parse_extra_sources(rendered["extra_sources"]) == extra
+
+
+# --------------------------------------------------------------------------- the drift check task
+
+
+def test_check_task_reports_the_drift_cli_error_line(tmp_path):
+    empty = tmp_path / "inbox" / "empty"
+    empty.mkdir(parents=True)
+    with pytest.raises(DriftCheckFailed) as info:
+        check_batch.fn(
+            str(REPO), "empty", str(empty), str(tmp_path / "no-bundle"), str(tmp_path / "report"),
+            str(tmp_path / "drift.json"), None, params=str(REPO / "params.yaml"),
+        )  # fmt: skip
+    e = info.value
+    assert e.expected and e.returncode == 1
+    assert (
+        e.error == f"drift.new_images: {empty}: no image files (*.jpg, *.jpeg, *.png, *.bmp, *.tif, *.webp)"
+    )
+    assert not (tmp_path / "drift.json").exists()
+
+
+def test_a_crash_is_not_an_expected_failure():
+    crash = DriftCheckFailed("b", 1, ["Traceback (most recent call last):", "KeyError: 'x'"])
+    assert not crash.expected and crash.error == "KeyError: 'x'"
+    killed = DriftCheckFailed("b", -9, [])
+    assert not killed.expected and killed.error == "exit -9"
+
+
+def test_batch_artifact_shows_verdict_features_unreadable_files_and_report_link(tmp_path):
+    b = Batch("clinic-b", tmp_path / "clinic-b", "a" * 64, 52)
+    report = tmp_path / "report" / "index.html"
+    md = render_batch(b, "new", metrics=METRICS, report=report, retrain_note="emitted")
+    assert md.startswith("# Drift check `clinic-b`: DRIFT DETECTED")
+    assert "`brightness`, `lab_a`" in md and "score 0.834" in md and "distance 0.123" in md
+    assert f"[index.html]({report.as_uri()})" in md
+    assert "## 2 unreadable file(s)" in md and "- `text.jpg`: not an image" in md
+    assert "yes (50 rows" in md and "nv 0.600, mel 0.400" in md
+
+    failed = render_batch(
+        b, "changed", failure=DriftCheckFailed("clinic-b", 1, ["x", "error: no readable image"])
+    )
+    assert failed.startswith("# Drift check `clinic-b`: FAILED") and "**Error:** no readable image" in failed
+
+
+def test_choose_bundle_prefers_production(tmp_path):
+    from flows.dvcops import Layout
+
+    layout = Layout(tmp_path)
+    with pytest.raises(MonitorFailed, match="no model bundle in models/production or models/ensemble"):
+        choose_bundle(layout, None)
+    for rel in ("models/ensemble", "models/production"):
+        (tmp_path / rel).mkdir(parents=True)
+        (tmp_path / rel / "bundle.json").write_text("{}")
+        assert choose_bundle(layout, None) == tmp_path / rel
+    assert choose_bundle(layout, "models/ensemble") == tmp_path / "models/ensemble"
+    with pytest.raises(MonitorFailed, match="no bundle.json"):
+        choose_bundle(layout, str(tmp_path))
+
+
+# --------------------------------------------------------------------------- the flow, on batches it refuses
+
+
+@pytest.fixture
+def mini_repo(tmp_path, monkeypatch):
+    """The flow's view of a checkout: dvc.yaml, params.yaml (inbox and state inside), a bundle
+    folder (the drift CLI refuses it: these batches never get as far as a model)."""
+    root = tmp_path / "repo"
+    root.mkdir()
+    shutil.copy(REPO / "dvc.yaml", root / "dvc.yaml")
+    shutil.copy(REPO / "params.yaml", root / "params.yaml")
+    (root / "models" / "ensemble").mkdir(parents=True)
+    (root / "models" / "ensemble" / "bundle.json").write_text("{}")
+    monkeypatch.chdir(root)
+    # stages.drift must import from the project, whatever the flow's working directory
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+    return root
+
+
+def _artifact(key: str):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])))
+    return found[0] if found else None
+
+
+def test_flow_records_failed_batches_publishes_them_and_checks_them_once(mini_repo, prefect_api):
+    params = load_params(mini_repo / "params.yaml").drift
+    inbox, state = mini_repo / params.inbox, mini_repo / params.monitor_state
+    (inbox / "empty").mkdir(parents=True)
+    (inbox / "Not Images").mkdir()
+    (inbox / "Not Images" / "x.jpg").write_text("not a jpeg")  # found, then the bundle is refused
+
+    state_ = monitor(return_state=True)
+    assert state_.is_failed()
+    assert "2 of 2 batch check(s) failed" in state_.message and "empty: drift.new_images" in state_.message
+    ledger = json.loads((state / LEDGER).read_text())
+    assert {n: e["status"] for n, e in ledger["batches"].items()} == {
+        "empty": "failed",
+        "Not Images": "failed",
+    }
+    assert "bundle.json: missing key" in ledger["batches"]["Not Images"]["error"]
+    art = _artifact(f"drift-{slug('Not Images')}")
+    assert art is not None and "FAILED" in art.data and "bundle.json: missing key" in art.data
+    summary = _artifact("monitor-summary")
+    assert "# Monitor" in summary.data and "FAILED" in summary.data
+
+    # the same batches again: nothing to check; a fixed batch is checked again
+    again = monitor()
+    assert (
+        again["checked"] == []
+        and again["failed"] == []
+        and sorted(again["skipped"]) == ["Not Images", "empty"]
+    )
+    make_jpeg(inbox / "empty" / "a.jpg")
+    third = monitor(return_state=True)
+    assert third.is_failed() and "1 of 1 batch check(s) failed: empty:" in third.message
+
+
+def test_flow_with_no_inbox_completes_with_nothing_to_check(mini_repo, prefect_api):
+    shutil.rmtree(mini_repo / "models")  # no bundle is needed when there is nothing to check
+    result = monitor(inbox=str(mini_repo / "nowhere"))
+    assert (result["checked"], result["drifted"], result["failed"], result["skipped"]) == ([], [], [], [])
+    assert result["inbox_exists"] is False
+
+
+def test_flow_with_a_batch_but_no_bundle_fails_naming_what_to_run(mini_repo, prefect_api):
+    shutil.rmtree(mini_repo / "models")
+    _batch(mini_repo / "data" / "inbox" / "b1")
+    state_ = monitor(return_state=True)
+    assert state_.is_failed() and "no model bundle in models/production or models/ensemble" in state_.message
+
+
+# --------------------------------------------------------------------------- retrain: extra_sources
+
+
+def test_parse_extra_sources():
+    assert (
+        parse_extra_sources(None) == [] and parse_extra_sources("") == [] and parse_extra_sources("[]") == []
+    )
+    assert parse_extra_sources('["/in/a", "/in/b"]') == ["/in/a", "/in/b"]
+    assert parse_extra_sources(" /in/one batch ") == ["/in/one batch"]
+    with pytest.raises(RetrainFailed, match="extra_sources: not a JSON list of paths"):
+        parse_extra_sources('["/in/a",')
+    with pytest.raises(RetrainFailed, match="every entry must be a non-empty path"):
+        parse_extra_sources('["/in/a", 3, ""]')
+
+
+def test_extra_sources_are_appended_once_in_order():
+    assert merge_extra_sources(["/a", "/b"], ["/b", "/c", "/a", "/d", "/c"]) == ["/a", "/b", "/c", "/d"]
+    assert _overrides(None, None, ["/b"], ("/a",)) == {"download.extra_sources": ["/a", "/b"]}
+    # an explicit params override is the base the batches are appended to
+    got = _overrides(["custom_cnn"], {"download.extra_sources": ["/x"]}, ["/b"], ("/a",))
+    assert got["download.extra_sources"] == ["/x", "/b"] and got["train.backbones"] == ["custom_cnn"]
+    assert _overrides(None, None, [], ("/a",)) == {}
+
+
+def test_extra_sources_are_kept_in_params_yaml(tmp_path):
+    params = tmp_path / "params.yaml"
+    shutil.copy(REPO / "params.yaml", params)
+    base = load_params(params).download.extra_sources
+    first = _overrides(None, None, ["/in/clinic-b"], base)
+    assert set_params(params, first)
+    assert load_params(params).download.extra_sources == (*base, "/in/clinic-b")
+    again = _overrides(None, None, ["/in/clinic-b"], load_params(params).download.extra_sources)
+    assert not set_params(params, again)  # handed over twice: params.yaml (and the data) unchanged

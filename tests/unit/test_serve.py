@@ -1,0 +1,486 @@
+"""The predictor and the prediction CLI: probabilities, determinism, error rows, outputs, risk, Grad-CAM.
+
+Most tests run one small bundle, built once per module the way ``calibrate`` lays it out (an
+untrained custom CNN at 32 px: these tests are about what serving does with a model's output,
+not about how good the model is). The real-data tests run the real command on the 124 HAM10000
+originals in ../shared and skip when they are absent.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import struct
+import subprocess
+import sys
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from serve.predict import collect, main, run
+from serve.predictor import DEFAULT_RISK, Predictor, RiskLevels, default_bundle
+from stages.common import CLASSES, StageError
+from tests.conftest import make_jpeg
+
+REPO = Path(__file__).resolve().parents[2]
+SIZE = 32
+
+
+# --------------------------------------------------------------------------- fixtures and makers
+
+
+def make_bundle(root: Path, *, seed: int = 0, threshold: float = 0.3, temperature: float = 1.3) -> Path:
+    """A bundle folder as ``calibrate`` writes it, with one untrained custom-CNN member."""
+    import keras
+
+    from stages.bundle import file_md5
+    from stages.models import ModelSpec, build_backbone, build_model, output_bias_from_counts
+
+    keras.utils.set_random_seed(seed)
+    bb, _ = build_backbone("custom_cnn", SIZE, "none")
+    spec = ModelSpec(
+        backbone="custom_cnn",
+        image_size=SIZE,
+        output_bias=output_bias_from_counts([30, 50, 110, 12, 111, 670, 14]),
+    )
+    model = build_model(spec, bb, pretrained=False)
+    member = root / "members" / "custom_cnn" / "model.keras"
+    member.parent.mkdir(parents=True)
+    model.save(member)
+    meta = {
+        "format_version": 1,
+        "created": "2026-11-30T12:00:00Z",
+        "classes": list(CLASSES),
+        "malignant": ["akiec", "bcc", "mel"],
+        "image_size": SIZE,
+        "aspect": "crop",
+        "members": [{"name": "custom_cnn", "weight": 1.0, "path": "members/custom_cnn/model.keras",
+                     "md5": file_md5(member)}],
+        "temperature": temperature,
+        "threshold": threshold,
+        "data_version": {"path": "data/prepared", "md5": "0123456789abcdef0123456789abcdef"},
+        "params": {"prepare": {"draft_gap": 2.0}, "evaluate": {"tta": False},
+                   "validate": {"max_pixels": 100_000_000}},
+        "metrics": {},
+    }  # fmt: skip
+    (root / "bundle.json").write_text(json.dumps(meta), encoding="utf-8")
+    (root / "model_card.md").write_text("# Model card: test bundle\n\n| a | b |\n| --- | --- |\n| 1 | 2 |\n")
+    return root
+
+
+def make_bomb(path: Path, side: int = 30_000) -> Path:
+    """A PNG whose header says ``side`` x ``side`` pixels (900 MP) in a few dozen bytes."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", side, side, 8, 2, 0, 0, 0)
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", ihdr)
+        + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+        + chunk(b"IEND", b"")
+    )
+    return path
+
+
+def make_truncated(path: Path, source: Path | None = None) -> Path:
+    """The first 60% of a real JPEG (its header is intact, its scan data cut off)."""
+    data = (
+        source.read_bytes()
+        if source
+        else make_jpeg(path.with_suffix(".full.jpg"), size=(200, 150)).read_bytes()
+    )
+    path.write_bytes(data[: int(len(data) * 0.6)])
+    if source is None:
+        path.with_suffix(".full.jpg").unlink()
+    return path
+
+
+@pytest.fixture(scope="module")
+def bundle_dir(tmp_path_factory) -> Path:
+    return make_bundle(tmp_path_factory.mktemp("bundle"))
+
+
+@pytest.fixture(scope="module")
+def predictor(bundle_dir) -> Predictor:
+    return Predictor.load(bundle_dir)
+
+
+@pytest.fixture
+def mixed_folder(tmp_path) -> Path:
+    """Two good JPEGs, a truncated JPEG, a text file named .jpg and a decompression bomb."""
+    folder = tmp_path / "images"
+    make_jpeg(folder / "a_good.jpg", size=(200, 150), seed=1)
+    make_jpeg(folder / "b_good.jpg", size=(120, 90), seed=2)
+    make_truncated(folder / "c_truncated.jpg")
+    (folder / "d_notes.jpg").write_text("these are my notes, not a photograph\n")
+    make_bomb(folder / "e_bomb.png")
+    return folder
+
+
+def _rows(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+# --------------------------------------------------------------------------- without a model
+
+
+class FakeBundle:
+    """What :class:`Predictor` uses of a bundle; probabilities chosen per image by its first pixel."""
+
+    classes = list(CLASSES)
+    meta = {"created": "2026-01-02T03:04:05Z", "data_version": {"md5": "feedbeef" * 4}, "params": {}}
+    threshold = 0.4
+    image_size = 8
+    aspect = "crop"
+    root = Path("/nonexistent")
+
+    def __init__(self, table: dict[int, list[float]]):
+        self.table = table
+        self.calls: list[int] = []
+
+    def predict(self, images):
+        self.calls.append(len(images))
+        return np.zeros((len(images), 2)), np.array([self.table[int(im[0, 0, 0])] for im in images])
+
+    def malignant_score(self, probs):
+        from stages.metrics import malignant_score
+
+        return malignant_score(probs, self.classes)
+
+
+def _probs(**kw: float) -> list[float]:
+    rest = (1.0 - sum(kw.values())) / (len(CLASSES) - len(kw))
+    return [kw.get(c, rest) for c in CLASSES]
+
+
+def test_risk_levels_default_custom_and_bad_specs():
+    default = RiskLevels.parse(DEFAULT_RISK, CLASSES)
+    assert [default.level(c) for c in CLASSES] == ["Moderate", "High", "Low", "Low", "High", "Low", "Low"]
+    custom = RiskLevels.parse("nv=Check, vasc=Urgent, *=Routine", CLASSES)
+    assert (custom.level("nv"), custom.level("vasc"), custom.level("mel")) == ("Check", "Urgent", "Routine")
+    with pytest.raises(StageError, match=r"--risk: unknown class 'melanoma'; the bundle's classes are"):
+        RiskLevels.parse("melanoma=High", CLASSES)
+    with pytest.raises(StageError, match=r"--risk: 'mel' is not CLASS=LEVEL"):
+        RiskLevels.parse("mel", CLASSES)
+
+
+def test_top3_malignant_refer_and_risk_from_the_probabilities():
+    fake = FakeBundle({
+        1: _probs(mel=0.25, nv=0.55, bcc=0.08),  # the other four get 0.03 each
+        2: _probs(akiec=0.55, bcc=0.05, mel=0.05),
+        3: _probs(bcc=0.40, nv=0.35),
+    })  # fmt: skip
+    p = Predictor(fake)
+    images = np.stack([np.full((8, 8, 3), v, np.uint8) for v in (1, 2, 3)])
+    first, second, third = (p.read(str(i), row) for i, row in enumerate(p.probabilities(images)))
+    assert [c for c, _ in first.top] == ["nv", "mel", "bcc"]
+    assert [v for _, v in first.top] == pytest.approx([0.55, 0.25, 0.08])
+    assert first.malignant_prob == pytest.approx(0.25 + 0.08 + 0.03)
+    assert (first.risk, first.refer) == ("Low", False)
+    # the top class decides the risk level; the malignant flag is read separately
+    assert (second.risk, second.refer) == ("Moderate", True)
+    assert (third.risk, third.refer) == ("High", True)
+
+
+def test_refer_is_at_or_above_the_threshold():
+    fake = FakeBundle({1: _probs(mel=0.2, bcc=0.1, akiec=0.1), 2: _probs(mel=0.2, bcc=0.1, akiec=0.0999)})
+    p = Predictor(fake)
+    images = np.stack([np.full((8, 8, 3), v, np.uint8) for v in (1, 2)])
+    at, below = (p.read("x", row) for row in p.probabilities(images))
+    assert at.malignant_prob == pytest.approx(0.4) and at.refer
+    assert not below.refer
+
+
+def test_identical_inputs_are_computed_once_and_get_identical_numbers():
+    fake = FakeBundle({1: _probs(nv=0.9), 2: _probs(bkl=0.6)})
+    p = Predictor(fake)
+    one, two = np.full((8, 8, 3), 1, np.uint8), np.full((8, 8, 3), 2, np.uint8)
+    first = p.probabilities(np.stack([one, two, one]))
+    again = p.probabilities(np.stack([two, one]))
+    assert fake.calls == [2]  # the repeat within the batch and the later batch reused the result
+    np.testing.assert_array_equal(first[0], first[2])
+    np.testing.assert_array_equal(again[1], first[0])
+    p0 = Predictor(FakeBundle({1: _probs(nv=0.9)}), cache_size=0)
+    p0.probabilities(one[None])
+    p0.probabilities(one[None])
+    assert p0.bundle.calls == [1, 1]
+
+
+def test_version_names_creation_time_and_data_version():
+    v = Predictor(FakeBundle({})).version
+    assert v["created"] == "2026-01-02T03:04:05Z" and v["data_version"] == "feedbeef" * 4
+    assert v["label"] == "2026-01-02T03:04:05Z, data feedbeef"
+
+
+def test_default_bundle_prefers_production(tmp_path):
+    (tmp_path / "models" / "ensemble").mkdir(parents=True)
+    assert default_bundle(tmp_path) == tmp_path / "models" / "ensemble"
+    (tmp_path / "models" / "production").mkdir()
+    assert default_bundle(tmp_path) == tmp_path / "models" / "ensemble"  # no bundle.json yet
+    (tmp_path / "models" / "production" / "bundle.json").write_text("{}")
+    assert default_bundle(tmp_path) == tmp_path / "models" / "production"
+
+
+def test_collect_folders_csv_and_missing_paths(tmp_path):
+    make_jpeg(tmp_path / "f" / "x.jpg")
+    make_jpeg(tmp_path / "f" / "sub" / "y.png")
+    (tmp_path / "f" / "readme.txt").write_text("not listed: not an image suffix")
+    (tmp_path / "empty").mkdir()
+    lst = tmp_path / "list.csv"
+    lst.write_text(f"path,label\nf/x.jpg,nv\n{tmp_path / 'f' / 'sub' / 'y.png'},mel\n,bkl\n")
+    bad_csv = tmp_path / "bad.csv"
+    bad_csv.write_text("image_id\nISIC_1\n")
+    items = collect([str(tmp_path / "f"), str(lst), str(tmp_path / "empty"), "nope.jpg", str(bad_csv)])
+    names = [n for n, _, _ in items]
+    assert names[:2] == [str(tmp_path / "f" / "sub" / "y.png"), str(tmp_path / "f" / "x.jpg")]
+    assert items[2] == ("f/x.jpg", str(tmp_path / "f" / "x.jpg"), None)  # relative to the CSV's folder
+    assert items[4][2] == "line 4: empty 'path'"
+    assert items[5][2].startswith("no image files (.jpg .jpeg .png")
+    assert items[6] == ("nope.jpg", "nope.jpg", None)  # its "file not found" comes when decoded
+    assert items[7][2] == "no 'path' column (columns: ['image_id'])"
+
+
+# --------------------------------------------------------------------------- with a real bundle
+
+
+def test_probabilities_are_the_bundles_and_sum_to_one(predictor, tmp_path):
+    from stages.images import load_image
+
+    paths = [make_jpeg(tmp_path / f"{i}.jpg", size=(90, 60), seed=i) for i in range(5)]
+    pixels = np.stack([load_image(p, SIZE, "crop") for p in paths])
+    probs = Predictor(predictor.bundle, cache_size=0).probabilities(pixels)
+    _emb, direct = predictor.bundle.predict(pixels)
+    np.testing.assert_array_equal(probs, direct)  # the recipe is the bundle's own, not a copy
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-12)
+
+
+def test_cli_error_rows_name_each_bad_file_and_the_exit_code_is_1(bundle_dir, mixed_folder, tmp_path, capsys):
+    out = tmp_path / "pred.csv"
+    args = [str(mixed_folder), str(tmp_path / "missing.jpg"), "--bundle", str(bundle_dir), "--out", str(out)]
+    rc = main([*args, "--no-progress"])
+    assert rc == 1
+    printed = capsys.readouterr().out.splitlines()
+    rows = _rows(out)
+    by_name = {Path(r["image"]).name: r for r in rows}
+    assert [r["status"] for r in rows] == ["ok", "ok", "error", "error", "error", "error"]
+    assert by_name["c_truncated.jpg"]["error"].startswith(
+        "truncated or damaged image file (image file is truncated"
+    )
+    assert by_name["d_notes.jpg"]["error"] == "cannot identify image file: not an image Pillow can read"
+    assert by_name["e_bomb.png"]["error"] == (
+        "30000x30000 pixels is over the limit of 100,000,000 (decompression-bomb guard)"
+    )
+    assert by_name["missing.jpg"]["error"] == "file not found"
+    for name in ("c_truncated.jpg", "d_notes.jpg", "e_bomb.png", "missing.jpg"):
+        line = next(x for x in printed if Path(x.split("\t")[0]).name == name)
+        assert line.split("\t")[1] == "ERROR" and line.split("\t")[2] == by_name[name]["error"]
+    for r in rows[:2]:
+        probs = [float(r[f"prob_{c}"]) for c in CLASSES]
+        assert abs(sum(probs) - 1.0) < 1e-6
+        assert float(r["malignant_prob"]) == pytest.approx(
+            sum(float(r[f"prob_{c}"]) for c in ("akiec", "bcc", "mel"))
+        )
+        assert r["refer"] == str(float(r["malignant_prob"]) >= float(r["threshold"]))
+        assert r["top1"] == max(CLASSES, key=lambda c: float(r[f"prob_{c}"]))
+        assert r["bundle_created"] == "2026-11-30T12:00:00Z"
+        assert r["bundle_data_version"] == "0123456789abcdef0123456789abcdef"
+
+
+def test_cli_exit_0_and_json_output_when_all_are_good(bundle_dir, tmp_path, capsys):
+    for i in range(3):
+        make_jpeg(tmp_path / "in" / f"{i}.jpg", size=(64, 48), seed=i)
+    out = tmp_path / "pred.json"
+    assert main([str(tmp_path / "in"), "--bundle", str(bundle_dir), "--out", str(out), "--no-progress"]) == 0
+    doc = json.loads(out.read_text())
+    assert doc["bundle"]["created"] == "2026-11-30T12:00:00Z" and doc["bundle"]["threshold"] == 0.3
+    assert "not a medical device" in doc["bundle"]["disclaimer"]
+    assert len(doc["predictions"]) == 3
+    for row in doc["predictions"]:
+        assert row["status"] == "ok" and row["error"] == ""
+        assert abs(sum(row[f"prob_{c}"] for c in CLASSES) - 1.0) < 1e-6
+        assert row["risk"] in ("High", "Moderate", "Low")
+    lines = [x for x in capsys.readouterr().out.splitlines() if not x.startswith("#")]
+    assert len(lines) == 3 and all("refer=" in x and "malignant=" in x for x in lines)
+
+
+def test_same_image_twice_gives_identical_numbers_across_batches_and_runs(bundle_dir, tmp_path):
+    img = make_jpeg(tmp_path / "lesion.jpg", size=(300, 200), seed=7)
+    others = [str(make_jpeg(tmp_path / f"o{i}.jpg", size=(80, 60), seed=20 + i)) for i in range(4)]
+    paths = [str(img), *others, str(img)]  # batch size 4: the two copies run in batches of 4 and 2
+    outs = []
+    for k in range(2):
+        out = tmp_path / f"run{k}.csv"
+        run(paths, bundle=bundle_dir, out=out, batch_size=4, progress=False)
+        outs.append(_rows(out))
+    first, last = outs[0][0], outs[0][-1]
+    numbers = [k for k in first if k.startswith("prob_") or k in ("malignant_prob", "top1_prob")]
+    assert [first[k] for k in numbers] == [last[k] for k in numbers]
+    assert outs[0] == outs[1]  # a second run prints the same digits
+
+
+def test_custom_risk_mapping_on_the_command_line(bundle_dir, tmp_path):
+    make_jpeg(tmp_path / "a.jpg", seed=3)
+    out = tmp_path / "p.csv"
+    run([str(tmp_path / "a.jpg")], bundle=bundle_dir, out=out, risk="*=Review", progress=False)
+    assert _rows(out)[0]["risk"] == "Review"
+    with pytest.raises(StageError, match="unknown class 'melanoma'"):
+        run([str(tmp_path / "a.jpg")], bundle=bundle_dir, risk="melanoma=High", progress=False)
+
+
+def test_bad_arguments_are_one_line_errors(bundle_dir, tmp_path, capsys):
+    make_jpeg(tmp_path / "a.jpg")
+    assert main([str(tmp_path / "a.jpg"), "--bundle", str(bundle_dir), "--out", str(tmp_path / "x.txt")]) == 1
+    assert "error: --out" in capsys.readouterr().err
+    assert main([str(tmp_path / "a.jpg"), "--bundle", str(tmp_path / "nowhere")]) == 1
+    assert "bundle.json: not found" in capsys.readouterr().err
+
+
+def test_explain_writes_one_overlay_per_image_with_unique_names(bundle_dir, tmp_path):
+    from PIL import Image
+
+    make_jpeg(tmp_path / "a" / "lesion.jpg", size=(200, 150), seed=1)
+    make_jpeg(tmp_path / "b" / "lesion.jpg", size=(200, 150), seed=2)
+    out = tmp_path / "p.csv"
+    run([str(tmp_path / "a"), str(tmp_path / "b")], bundle=bundle_dir, out=out, explain=tmp_path / "cams",
+        progress=False)  # fmt: skip
+    rows = _rows(out)
+    names = sorted(Path(r["gradcam"]).name for r in rows)
+    assert names == ["lesion-2.gradcam.png", "lesion.gradcam.png"]
+    with Image.open(rows[0]["gradcam"]) as im:
+        assert im.size == (512, 256) and im.mode == "RGB"
+
+
+def test_decode_workers_give_the_same_rows_as_one_process(predictor, mixed_folder):
+    for i in range(8):
+        make_jpeg(mixed_folder / f"z{i}.jpg", size=(90, 70), seed=40 + i)
+    items = collect([str(mixed_folder)])
+    runs = [
+        [x.as_row(predictor.classes, predictor.threshold, predictor.version)
+         for x in predictor.predict_paths(items, batch_size=4, workers=workers, progress=False)]
+        for workers in (1, 2)
+    ]  # fmt: skip
+    assert [r["image"] for r in runs[0]] == [r["image"] for r in runs[1]]
+    assert [r["error"] for r in runs[0]] == [r["error"] for r in runs[1]]
+    assert sum(r["status"] == "ok" for r in runs[0]) == 10
+    for a, b in zip(*runs, strict=True):
+        assert [a[f"prob_{c}"] for c in CLASSES] == [b[f"prob_{c}"] for c in CLASSES]
+
+
+# --------------------------------------------------------------------------- Grad-CAM
+
+
+def _known_model():
+    """uint8 image -> preprocess -> nested backbone (8x8 average pooling: a 4x4x3 map) -> gap ->
+    softmax whose class-0 logit is 8 x the mean red: Grad-CAM for class 0 must light up the red."""
+    import keras
+    from keras import layers
+
+    from stages.models import Preprocess
+
+    inp = keras.Input((SIZE, SIZE, 3), name="backbone_input")
+    backbone = keras.Model(inp, layers.AveragePooling2D(8)(inp), name="backbone")
+    image = keras.Input((SIZE, SIZE, 3), dtype="uint8", name="image")
+    x = backbone(Preprocess("unit", name="preprocess")(image))
+    x = layers.GlobalAveragePooling2D(name="gap")(x)
+    head = layers.Dense(len(CLASSES), activation="softmax", name="probs")
+    out = head(x)
+    kernel = np.zeros((3, len(CLASSES)), np.float32)
+    kernel[0, 0] = 8.0
+    head.set_weights([kernel, np.zeros(len(CLASSES), np.float32)])
+    return keras.Model(image, out)
+
+
+def test_gradcam_lights_up_the_region_that_raises_the_class():
+    from serve.gradcam import GradCam
+
+    img = np.zeros((2, SIZE, SIZE, 3), np.uint8)
+    img[0, :8, :8, 0] = 255  # red in the top-left cell of the 4x4 map
+    img[1, 24:, 8:16, 0] = 255  # bottom row, second column
+    heat = GradCam(_known_model()).heatmaps(img, np.array([0, 0]))
+    assert heat.shape == (2, 4, 4)
+    assert np.unravel_index(heat[0].argmax(), (4, 4)) == (0, 0) and heat[0, 0, 0] == pytest.approx(1.0)
+    assert np.unravel_index(heat[1].argmax(), (4, 4)) == (3, 1)
+    assert heat[0].sum() == pytest.approx(1.0)  # nothing elsewhere
+    # a class the red lowers: no positive evidence anywhere, an all-zero map (not a uniform one)
+    kernel_neg = GradCam(_known_model())
+    kernel_neg.head.kernel.assign(-kernel_neg.head.kernel.numpy())
+    assert kernel_neg.heatmaps(img, np.array([0, 0])).max() == 0.0
+
+
+@pytest.mark.parametrize(("backbone", "fusion"), [("custom_cnn", True), ("mobilenetv2", False)])
+def test_gradcam_finds_the_feature_map_of_each_layout(backbone, fusion):
+    from serve.gradcam import GradCam, feature_map_tensor
+    from stages.bundle import Bundle, Member
+    from stages.models import ModelSpec, build_backbone, build_model
+
+    bb, _ = build_backbone(backbone, SIZE, "none")
+    model = build_model(ModelSpec(backbone=backbone, image_size=SIZE, fusion=fusion), bb, pretrained=False)
+    assert tuple(feature_map_tensor(model).shape[1:3]) == tuple(bb.output.shape[1:3])
+    images = np.random.default_rng(0).integers(0, 256, (3, SIZE, SIZE, 3), dtype=np.uint8)
+    member = Member("m", 1.0, model, fusion)
+    fake = Bundle(Path("."), {"image_size": SIZE}, [member], None, "m")  # only _inputs is used
+    heat = GradCam(model).heatmaps(fake._inputs(images, fusion), np.array([0, 4, 5]))
+    assert heat.shape == (3, *bb.output.shape[1:3])
+    assert np.isfinite(heat).all() and heat.min() >= 0.0 and heat.max() <= 1.0
+
+
+def test_overlay_is_image_and_map_side_by_side():
+    from serve.gradcam import overlay
+
+    display = np.full((64, 64, 3), 200, np.uint8)
+    heat = np.zeros((4, 4), np.float32)
+    heat[0, 0] = 1.0
+    out = overlay(display, heat)
+    assert out.shape == (64, 128, 3) and out.dtype == np.uint8
+    np.testing.assert_array_equal(out[:, :64], display)
+    assert not np.array_equal(out[0, 64], out[63, 127])  # hot corner vs cold corner
+
+
+# --------------------------------------------------------------------------- the real command, real data
+
+
+@pytest.mark.slow
+@pytest.mark.realdata
+def test_real_command_on_the_124_originals(shared_ham, bundle_dir, tmp_path):
+    out = tmp_path / "pred.csv"
+    proc = subprocess.run(
+        [sys.executable, "-m", "serve.predict", str(shared_ham / "originals_600x450"),
+         "--bundle", str(bundle_dir), "--out", str(out), "--no-progress"],
+        cwd=REPO, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    printed = [x for x in proc.stdout.splitlines() if not x.startswith("#")]
+    assert len(printed) == 124
+    rows = _rows(out)
+    assert len(rows) == 124 and all(r["status"] == "ok" for r in rows)
+    for r in rows:
+        assert abs(sum(float(r[f"prob_{c}"]) for c in CLASSES) - 1.0) < 1e-6
+
+
+@pytest.mark.slow
+@pytest.mark.realdata
+def test_real_command_on_a_folder_with_two_bad_files(shared_ham, bundle_dir, tmp_path):
+    originals = sorted((shared_ham / "originals_600x450").glob("*.jpg"))
+    folder = tmp_path / "batch"
+    folder.mkdir()
+    for p in originals[:2]:
+        shutil.copy(p, folder / p.name)
+    make_truncated(folder / "cut_off.jpg", originals[2])
+    (folder / "report.jpg").write_text("Referral letter, not an image.\n")
+    proc = subprocess.run(
+        [sys.executable, "-m", "serve.predict", str(folder), "--bundle", str(bundle_dir), "--no-progress"],
+        cwd=REPO, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    rows = [x.split("\t") for x in proc.stdout.splitlines() if not x.startswith("#")]
+    errors = {Path(r[0]).name: r[2] for r in rows if r[1] == "ERROR"}
+    assert sorted(errors) == ["cut_off.jpg", "report.jpg"]
+    assert errors["cut_off.jpg"].startswith("truncated or damaged image file")
+    assert errors["report.jpg"].startswith("cannot identify image file")
+    assert sorted(Path(r[0]).name for r in rows if r[1] != "ERROR") == sorted(p.name for p in originals[:2])

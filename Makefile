@@ -11,12 +11,19 @@ export TF_CPP_MIN_LOG_LEVEL := 2
 # dvc runs each stage's `python -m stages.X` with this PATH, so the venv's python is used.
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: help setup demo test test-fast lint bench lock clean
+.PHONY: help setup browser demo test test-fast lint bench lock clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/\t/'
 
-setup: $(STAMP)  ## create .venv and install the pinned set (idempotent)
+setup: $(STAMP) browser  ## create .venv and install the pinned set (idempotent)
+
+# The web app's browser test drives Debian's chromium through Playwright (never a downloaded browser).
+browser:
+	@command -v chromium >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	  else echo "warning: no chromium; the browser test needs it: sudo apt-get install chromium" >&2; fi; }
 
 $(STAMP): requirements.lock pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found; install Python 3.11 or run make PYTHON=python3.x" >&2; exit 1; }
@@ -38,7 +45,7 @@ test-fast: setup  ## the tests that take seconds
 	$(BIN)/python -m pytest -m "not slow and not e2e"
 
 lint: setup  ## ruff
-	$(BIN)/ruff check stages flows tests bench
+	$(BIN)/ruff check stages flows serve tests bench
 
 bench: setup  ## benchmarks (need ../shared/data/ham10000); results go to bench/RESULTS.md
 	$(BIN)/python -m bench.run $(BENCH)

@@ -147,8 +147,8 @@ def test_a_text_file_is_refused_as_not_an_image(client):
     r = client.post("/predict", files=[("files", ("notes.jpg", b"my notes, not a photo\n", "image/jpeg"))])
     assert r.status_code == 415
     assert _error_box(r.text) == (
-        "1 of 1 file(s) refused; nothing was analysed notes.jpg : not an image "
-        "(cannot identify image file: not an image Pillow can read)"
+        "1 of 1 file(s) refused; nothing was analysed notes.jpg : not an image file "
+        "(BMP, JPEG, PNG, TIFF, WEBP expected)"
     )
     assert not _results(r.text)
 
@@ -162,6 +162,14 @@ def test_path_like_names_are_refused_not_cleaned(client, name):
     assert _error_box(r.text).endswith(
         ": the file name looks like a path; upload the file itself under a plain name (e.g. lesion.jpg)"
     )
+
+
+def test_file_names_are_escaped_in_the_page(client):
+    name = "<img src=x onerror=alert(1)>.jpg"
+    r = client.post("/predict", files=[("files", (name, _jpeg(4), "image/jpeg"))])
+    assert r.status_code == 200
+    assert "<img src=x" not in r.text
+    assert 'data-image="&lt;img src=x onerror=alert(1)&gt;.jpg"' in r.text
 
 
 def test_name_rules():

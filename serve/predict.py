@@ -1,0 +1,271 @@
+"""Predict skin-lesion images with the model bundle: one row per image, errors included.
+
+    python -m serve.predict IMAGE_OR_FOLDER_OR_CSV... [--bundle DIR] [--out FILE.csv|.json]
+                            [--explain DIR] [--batch-size N] [--workers N] [--risk SPEC]
+
+PATH may be image files, folders (searched recursively for .jpg, .jpeg, .png, .bmp, .tif,
+.tiff, .webp) or CSV files with a ``path`` column (relative paths are relative to the CSV's own
+folder). The bundle (default ``models/production`` once a model was promoted, else
+``models/ensemble``) is loaded once; images stream through it in batches. A file that cannot be
+used (missing, truncated, not an image, over the pixel limit) gets an error row naming it and
+the others are still predicted; the exit code is then 1.
+
+Not a diagnosis: the probabilities come from a research model trained on HAM10000 dermoscopy
+images, and a clinician decides.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import math
+import os
+import sys
+from collections.abc import Sequence
+from contextlib import ExitStack
+from pathlib import Path
+from typing import IO, Any
+
+from serve.predictor import (
+    DEFAULT_RISK,
+    DISCLAIMER,
+    Prediction,
+    Predictor,
+    RiskLevels,
+    default_bundle,
+    pick_workers,
+)
+from stages.common import StageError, atomic_file, run_main, setup_logging
+from stages.images import IMAGE_SUFFIXES, list_images
+
+log = logging.getLogger(__name__)
+
+PATH_COLUMN = "path"
+
+
+def collect(args: Sequence[str], *, column: str = PATH_COLUMN) -> list[tuple[str, str, str | None]]:
+    """``(name, path, known error)`` for every image named by ``args``, in the order given."""
+    items: list[tuple[str, str, str | None]] = []
+    for arg in args:
+        p = Path(arg)
+        if p.is_dir():
+            found = list_images(p)
+            if not found:
+                items.append((arg, arg, f"no image files ({' '.join(IMAGE_SUFFIXES)}) in this folder"))
+            items += [(str(f), str(f), None) for f in found]
+        elif p.suffix.lower() == ".csv" and p.is_file():
+            items += _from_csv(p, column)
+        else:
+            items.append((arg, arg, None))  # a missing path gets its "file not found" row when decoded
+    return items
+
+
+def _from_csv(path: Path, column: str) -> list[tuple[str, str, str | None]]:
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as fh:
+            reader = csv.DictReader(fh)
+            if column not in (reader.fieldnames or []):
+                return [(str(path), str(path), f"no {column!r} column (columns: {reader.fieldnames})")]
+            out: list[tuple[str, str, str | None]] = []
+            for line, row in enumerate(reader, start=2):
+                value = (row.get(column) or "").strip()
+                if not value:
+                    out.append((f"{path}:{line}", str(path), f"line {line}: empty {column!r}"))
+                    continue
+                target = Path(value) if Path(value).is_absolute() else path.parent / value
+                out.append((value, str(target), None))
+            return out
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        return [(str(path), str(path), f"unreadable CSV ({e})")]
+
+
+# --------------------------------------------------------------------------- output
+
+
+def format_line(pred: Prediction, version_label: str) -> str:
+    """The row printed for one image (rounded for reading; the files keep every digit)."""
+    if not pred.ok:
+        return f"{pred.image}\tERROR\t{pred.error}"
+    top = ", ".join(f"{c} {p:.3f}" for c, p in pred.top)
+    refer = "REFER" if pred.refer else "no"
+    malignant = f"malignant={pred.malignant_prob:.3f}"
+    return "\t".join([pred.image, pred.risk, f"refer={refer}", malignant, top, version_label])
+
+
+class _Writer:
+    """Rows to CSV or JSON as they come (the file is renamed into place when complete)."""
+
+    def __init__(self, fh: IO[str], kind: str, header: dict[str, Any]):
+        self.fh, self.kind, self.n = fh, kind, 0
+        self.csv: csv.DictWriter | None = None
+        if kind == "json":
+            fh.write('{"bundle": ' + json.dumps(header, sort_keys=True) + ',\n "predictions": [\n')
+
+    def write(self, row: dict[str, Any]) -> None:
+        if self.kind == "csv":
+            if self.csv is None:
+                self.csv = csv.DictWriter(self.fh, fieldnames=list(row), lineterminator="\n")
+                self.csv.writeheader()
+            self.csv.writerow({k: _csv_value(v) for k, v in row.items()})
+        else:
+            clean = {
+                k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()
+            }
+            self.fh.write(("  " if self.n == 0 else ",\n  ") + json.dumps(clean, allow_nan=False))
+        self.n += 1
+
+    def close(self) -> None:
+        if self.kind == "json":
+            self.fh.write("\n ]}\n")
+
+
+def _csv_value(v: Any) -> Any:
+    if v is None:
+        return ""
+    if isinstance(v, float):
+        return repr(v)  # every digit: the 7 probabilities of a row sum to 1 within 1e-15
+    return v
+
+
+def _unique_png(folder: Path, image: str, used: set[str]) -> Path:
+    stem = Path(image).stem or "image"
+    name, k = f"{stem}.gradcam.png", 1
+    while name in used:
+        k += 1
+        name = f"{stem}-{k}.gradcam.png"
+    used.add(name)
+    return folder / name
+
+
+def run(
+    paths: Sequence[str],
+    *,
+    bundle: Path,
+    out: Path | None = None,
+    explain: Path | None = None,
+    batch_size: int = 32,
+    workers: int = 0,
+    risk: str = DEFAULT_RISK,
+    column: str = PATH_COLUMN,
+    progress: bool = True,
+    stdout: IO[str] | None = None,
+) -> tuple[int, int]:
+    """Predict every image named by ``paths``; print a row each; returns ``(n_ok, n_failed)``."""
+    from tqdm import tqdm
+
+    if batch_size < 1:
+        raise StageError(f"--batch-size must be >= 1, got {batch_size}")
+    kind = None
+    if out is not None:
+        kind = out.suffix.lower().lstrip(".")
+        if kind not in ("csv", "json"):
+            raise StageError(f"--out {out}: use a .csv or .json file name")
+    items = collect(paths, column=column)
+    if not items:
+        raise StageError("no input: give image files, folders or CSV files")
+    stdout = stdout or sys.stdout
+    predictor = Predictor.load(bundle)
+    predictor.risk = RiskLevels.parse(risk, predictor.classes)
+    version = predictor.version
+    header = {
+        "path": str(bundle),
+        **version,
+        "threshold": predictor.threshold,
+        "classes": predictor.classes,
+        "disclaimer": DISCLAIMER,
+    }
+    print(
+        f"# bundle {bundle} ({version['label']}); refer when malignant >= {predictor.threshold:.3f}. "
+        + DISCLAIMER,
+        file=stdout,
+    )
+    print("# image\trisk\trefer\tmalignant\ttop-3\tbundle", file=stdout)
+    if explain is not None:
+        explain.mkdir(parents=True, exist_ok=True)
+    used: set[str] = set()
+    n_ok = n_bad = 0
+    with ExitStack() as stack:
+        writer = None
+        if out is not None and kind is not None:
+            writer = _Writer(stack.enter_context(atomic_file(out, "w", encoding="utf-8")), kind, header)
+        stream = predictor.predict_paths(
+            items,
+            batch_size=batch_size,
+            workers=pick_workers(workers, len(items), batch_size),
+            explain=explain is not None,
+            progress=progress,
+            total=len(items),
+        )
+        for pred in stream:
+            if pred.ok:
+                n_ok += 1
+                if explain is not None and pred.overlay is not None:
+                    from serve.gradcam import png_bytes
+
+                    target = _unique_png(explain, pred.image, used)
+                    target.write_bytes(png_bytes(pred.overlay))
+                    pred.gradcam_path = str(target)
+                    pred.overlay = None
+            else:
+                n_bad += 1
+            tqdm.write(format_line(pred, version["label"]), file=stdout)
+            if writer is not None:
+                writer.write(pred.as_row(predictor.classes, predictor.threshold, version))
+        if writer is not None:
+            writer.close()
+    log.info("%d image(s) predicted, %d failed%s", n_ok, n_bad, f"; rows in {out}" if out else "")
+    return n_ok, n_bad
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(
+        prog="python -m serve.predict",
+        description=__doc__.split("\n\n")[0],
+        epilog=DISCLAIMER,
+    )
+    ap.add_argument(
+        "paths", nargs="+", metavar="PATH", help="image files, folders, or CSV files with a path column"
+    )
+    ap.add_argument(
+        "--bundle", type=Path, help="model bundle (default: models/production, else models/ensemble)"
+    )
+    ap.add_argument("--out", type=Path, help="also write every row, unrounded, to FILE.csv or FILE.json")
+    ap.add_argument(
+        "--explain", type=Path, metavar="DIR", help="write a Grad-CAM overlay PNG per image into DIR"
+    )
+    ap.add_argument("--batch-size", type=int, default=32, help="images per model call (default 32)")
+    ap.add_argument("--workers", type=int, default=0, help="decode processes (default 0: all cores)")
+    ap.add_argument(
+        "--risk",
+        default=DEFAULT_RISK,
+        help=f"risk level per top class, * for the others (default {DEFAULT_RISK!r})",
+    )
+    ap.add_argument("--path-column", default=PATH_COLUMN, help="column of a CSV input that holds the paths")
+    ap.add_argument("--no-progress", action="store_true", help="no progress bar")
+    ap.add_argument("-v", "--verbose", action="store_true")
+    args = ap.parse_args(argv)
+    setup_logging(args.verbose)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow is imported
+
+    def body() -> int:
+        bundle = args.bundle or default_bundle(Path.cwd())
+        _ok, bad = run(
+            args.paths,
+            bundle=bundle,
+            out=args.out,
+            explain=args.explain,
+            batch_size=args.batch_size,
+            workers=args.workers,
+            risk=args.risk,
+            column=args.path_column,
+            progress=not args.no_progress,
+        )
+        return 1 if bad else 0
+
+    return run_main(body)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -233,7 +233,7 @@ class Predictor:
             if self._gradcam is None:
                 self._gradcam = GradCam(self._best_model)
             # The bundle's own input convention (image-only: unknown metadata for a fusion member).
-            inputs = self.bundle._inputs(np.ascontiguousarray(pixels, dtype=np.uint8), best.takes_meta)
+            inputs = self.bundle.model_inputs(np.ascontiguousarray(pixels, dtype=np.uint8), best.takes_meta)
             return self._gradcam.heatmaps(inputs, class_index)
 
     def read(self, name: str, probs: np.ndarray) -> Prediction:

@@ -134,7 +134,8 @@ class Bundle:
         )  # fmt: skip
         return cls(root, meta, members, embedder, best.name, tta, list(meta["classes"]))
 
-    def _inputs(self, images: np.ndarray, takes_meta: bool) -> Any:
+    def model_inputs(self, images: np.ndarray, takes_meta: bool) -> Any:
+        """What a member is called with: the images, plus unknown metadata for a fusion member."""
         if not takes_meta:
             return images
         # Drift checks and reference both run image-only: unknown metadata for a fusion member
@@ -158,7 +159,7 @@ class Bundle:
         for m in self.members:
             probs = np.zeros_like(mixed)
             for k, v in enumerate(views):
-                x = self._inputs(np.ascontiguousarray(v), m.takes_meta)
+                x = self.model_inputs(np.ascontiguousarray(v), m.takes_meta)
                 if m.name == self.best and k == 0:
                     feats, p = self.embedder(x, training=False)
                     emb = np.asarray(feats, dtype=np.float32)

@@ -25,10 +25,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import logging
 import os
 import subprocess
 import sys
+from collections.abc import Sequence
 from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
@@ -76,7 +78,14 @@ from flows.promote import (
 from flows.report import RunReport, diff_table, render_summary
 from stages.params import Params, load_params
 
-__all__ = ["retrain", "retry_if_transient", "gpu_devices", "main"]
+__all__ = [
+    "retrain",
+    "retry_if_transient",
+    "gpu_devices",
+    "main",
+    "merge_extra_sources",
+    "parse_extra_sources",
+]
 
 SUMMARY_KEY = "retrain-summary"
 DIFF_KEY = "retrain-metrics-diff"
@@ -230,13 +239,47 @@ def _render_plots(layout: Layout) -> None:
         _logger().warning("dvc plots show failed (summary lists no plots): %s", e)
 
 
-def _overrides(backbones: list[str] | None, params_overrides: dict[str, Any] | None) -> dict[str, Any]:
+def _overrides(
+    backbones: list[str] | None,
+    params_overrides: dict[str, Any] | None,
+    extra_sources: list[str] | None = None,
+    current_extra: Sequence[str] = (),
+) -> dict[str, Any]:
     out: dict[str, Any] = {}
     if backbones:
         # The ensemble must be a subset of what is trained: by default, all of it.
         out["train.backbones"] = list(backbones)
         out["ensemble.members"] = list(backbones)
     out.update(params_overrides or {})
+    if extra_sources:
+        base = out.get("download.extra_sources", current_extra)
+        out["download.extra_sources"] = merge_extra_sources(base, extra_sources)
+    return out
+
+
+def parse_extra_sources(value: str | None) -> list[str]:
+    """The retrain's ``extra_sources`` parameter: a JSON list of paths (what the drift event
+    carries), or one path; None or empty means none."""
+    text = (value or "").strip()
+    if not text:
+        return []
+    if text.startswith("["):
+        try:
+            items = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise RetrainFailed(f"extra_sources: not a JSON list of paths ({e.msg}): {text[:200]}") from None
+        if not all(isinstance(x, str) and x.strip() for x in items):
+            raise RetrainFailed(f"extra_sources: every entry must be a non-empty path: {text[:200]}")
+        return [x.strip() for x in items]
+    return [text]
+
+
+def merge_extra_sources(current: Sequence[str], new: Sequence[str]) -> list[str]:
+    """``current`` then the entries of ``new`` it lacks: order kept, no duplicates."""
+    out: list[str] = []
+    for path in [*current, *new]:
+        if path not in out:
+            out.append(path)
     return out
 
 
@@ -265,6 +308,7 @@ def retrain(
     backbones: list[str] | None = None,
     params_overrides: dict[str, Any] | None = None,
     promote: bool = True,
+    extra_sources: str | None = None,
 ) -> dict[str, Any]:
     """Reproduce the pipeline and promote the candidate bundle if it passes the gate.
 
@@ -275,6 +319,10 @@ def retrain(
         params_overrides: ``{"train.common.epochs": 1, ...}`` written into params.yaml and kept,
             like ``dvc exp run -S``.
         promote: promote a candidate that passes the gate (false: report the gate only).
+        extra_sources: labelled batches (folders in HAM10000 layout) to add to the training data:
+            a JSON list of paths, or one path. Appended to ``download.extra_sources`` (kept in
+            params.yaml, duplicates skipped), so ``download`` merges them into the next data
+            version. The drift monitor's event passes them through the deployment trigger.
     """
     logger = get_run_logger()
     layout = Layout(Path.cwd().resolve())
@@ -285,7 +333,9 @@ def retrain(
     try:
         if not (layout.root / "dvc.yaml").is_file():
             raise RetrainFailed(f"no dvc.yaml in {root}: run the flow from the repository root")
-        overrides = _overrides(backbones, params_overrides)
+        extra = parse_extra_sources(extra_sources)
+        current = load_params(layout.path(layout.params)).download.extra_sources if extra else ()
+        overrides = _overrides(backbones, params_overrides, extra, current)
         report.overrides = overrides
         if overrides:
             apply_params(root, overrides)
@@ -460,6 +510,14 @@ def main(argv: list[str] | None = None) -> int:
         "as with dvc exp run -S); repeatable",
     )
     parser.add_argument("--no-promote", action="store_true", help="evaluate the gate but never promote")
+    parser.add_argument(
+        "--extra-source",
+        action="append",
+        default=[],
+        metavar="PATH",
+        dest="extra_sources",
+        help="a labelled batch (HAM10000 layout) to add to download.extra_sources; repeatable",
+    )
     args = parser.parse_args(argv)
     overrides = _parse_set(args.sets)
     try:
@@ -468,6 +526,7 @@ def main(argv: list[str] | None = None) -> int:
             backbones=args.backbones,
             params_overrides=overrides or None,
             promote=not args.no_promote,
+            extra_sources=json.dumps(args.extra_sources) if args.extra_sources else None,
         )
     except Exception as e:
         first = str(e).splitlines()[0] if str(e) else type(e).__name__

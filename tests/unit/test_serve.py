@@ -424,8 +424,8 @@ def test_gradcam_finds_the_feature_map_of_each_layout(backbone, fusion):
     assert tuple(feature_map_tensor(model).shape[1:3]) == tuple(bb.output.shape[1:3])
     images = np.random.default_rng(0).integers(0, 256, (3, SIZE, SIZE, 3), dtype=np.uint8)
     member = Member("m", 1.0, model, fusion)
-    fake = Bundle(Path("."), {"image_size": SIZE}, [member], None, "m")  # only _inputs is used
-    heat = GradCam(model).heatmaps(fake._inputs(images, fusion), np.array([0, 4, 5]))
+    fake = Bundle(Path("."), {"image_size": SIZE}, [member], None, "m")  # only model_inputs is used
+    heat = GradCam(model).heatmaps(fake.model_inputs(images, fusion), np.array([0, 4, 5]))
     assert heat.shape == (3, *bb.output.shape[1:3])
     assert np.isfinite(heat).all() and heat.min() >= 0.0 and heat.max() <= 1.0
 

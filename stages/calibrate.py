@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import json
 import logging
 import shutil
@@ -34,7 +33,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from stages.bundle import REFERENCE_KEY, write_drift_reference
+from stages.bundle import REFERENCE_KEY, file_md5, write_drift_reference
 from stages.common import (
     CLASSES,
     MALIGNANT,
@@ -217,14 +216,6 @@ def data_version(lock_path: Path, prepared: str) -> str | None:
             if Path(str(out.get("path", ""))).as_posix().rstrip("/") == target:
                 return out.get("md5") or out.get("hash")
     return None
-
-
-def _md5(path: Path) -> str:
-    h = hashlib.md5()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _fmt(v: Any, digits: int = 3) -> str:
@@ -535,7 +526,7 @@ def run(
             dest.parent.mkdir(parents=True)
             shutil.copy2(m["src"], dest)
             bundle["members"].append(
-                {"name": m["name"], "weight": m["weight"], "path": m["path"], "md5": _md5(dest)}
+                {"name": m["name"], "weight": m["weight"], "path": m["path"], "md5": file_md5(dest)}
             )
         card = model_card(
             bundle=bundle,

@@ -109,21 +109,29 @@ def prefect_server(tmp_path):
         logs=tmp_path,
     )
     try:
-        import httpx
-
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/api/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if server.proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail("prefect server did not become healthy\n" + server.tail())
-            time.sleep(0.5)
+        wait_healthy(
+            f"http://127.0.0.1:{port}/api/health", server, 120, "prefect server did not become healthy"
+        )
         yield env, server
     finally:
         server.stop()
+
+
+def wait_healthy(url: str, proc: Background, timeout: float, failure: str) -> None:
+    """Poll ``url`` until it answers 200; fail with ``failure`` and the log if ``proc`` dies or
+    ``timeout`` seconds pass."""
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if proc.proc.poll() is not None or time.monotonic() > deadline:
+            pytest.fail(f"{failure}\n" + proc.tail())
+        time.sleep(0.5)
 
 
 def _prefect(args: list[str], env: dict[str, str], cwd: Path, timeout: float = 180) -> str:

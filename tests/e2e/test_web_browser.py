@@ -15,12 +15,11 @@ from __future__ import annotations
 import os
 import shutil
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from tests.e2e.conftest import Background, _free_port
+from tests.e2e.conftest import Background, _free_port, wait_healthy
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.realdata]
 
@@ -72,18 +71,7 @@ def served(shared_ham, tmp_path_factory):
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     try:
-        import httpx
-
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if app.proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail("the web app did not come up\n" + app.tail())
-            time.sleep(0.5)
+        wait_healthy(f"{url}/healthz", app, 180, "the web app did not come up")
         yield url, app
     finally:
         app.stop()

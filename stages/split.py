@@ -404,11 +404,17 @@ def build_groups(
 
 
 def assign_splits(groups: pd.DataFrame, fractions: FractionsParams, rng: np.random.Generator) -> pd.Series:
-    """Split per group (``groups``: index group_id, columns dx and n images), stratified on dx.
+    """Split per group (``groups``: index group_id, columns dx and n images), stratified on dx
+    and on group size.
 
     Per class: one of the smallest groups seeds each split (smallest fraction first), so every
-    class is in every split; then the rest, largest first (ties in seeded random order), each go
-    to the split furthest below its target share of the class's images.
+    class is in every split. The rest go largest first (ties in seeded random order), each to
+    the split whose images would then be the smallest multiple of its target share
+    (proportional apportionment). Why not "the split furthest below its target": counted in
+    images, that sends every large group to train (its gap is the largest), so val and test
+    end up almost only single-image lesions, not the population the model will meet. Going
+    proportionally, each split receives its share of the 6-image lesions, of the 2-image
+    lesions and of the singles, and the singles at the end even out the image counts.
     """
     target = {"train": fractions.train, "val": fractions.val, "test": fractions.test}
     seed_order = sorted(SPLITS, key=lambda s: (target[s], SPLITS.index(s)))
@@ -423,14 +429,13 @@ def assign_splits(groups: pd.DataFrame, fractions: FractionsParams, rng: np.rand
         tie = rng.permutation(len(g))
         g = g.assign(_tie=tie).sort_values(["n", "_tie"], ascending=[False, True])
         ids, sizes = g.index.to_list(), g["n"].to_list()
-        total = sum(sizes)
         have = dict.fromkeys(SPLITS, 0)
         for s in seed_order:
             out[ids[-1]] = s
             have[s] += sizes[-1]
             ids, sizes = ids[:-1], sizes[:-1]
         for gid, n in zip(ids, sizes, strict=True):
-            s = max(SPLITS, key=lambda s: (target[s] * total - have[s], target[s]))
+            s = min(SPLITS, key=lambda s: ((have[s] + n) / target[s], -target[s]))
             out[gid] = s
             have[s] += n
     return out
@@ -549,7 +554,42 @@ def split_dataset(
         m[f"{s}_n_groups"] = int(part["group_id"].nunique())
         for c in classes:
             m[f"{s}_n_{c}"] = int((part["dx"] == c).sum())
+    m.update(population_metrics(kept, classes))
     return SplitTables(out, dups, m)
+
+
+def population_profile(part: pd.DataFrame, classes: Sequence[str]) -> dict[str, float]:
+    """What kind of cases a set of images holds: images per lesion, and each class's share
+    counted per image and per lesion (a lesion's class is its most frequent dx)."""
+    n_lesions = part["lesion_id"].nunique()
+    lesion_dx = part.groupby("lesion_id")["dx"].agg(lambda d: d.value_counts().index[0])
+    prof = {"images_per_lesion": len(part) / max(n_lesions, 1)}
+    for c in classes:
+        prof[f"image_share_{c}"] = float((part["dx"] == c).mean()) if len(part) else 0.0
+        prof[f"lesion_share_{c}"] = float((lesion_dx == c).mean()) if n_lesions else 0.0
+    return prof
+
+
+def population_metrics(kept: pd.DataFrame, classes: Sequence[str]) -> dict[str, float | str]:
+    """Each split's population profile beside the whole set's, and the largest relative gap.
+
+    ``max_population_gap`` = max over splits and profile entries of |split - whole| / whole:
+    0.05 means every split's images per lesion and every class share (per image and per
+    lesion) are within 5% of the whole set's. Val and test decide checkpoints, weights, the
+    temperature and the malignant threshold, so they must look like the population."""
+    whole = population_profile(kept, classes)
+    m: dict[str, float | str] = {k: round(v, 4) for k, v in whole.items()}
+    worst, where = 0.0, ""
+    for s in SPLITS:
+        part = kept[kept["split"] == s]
+        m[f"{s}_n_lesions"] = int(part["lesion_id"].nunique())
+        for k, v in population_profile(part, classes).items():
+            m[f"{s}_{k}"] = round(v, 4)
+            if whole[k] > 0 and abs(v - whole[k]) / whole[k] > worst:
+                worst, where = abs(v - whole[k]) / whole[k], f"{s} {k}"
+    m["max_population_gap"] = round(worst, 4)
+    m["max_population_gap_at"] = where
+    return m
 
 
 def leakage(split: pd.DataFrame, dups: pd.DataFrame) -> dict[str, int]:

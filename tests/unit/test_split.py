@@ -164,6 +164,18 @@ def test_assign_splits_keeps_class_proportions_and_every_class_everywhere():
     assert share["val"] == pytest.approx(0.15, abs=0.01)
 
 
+def test_assign_splits_gives_every_split_its_share_of_multi_image_lesions():
+    # 200 single-image lesions and 100 of 4 images: val and test must not be all singles
+    groups = pd.DataFrame({"dx": "nv", "n": [1] * 200 + [4] * 100}, index=np.arange(300))
+    out = assign_splits(groups, _params().fractions, np.random.default_rng(3))
+    per_split = groups.assign(split=out).groupby("split")
+    images_per_group = per_split["n"].sum() / per_split.size()
+    whole = groups["n"].sum() / len(groups)
+    for s in ("train", "val", "test"):
+        assert images_per_group[s] == pytest.approx(whole, rel=0.1), s
+    assert (per_split["n"].sum() / groups["n"].sum())["val"] == pytest.approx(0.15, abs=0.01)
+
+
 def test_leakage_check_counts_straddling_groups_lesions_and_pairs():
     split = pd.DataFrame(
         {

@@ -58,6 +58,7 @@ BACKBONE_FAMILIES: dict[str, tuple[str | None, str]] = {
     "resnet50": ("ResNet50", "caffe"),
     "densenet121": ("DenseNet121", "torch"),
     "custom_cnn": (None, "unit"),
+    "resnet_small": (None, "unit"),
 }
 
 _IMAGENET_MEAN_RGB = (0.485, 0.456, 0.406)
@@ -195,6 +196,41 @@ def _custom_cnn(input_shape: tuple[int, int, int], *, block_dropout: float = 0.2
     return keras.Model(inp, x, name="backbone")
 
 
+def _resnet_small(input_shape: tuple[int, int, int], *, widths: Sequence[int] = (32, 64, 128, 192)) -> keras.Model:
+    """A ResNet-18-style network sized for 64-128 px from scratch on a CPU.
+
+    A stride-2 stem, then one stage per width of two basic blocks (conv-BN-ReLU x2 with an
+    identity or 1x1 projection shortcut), each stage after the first halving the resolution.
+    Why residual with pre-set BN momentum (build_model caps it at 0.99): on 6.5k images the
+    shortcuts keep gradients flowing from the first epoch, where a deep plain stack from
+    scratch (mobilenetv2) stalls on "everything is nv".
+    """
+    inp = keras.Input(input_shape, name="backbone_input")
+    x = layers.Conv2D(widths[0], 3, strides=2, padding="same", use_bias=False, name="stem_conv")(inp)
+    x = layers.BatchNormalization(name="stem_bn")(x)
+    x = layers.Activation("relu", name="stem_relu")(x)
+    for i, width in enumerate(widths, start=1):
+        for j in (1, 2):
+            stride = 2 if (i > 1 and j == 1) else 1
+            name = f"stage{i}_block{j}"
+            shortcut = x
+            y = layers.Conv2D(width, 3, strides=stride, padding="same", use_bias=False, name=f"{name}_conv1")(x)
+            y = layers.BatchNormalization(name=f"{name}_bn1")(y)
+            y = layers.Activation("relu", name=f"{name}_relu1")(y)
+            y = layers.Conv2D(width, 3, padding="same", use_bias=False, name=f"{name}_conv2")(y)
+            # zero-initialised last BN: each block starts as the identity (Goyal et al. 2017)
+            y = layers.BatchNormalization(gamma_initializer="zeros", name=f"{name}_bn2")(y)
+            if stride != 1 or shortcut.shape[-1] != width:
+                shortcut = layers.Conv2D(width, 1, strides=stride, use_bias=False, name=f"{name}_proj")(x)
+                shortcut = layers.BatchNormalization(name=f"{name}_proj_bn")(shortcut)
+            x = layers.Activation("relu", name=f"{name}_out")(layers.Add(name=f"{name}_add")([shortcut, y]))
+    return keras.Model(inp, x, name="backbone")
+
+
+# Backbones built here (no keras.applications constructor, no ImageNet weights).
+_SCRATCH_BUILDERS = {"custom_cnn": _custom_cnn, "resnet_small": _resnet_small}
+
+
 def build_backbone(
     name: str, image_size: int, weights: str = "none", *, fallback: str = "scratch"
 ) -> tuple[keras.Model, str]:
@@ -213,8 +249,8 @@ def build_backbone(
     ctor = getattr(keras.applications, ctor_name) if ctor_name else None
 
     def make(w: str | None) -> keras.Model:
-        if ctor is None:  # custom_cnn: no ImageNet weights exist; a file warm-starts it
-            m = _custom_cnn(shape)
+        if ctor is None:  # custom_cnn, resnet_small: no ImageNet weights exist; a file warm-starts it
+            m = _SCRATCH_BUILDERS[name](shape)
             if w is not None:
                 m.load_weights(w)
             return m

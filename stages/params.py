@@ -206,6 +206,7 @@ BACKBONES = (
     "resnet50",
     "densenet121",
     "custom_cnn",
+    "resnet_small",
 )
 
 
@@ -277,6 +278,7 @@ class BackboneTable:
     resnet50: BackboneParams = field(default_factory=BackboneParams)
     densenet121: BackboneParams = field(default_factory=BackboneParams)
     custom_cnn: BackboneParams = field(default_factory=lambda: BackboneParams(dropout=0.5, head_epochs=0))
+    resnet_small: BackboneParams = field(default_factory=lambda: BackboneParams(head_epochs=0))
 
 
 @dataclass(frozen=True)
@@ -360,11 +362,35 @@ class CalibrateParams:
     ci_level: float = _f(0.95, lo=0.5, hi=0.999)
 
 
+# Inside the repository but never ours to write: git's and DVC's own folders (a hook is code).
+_NOT_WRITABLE = (".git", ".dvc")
+
+
 def _inside_repo(key: str, value: str) -> None:
-    """A path the pipeline *writes* must stay inside the repository (relative, no ``..``)."""
+    """A path the pipeline *writes* must stay inside the repository: relative, no ``..``, no
+    ``~`` (the monitor flow expands it), not the root itself, not in .git or .dvc. A params
+    change (``dvc exp run -S``, a deployment's overrides) must not write anywhere else.
+    Paths the pipeline only reads (download.source, download.extra_sources, drift.new_images,
+    drift.inbox) may be anywhere."""
+    why = ""
     p = Path(value)
-    if not value or p.is_absolute() or ".." in p.parts:
-        raise ParamsError(f"{key}: {value!r} must be a relative path inside the repository (it is written)")
+    if not value.strip():
+        why = "an empty path"
+    elif p.is_absolute() or value.startswith("\\"):
+        why = "an absolute path"
+    elif value.startswith("~"):
+        why = "a home-relative path"
+    elif ".." in p.parts:
+        why = "a path through '..'"
+    elif not p.parts:
+        why = "the repository root itself"
+    elif p.parts[0] in _NOT_WRITABLE:
+        why = f"inside {p.parts[0]}/ ({p.parts[0][1:]}'s own folder)"
+    if why:
+        raise ParamsError(
+            f"{key}: {value!r} must be a relative path inside the repository, e.g. 'data/monitor', "
+            f"not {why}: the pipeline writes there"
+        )
 
 
 # Evidently's stat tests (evidently.legacy.calculations.stattests), by column kind.

@@ -1,0 +1,120 @@
+"""Run the pipeline with a committed parameter profile, as a DVC experiment.
+
+A profile (``profiles/*.yaml``) is a partial ``params.yaml``: only the keys it changes. It is
+validated against the full params schema (an unknown key or a bad value fails before anything
+runs), flattened into ``dvc exp run -S key=value`` arguments and handed to DVC, so DVC stays
+the record: the experiment's params, ``dvc.lock`` and metrics are in ``dvc exp show``.
+
+    python -m stages.profile profiles/real-cpu.yaml --set download.source=local:../shared/data/ham10000
+    python -m stages.profile profiles/real-cpu.yaml --print     # the dvc command, not run
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import shlex
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from stages.common import StageError, run_main
+from stages.params import ParamsError, parse_params
+
+
+def read_profile(path: Path) -> dict[str, Any]:
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise StageError(f"{path}: profile not found (see profiles/)") from None
+    except yaml.YAMLError as e:
+        raise StageError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise StageError(f"{path}: a profile is a mapping of params.yaml keys")
+    return raw
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"a": {"b": 1}} -> {"a.b": 1}; lists and scalars are leaves."""
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def _set(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    for p in parents:
+        node = tree.get(p)
+        if not isinstance(node, dict):
+            node = tree[p] = {}
+        tree = node
+    tree[leaf] = value
+
+
+def _yaml_value(v: Any) -> str:
+    """A value as DVC's -S parses it (YAML flow style: true, 0.5, [a, b])."""
+    return yaml.safe_dump(v, default_flow_style=True, width=10**6).strip().removesuffix("...").strip()
+
+
+def build_overrides(params_file: Path, profile: dict[str, Any], sets: Sequence[str]) -> dict[str, str]:
+    """The profile plus ``--set key=value`` items, checked against the schema on top of
+    ``params_file``; returns {dotted key: DVC -S value}."""
+    overrides = flatten(profile)
+    for item in sets:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise StageError(f"--set {item!r}: expected key=value")
+        overrides[key] = yaml.safe_load(value) if value else ""
+    base = yaml.safe_load(params_file.read_text(encoding="utf-8")) or {}
+    merged = copy.deepcopy(base)
+    for k, v in overrides.items():
+        _set(merged, k, v)
+    try:
+        parse_params(merged)
+    except ParamsError as e:
+        raise StageError(f"profile: {e}") from None
+    return {k: _yaml_value(v) for k, v in overrides.items()}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(
+        prog="python -m stages.profile",
+        description="Run `dvc exp run` with a committed params profile (profiles/*.yaml).",
+    )
+    ap.add_argument("profile", type=Path, help="a partial params.yaml, e.g. profiles/real-cpu.yaml")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="one more override on top of the profile (repeatable)")  # fmt: skip
+    ap.add_argument("--params", type=Path, default=Path("params.yaml"), help="the base params file")
+    ap.add_argument("--print", action="store_true", help="print the dvc command instead of running it")
+    ap.add_argument("--name", default=None, help="experiment name (dvc exp run -n)")
+    args = ap.parse_args(argv)
+
+    def body() -> int:
+        overrides = build_overrides(args.params, read_profile(args.profile), args.set)
+        cmd = ["dvc", "exp", "run"] + (["-n", args.name] if args.name else [])
+        for k, v in overrides.items():
+            cmd += ["-S", f"{k}={v}"]
+        print(shlex.join(cmd), flush=True)
+        if args.print:
+            return 0
+        t0 = time.perf_counter()
+        rc = subprocess.call(cmd)
+        print(f"profile {args.profile}: dvc exp run exited {rc} after {(time.perf_counter() - t0) / 60:.1f} min",
+              file=sys.stderr if rc else sys.stdout)  # fmt: skip
+        return rc
+
+    return run_main(body)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

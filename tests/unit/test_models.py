@@ -116,6 +116,21 @@ def test_fusion_on_off():
 
     fused = _model(fusion=True, fusion_units=8)
     assert sorted(t.name for t in fused.inputs) == ["age", "image", "localization", "sex"]
+    # Each named input reaches its own slot of the metadata vector. Sex and site indices differ in
+    # every row, so swapping the two anywhere between the model's inputs and the one-hots (the
+    # input dict, the encoder's argument order, its unpacking) moves or drops a bit here.
+    encoded = keras.Model(fused.input, fused.get_layer("meta_encoding").output)
+    meta = {
+        "image": np.zeros((2, SIZE, SIZE, 3), np.uint8),
+        "age": np.array([45.0, np.nan], np.float32),
+        "sex": np.array([1, 2], np.int32),
+        "localization": np.array([5, 13], np.int32),
+    }
+    want = np.zeros((2, 2 + len(SEXES) + len(LOCALIZATIONS)), np.float32)
+    want[0, [0, 1, 2 + 1, 2 + len(SEXES) + 5]] = [0.45, 1.0, 1.0, 1.0]
+    want[1, [2 + 2, 2 + len(SEXES) + 13]] = 1.0  # unknown age: 0 with its "known" flag 0
+    np.testing.assert_allclose(encoded.predict(meta, verbose=0), want, rtol=1e-6)
+
     gate = fused.get_layer("meta_gate")
     assert float(gate.scale.numpy()) == 0.0  # starts as the image-only model
     features = keras.Model(fused.inputs, gate.output)  # the gated image features

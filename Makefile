@@ -11,7 +11,7 @@ export TF_CPP_MIN_LOG_LEVEL := 2
 # dvc runs each stage's `python -m stages.X` with this PATH, so the venv's python is used.
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: help setup browser demo test test-fast lint bench lock clean
+.PHONY: help setup browser demo real leakage-audit test test-fast lint bench lock clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/\t/'
@@ -38,8 +38,42 @@ demo: setup  ## set up, then run the whole pipeline on the embedded synthetic se
 	@echo; $(BIN)/python -m stages.summary --metrics metrics
 	@echo; echo "all metrics: dvc metrics show; plots: dvc plots show (writes dvc_plots/index.html)"
 
+# A real HAM10000 folder (metadata csv + images, or the Dataverse zips) for `make real`.
+DATA ?= ../shared/data/ham10000
+PROFILE ?= profiles/real-cpu.yaml
+
+real: setup  ## the whole pipeline on real HAM10000 (DATA=folder) with the CPU profile, as a DVC experiment (~70 min on 2 cores)
+	@test -e "$(DATA)" || { echo "error: DATA=$(DATA): not found; give a HAM10000 folder: make real DATA=/path/to/ham10000" >&2; exit 1; }
+	$(BIN)/python -m stages.profile $(PROFILE) --set download.source=local:$(DATA)
+	@echo; $(BIN)/python -m stages.summary --metrics metrics
+	@echo; echo "compare with the committed run: dvc metrics diff; keep it: dvc exp show / dvc exp branch"
+
+leakage-audit: setup  ## train one model on an image-level vs the lesion-level split of real data (DATA=folder): reports/leakage_audit/
+	$(BIN)/python -m bench.leakage_audit --data $(DATA)
+
 test: setup  ## set up, then run the test suite (pytest's 5, "no tests collected", is not a failure)
 	$(BIN)/python -m pytest; rc=$$?; if [ $$rc -eq 5 ]; then rc=0; fi; exit $$rc
+
+# `make test` audits the pinned set first.
+test: audit
+
+.PHONY: audit
+# Known vulnerabilities in requirements.lock, from PyPI's advisory data (`make audit
+# AUDIT_SERVICE=osv` for OSV's). Any advisory fails the build: bump the pin (mind DESIGN.md's
+# traps), or accept it in AUDIT_IGNORE below with its reason (docs/operations.md, "Dependency
+# audit"). --strict: a package the service cannot answer for fails too, so an unreachable
+# database never passes silently; AUDIT_OFFLINE=1 skips the audit on purpose, with a warning.
+AUDIT_SERVICE ?= pypi
+# Accepted advisories, one line each: AUDIT_IGNORE += ID  # package version: reason (date, who)
+AUDIT_IGNORE :=
+audit: setup  ## known vulnerabilities in requirements.lock (pip-audit; AUDIT_OFFLINE=1 skips it)
+	@if [ "$${AUDIT_OFFLINE:-0}" = 1 ]; then \
+	  echo "WARNING: dependency audit SKIPPED (AUDIT_OFFLINE=1): requirements.lock was not checked for known vulnerabilities" >&2; \
+	else \
+	  $(BIN)/pip-audit --requirement requirements.lock --no-deps --disable-pip --strict --progress-spinner off \
+	    --vulnerability-service $(AUDIT_SERVICE) $(addprefix --ignore-vuln ,$(AUDIT_IGNORE)) \
+	  || { echo "error: dependency audit failed (pip-audit above): a known vulnerability (bump the pin, or accept it in the Makefile's AUDIT_IGNORE with its reason), or the '$(AUDIT_SERVICE)' vulnerability service could not answer for every package (no internet? AUDIT_OFFLINE=1 make test skips the audit knowingly)" >&2; exit 1; }; \
+	fi
 
 test-fast: setup  ## the tests that take seconds
 	$(BIN)/python -m pytest -m "not slow and not e2e"

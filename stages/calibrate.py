@@ -60,6 +60,7 @@ from stages.params import CalibrateParams, DriftReferenceParams, load_params
 from stages.predictions import (
     json_value,
     labels,
+    lesion_probabilities,
     logit_columns,
     read_predictions,
     subgroup_table,
@@ -181,6 +182,13 @@ def calibration_metrics(
             "test_n_lesions": float(len(np.unique(groups))),
         }
     )
+    # Lesion level: the lesion's mean calibrated malignant probability against the same threshold.
+    lesion_keys, lesion_score, _ = lesion_probabilities(groups, score[:, None])
+    lesion_mal = np.bincount(np.unique(groups, return_inverse=True)[1], weights=is_mal) > 0
+    lop = operating_point(lesion_mal, lesion_score[:, 0], cal.threshold)
+    out["lesion_test_malignant_recall"] = lop["recall"]
+    out["lesion_test_specificity"] = lop["specificity"]
+    out["lesion_test_n_malignant"] = float(lesion_mal.sum())
     # Referrals are per lesion: a lesion drawn twice by the bootstrap counts twice, so weight each
     # lesion's referral by how often it was drawn (its image count in the replicate / its size).
     _, lesion_of = np.unique(groups, return_inverse=True)

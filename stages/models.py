@@ -196,7 +196,9 @@ def _custom_cnn(input_shape: tuple[int, int, int], *, block_dropout: float = 0.2
     return keras.Model(inp, x, name="backbone")
 
 
-def _resnet_small(input_shape: tuple[int, int, int], *, widths: Sequence[int] = (32, 64, 128, 192)) -> keras.Model:
+def _resnet_small(
+    input_shape: tuple[int, int, int], *, widths: Sequence[int] = (32, 64, 128, 192)
+) -> keras.Model:
     """A ResNet-18-style network sized for 64-128 px from scratch on a CPU.
 
     A stride-2 stem, then one stage per width of two basic blocks (conv-BN-ReLU x2 with an
@@ -214,7 +216,9 @@ def _resnet_small(input_shape: tuple[int, int, int], *, widths: Sequence[int] = 
             stride = 2 if (i > 1 and j == 1) else 1
             name = f"stage{i}_block{j}"
             shortcut = x
-            y = layers.Conv2D(width, 3, strides=stride, padding="same", use_bias=False, name=f"{name}_conv1")(x)
+            y = layers.Conv2D(
+                width, 3, strides=stride, padding="same", use_bias=False, name=f"{name}_conv1"
+            )(x)
             y = layers.BatchNormalization(name=f"{name}_bn1")(y)
             y = layers.Activation("relu", name=f"{name}_relu1")(y)
             y = layers.Conv2D(width, 3, padding="same", use_bias=False, name=f"{name}_conv2")(y)

@@ -108,6 +108,53 @@ def write_predictions(df: pd.DataFrame, path: Path) -> None:
     df.to_csv(path, index=False, float_format="%.9g", lineterminator="\n")
 
 
+def lesion_probabilities(
+    groups: Sequence, probs: np.ndarray, y: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Lesion-level aggregation: the mean probability over each lesion's images.
+
+    A clinician decides per lesion, and a lesion photographed three times should get one
+    answer, not three. Returns (lesion key per row of the output, mean probabilities, the
+    lesion's label: its most frequent image label, ties to the lower class index)."""
+    keys, lesion_of = np.unique(np.asarray(groups), return_inverse=True)
+    counts = np.bincount(lesion_of, minlength=keys.size).astype(np.float64)
+    probs = np.asarray(probs, dtype=np.float64)
+    mean = np.stack([np.bincount(lesion_of, weights=probs[:, j], minlength=keys.size)
+                     for j in range(probs.shape[1])], axis=1) / counts[:, None]  # fmt: skip
+    label = None
+    if y is not None:
+        votes = np.zeros((keys.size, probs.shape[1]))
+        np.add.at(votes, (lesion_of, np.asarray(y, dtype=np.int64)), 1.0)
+        label = votes.argmax(axis=1)
+    return keys, mean, label
+
+
+# The lesion-level metrics reported beside the image-level ones (prefix ``lesion_``).
+LESION_KEYS = ("accuracy", "balanced_accuracy", "macro_auc", "macro_f1", "malignant_auc", "mel_recall")
+
+
+def lesion_metrics(
+    y: np.ndarray,
+    probs: np.ndarray,
+    groups: Sequence,
+    n_samples: int,
+    rng: np.random.Generator,
+    *,
+    level: float = 0.95,
+    classes: Sequence[str] = CLASSES,
+    desc: str = "lesion bootstrap",
+) -> dict[str, float]:
+    """``lesion_<key>`` (+ CIs) for :data:`LESION_KEYS`, on the lesion-averaged probabilities."""
+    keys, mean, label = lesion_probabilities(groups, probs, y)
+    m = metrics_with_ci(label, mean, keys, n_samples, rng, level=level, classes=classes, desc=desc)
+    out = {"lesion_n": float(keys.size)}
+    for k in LESION_KEYS:
+        for suffix in ("", "_ci_low", "_ci_high"):
+            if f"{k}{suffix}" in m:
+                out[f"lesion_{k}{suffix}"] = m[f"{k}{suffix}"]
+    return out
+
+
 # --------------------------------------------------------------------------- metrics + subgroups
 
 
@@ -261,6 +308,10 @@ def report(
     )
     metrics["n_lesions"] = float(test["lesion_id"].nunique())
     metrics["log_loss"] = log_loss(y, probs)
+    metrics.update(
+        lesion_metrics(y, probs, test["lesion_id"].to_numpy(), params.bootstrap_samples, rng,
+                       level=params.ci_level, classes=classes, desc=f"{desc} (lesions)")
+    )  # fmt: skip
     if val is not None:
         yv, pv = labels(val, classes), probabilities(val, classes)
         vm = classification_metrics(yv, pv, classes)

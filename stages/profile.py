@@ -66,9 +66,11 @@ def _yaml_value(v: Any) -> str:
     return yaml.safe_dump(v, default_flow_style=True, width=10**6).strip().removesuffix("...").strip()
 
 
-def build_overrides(params_file: Path, profile: dict[str, Any], sets: Sequence[str]) -> dict[str, str]:
-    """The profile plus ``--set key=value`` items, checked against the schema on top of
-    ``params_file``; returns {dotted key: DVC -S value}."""
+def merge(
+    params_file: Path, profile: dict[str, Any], sets: Sequence[str]
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``params_file`` with the profile and ``--set key=value`` items applied, checked against
+    the schema. Returns (the merged params mapping, {dotted key: value} of the overrides)."""
     overrides = flatten(profile)
     for item in sets:
         key, sep, value = item.partition("=")
@@ -83,6 +85,12 @@ def build_overrides(params_file: Path, profile: dict[str, Any], sets: Sequence[s
         parse_params(merged)
     except ParamsError as e:
         raise StageError(f"profile: {e}") from None
+    return merged, overrides
+
+
+def build_overrides(params_file: Path, profile: dict[str, Any], sets: Sequence[str]) -> dict[str, str]:
+    """{dotted key: DVC -S value} for the profile plus ``--set`` items (see :func:`merge`)."""
+    _merged, overrides = merge(params_file, profile, sets)
     return {k: _yaml_value(v) for k, v in overrides.items()}
 
 
@@ -109,7 +117,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         t0 = time.perf_counter()
         rc = subprocess.call(cmd)
-        print(f"profile {args.profile}: dvc exp run exited {rc} after {(time.perf_counter() - t0) / 60:.1f} min",
+        minutes = (time.perf_counter() - t0) / 60
+        print(f"profile {args.profile}: dvc exp run exited {rc} after {minutes:.1f} min",
               file=sys.stderr if rc else sys.stdout)  # fmt: skip
         return rc
 

@@ -315,3 +315,20 @@ def test_read_predictions_names_file_row_and_column(tmp_path):
     df.drop(columns=["logit_vasc"]).to_csv(path, index=False)
     with pytest.raises(StageError, match=r"p.csv: missing column\(s\) \['logit_vasc'\]"):
         read_predictions(path)
+
+
+def test_lesion_level_aggregation_averages_a_lesions_images():
+    from stages.predictions import lesion_metrics, lesion_probabilities
+
+    # lesion A: two images, one confidently wrong (class 1), one mildly right (class 0);
+    # the mean still says class 1 (0.45 vs 0.55). Lesion B: a single image, right.
+    probs = np.array([[0.1, 0.9], [0.8, 0.2], [0.3, 0.7]])
+    keys, mean, label = lesion_probabilities(["A", "A", "B"], probs, np.array([0, 0, 1]))
+    assert keys.tolist() == ["A", "B"]
+    np.testing.assert_allclose(mean, [[0.45, 0.55], [0.3, 0.7]])
+    assert label.tolist() == [0, 1]
+    # The same through the metrics, with the 7 classes: nv (5) and mel (4) take the 2 columns.
+    p7 = np.zeros((3, 7))
+    p7[:, [5, 4]] = probs
+    m = lesion_metrics(np.array([5, 5, 4]), p7, ["A", "A", "B"], 0, np.random.default_rng(0))
+    assert m["lesion_n"] == 2 and m["lesion_accuracy"] == 0.5 and m["lesion_mel_recall"] == 1.0

@@ -1,0 +1,79 @@
+"""Committed params profiles (stages.profile) and the leakage audit's split helpers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from bench.leakage_audit import image_level_split, sibling_share
+from stages.common import StageError
+from stages.params import parse_params
+from stages.profile import build_overrides, flatten, main, merge, read_profile
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.parametrize("profile", sorted((REPO / "profiles").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_committed_profile_is_valid_on_the_committed_params(profile):
+    merged, overrides = merge(REPO / "params.yaml", read_profile(profile), [])
+    p = parse_params(merged)
+    assert overrides
+    for key, value in overrides.items():
+        node = p
+        for part in key.split("."):
+            node = getattr(node, part)
+        assert node == (tuple(value) if isinstance(value, list) else value), key
+    # an ensemble member that is not trained would fail at the ensemble stage, hours later
+    assert set(p.ensemble.members) <= set(p.train.backbones)
+
+
+def test_overrides_become_dvc_set_params_and_bad_keys_are_named(tmp_path, capsys):
+    prof = tmp_path / "p.yaml"
+    prof.write_text("train:\n  backbones: [mobilenetv2, custom_cnn, resnet_small]\n  common: {epochs: 3}\n")
+    out = build_overrides(REPO / "params.yaml", read_profile(prof), ["evaluate.tta=true"])
+    assert out == {"train.backbones": "[mobilenetv2, custom_cnn, resnet_small]", "train.common.epochs": "3",
+                   "evaluate.tta": "true"}  # fmt: skip
+    assert main([str(prof), "--print", "--set", "download.source=local:/data/ham"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith("dvc exp run -S ") and "-S download.source=local:/data/ham" in printed
+    prof.write_text("train:\n  common: {epochs: -1}\n")
+    with pytest.raises(StageError, match="train.common.epochs"):
+        build_overrides(REPO / "params.yaml", read_profile(prof), [])
+    assert main([str(prof), "--print"]) == 1
+    assert "train.common.epochs" in capsys.readouterr().err
+    assert flatten({"a": {"b": 1, "c": [1, 2]}, "d": {}}) == {"a.b": 1, "a.c": [1, 2], "d": {}}
+    with pytest.raises(StageError, match="not found"):
+        read_profile(tmp_path / "nope.yaml")
+    (tmp_path / "list.yaml").write_text(yaml.safe_dump([1, 2]))
+    with pytest.raises(StageError, match="mapping"):
+        read_profile(tmp_path / "list.yaml")
+
+
+def test_image_level_split_is_stratified_and_leaks_lesions():
+    rng = np.random.default_rng(0)
+    lesion = np.repeat(np.arange(400), 2)  # 400 lesions of 2 images
+    meta = pd.DataFrame({
+        "image_id": [f"ISIC_{i:07d}" for i in range(800)],
+        "lesion_id": [f"HAM_{x:07d}" for x in lesion],
+        "dx": np.where(lesion % 4 == 0, "mel", "nv"),
+    })  # fmt: skip
+    meta = meta.iloc[rng.permutation(len(meta))]
+    split = image_level_split(meta, {"train": 0.7, "val": 0.15, "test": 0.15}, seed=1)
+    assert len(split) == 800 and split["image_id"].is_unique
+    share = split.groupby("dx")["split"].value_counts(normalize=True)
+    assert share["mel", "test"] == pytest.approx(0.15, abs=0.01)
+    assert share["nv", "train"] == pytest.approx(0.70, abs=0.01)
+    # the leak the audit measures: with 2 images per lesion, ~70% of test lesions have a sibling in train
+    assert 0.5 < sibling_share(split) < 0.9
+    assert split.equals(
+        image_level_split(
+            meta.sample(frac=1, random_state=3), {"train": 0.7, "val": 0.15, "test": 0.15}, seed=1
+        )
+    )
+    lesion_no = split["lesion_id"].str[4:].astype(int)
+    lesion_split = split.assign(split=np.where(lesion_no % 7 == 0, "test", "train"))
+    assert sibling_share(lesion_split) == 0.0

@@ -210,6 +210,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         params_file.write_text(yaml.safe_dump(merged, sort_keys=False))
         raw = work / "raw"
         if not (raw / "metadata.csv").is_file():
+            raw.mkdir(parents=True, exist_ok=True)
             import_folder(args.data, raw)
         meta = pd.read_csv(raw / "metadata.csv", dtype=str, keep_default_na=False)
         lesion = split_run(

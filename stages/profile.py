@@ -13,6 +13,10 @@ from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
+import json
+import os
+import re
 import shlex
 import subprocess
 import sys
@@ -23,7 +27,7 @@ from typing import Any
 
 import yaml
 
-from stages.common import StageError, run_main
+from stages.common import StageError, run_main, write_json
 from stages.params import ParamsError, parse_params
 
 
@@ -94,6 +98,60 @@ def build_overrides(params_file: Path, profile: dict[str, Any], sets: Sequence[s
     return {k: _yaml_value(v) for k, v in overrides.items()}
 
 
+STAGE_MARK = re.compile(rb"Running stage '([^']+)'")
+
+
+def run_timed(cmd: Sequence[str]) -> tuple[int, dict[str, float]]:
+    """Run ``cmd``, passing its output through unchanged (progress bars included), and time
+    each DVC stage from its "Running stage 'X'" line to the next one (or the end)."""
+    seconds: dict[str, float] = {}
+    current, started = None, time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    assert proc.stdout is not None
+    out = sys.stdout.buffer
+    while chunk := proc.stdout.read1(65536):
+        out.write(chunk)
+        out.flush()
+        for m in STAGE_MARK.finditer(chunk):  # a mark split across two reads is missed: cosmetic
+            now = time.perf_counter()
+            if current:
+                seconds[current] = seconds.get(current, 0.0) + now - started
+            current, started = m.group(1).decode(), now
+    rc = proc.wait()
+    if current:
+        seconds[current] = seconds.get(current, 0.0) + time.perf_counter() - started
+    return rc, seconds
+
+
+def _git(*args: str) -> str:
+    r = subprocess.run(["git", *args], capture_output=True, text=True)
+    return r.stdout.strip() if r.returncode == 0 else "unknown"
+
+
+def write_record(path: Path, *, command: str, profile: Path, seconds: dict[str, float], total: float) -> None:
+    """The run's record: the exact command, the code and data versions, wall time per stage and
+    every metrics file, so a result in the README can be traced to what produced it."""
+    metrics = {}
+    for f in sorted(Path("metrics").rglob("*.json")):
+        try:
+            metrics[f.as_posix()] = json.loads(f.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+    lock = Path("dvc.lock")
+    record = {
+        "command": command,
+        "profile": profile.as_posix(),
+        "git_commit": _git("rev-parse", "HEAD"),
+        "git_dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
+        "dvc_lock_md5": hashlib.md5(lock.read_bytes()).hexdigest() if lock.is_file() else None,
+        "cpu_count": os.cpu_count(),
+        "wall_minutes": round(total / 60, 1),
+        "stage_minutes": {k: round(v / 60, 2) for k, v in seconds.items()},
+        "metrics": metrics,
+    }
+    write_json(path, record)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         prog="python -m stages.profile",
@@ -105,6 +163,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--params", type=Path, default=Path("params.yaml"), help="the base params file")
     ap.add_argument("--print", action="store_true", help="print the dvc command instead of running it")
     ap.add_argument("--name", default=None, help="experiment name (dvc exp run -n)")
+    ap.add_argument(
+        "--record", type=Path, default=None,
+        help="after a successful run, write the command, git commit, dvc.lock hash, wall time "
+        "per stage and all metrics to this JSON file (e.g. results/real-cpu.json)",
+    )  # fmt: skip
     args = ap.parse_args(argv)
 
     def body() -> int:
@@ -116,10 +179,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.print:
             return 0
         t0 = time.perf_counter()
-        rc = subprocess.call(cmd)
-        minutes = (time.perf_counter() - t0) / 60
-        print(f"profile {args.profile}: dvc exp run exited {rc} after {minutes:.1f} min",
+        rc, seconds = run_timed(cmd)
+        total = time.perf_counter() - t0
+        stages = ", ".join(f"{k} {v / 60:.1f}" for k, v in seconds.items())
+        print(f"profile {args.profile}: dvc exp run exited {rc} after {total / 60:.1f} min ({stages})",
               file=sys.stderr if rc else sys.stdout)  # fmt: skip
+        if rc == 0 and args.record:
+            write_record(
+                args.record, command=shlex.join(cmd), profile=args.profile, seconds=seconds, total=total
+            )
+            print(f"record: {args.record}")
         return rc
 
     return run_main(body)

@@ -77,3 +77,36 @@ def test_image_level_split_is_stratified_and_leaks_lesions():
     lesion_no = split["lesion_id"].str[4:].astype(int)
     lesion_split = split.assign(split=np.where(lesion_no % 7 == 0, "test", "train"))
     assert sibling_share(lesion_split) == 0.0
+
+
+def test_run_timed_passes_output_through_and_times_each_stage(tmp_path, capfd, monkeypatch):
+    import json
+    import sys
+
+    from stages.profile import run_timed, write_record
+
+    script = (
+        "import sys, time\n"
+        "print(\"Running stage 'split':\", flush=True); time.sleep(0.3)\n"
+        "sys.stdout.write('progress 50%\\r'); sys.stdout.flush()\n"
+        "print(\"Running stage 'train@custom_cnn':\", flush=True); time.sleep(0.1)\n"
+        "sys.exit(3)\n"
+    )
+    rc, seconds = run_timed([sys.executable, "-c", script])
+    assert rc == 3
+    assert list(seconds) == ["split", "train@custom_cnn"]
+    assert seconds["split"] >= 0.3 and 0.1 <= seconds["train@custom_cnn"] < seconds["split"]
+    assert "progress 50%\r" in capfd.readouterr().out
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "metrics" / "eval").mkdir(parents=True)
+    (tmp_path / "metrics" / "eval" / "a.json").write_text('{"macro_auc": 0.9}')
+    (tmp_path / "dvc.lock").write_text("schema: '2.0'\n")
+    write_record(tmp_path / "results" / "r.json", command="dvc exp run -S x=1", profile=Path("p.yaml"),
+                 seconds=seconds, total=90.0)  # fmt: skip
+    rec = json.loads((tmp_path / "results" / "r.json").read_text())
+    assert rec["command"] == "dvc exp run -S x=1" and rec["wall_minutes"] == 1.5
+    assert rec["metrics"] == {"metrics/eval/a.json": {"macro_auc": 0.9}}
+    import hashlib
+
+    assert rec["dvc_lock_md5"] == hashlib.md5(b"schema: '2.0'\n").hexdigest()

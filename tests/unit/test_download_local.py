@@ -386,3 +386,89 @@ def test_zip_caps_on_entries_and_uncompressed_size_name_the_archive(tmp_path):
     assert not (tmp_path / "a").exists() or not any((tmp_path / "a").iterdir())
     safe_extract_zip(archive, tmp_path / "c", max_entries=5, max_bytes=50_000)
     assert len(list((tmp_path / "c" / "images").iterdir())) == 5
+
+
+# --------------------------------------------------------------------------- hostile archives
+
+
+def _hostile_zip(path: Path, members: list[tuple[str, str, bool]]) -> Path:
+    """A zip of (name, content, is_symlink) members; a symlink's content is its target, with the
+    Unix mode bits Info-ZIP writes for ``zip --symlinks``."""
+    ok = _release_folder(path.parent / f"{path.stem}-release")
+    with zipfile.ZipFile(path, "w") as zf:
+        for p in sorted(ok.rglob("*")):  # a real release around the bad member
+            zf.write(p, p.relative_to(ok))
+        for name, content, link in members:
+            info = zipfile.ZipInfo(name)
+            if link:
+                info.create_system = 3  # Unix
+                info.external_attr = (0o120777 << 16) & 0xFFFF0000
+            zf.writestr(info, content)
+    return path
+
+
+@pytest.mark.parametrize(
+    "members, bad",
+    [
+        # a symlink posing as an image: its import would copy /etc/passwd into data/raw
+        (
+            [("HAM10000_images_part_1/ISIC_0000099.jpg", "/etc/passwd", True)],
+            "HAM10000_images_part_1/ISIC_0000099.jpg",
+        ),
+        # a symlinked folder, then a member written through it (symlink escape)
+        ([("escape", "/tmp", True), ("escape/evil.jpg", "payload", False)], "escape"),
+        ([("rel", "../../..", True)], "rel"),
+    ],
+)
+def test_symlink_member_is_refused_naming_archive_and_member(tmp_path, members, bad):
+    archive = _hostile_zip(tmp_path / "links.zip", members)
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    with pytest.raises(StageError) as e:
+        safe_extract_zip(archive, dest)
+    assert str(e.value) == f"{archive}: refusing symbolic link entry {bad!r}"
+    assert not any(dest.iterdir()), "nothing may be extracted from an archive with a bad entry"
+
+
+@pytest.mark.parametrize(
+    "entry",
+    ["../evil.jpg", "/etc/evil.jpg", "images/../../evil.jpg", "..\\evil.jpg", "images\\..\\..\\evil.jpg"],
+)
+def test_zip_slip_error_names_archive_and_member(tmp_path, entry):
+    archive = _hostile_zip(tmp_path / "slip.zip", [(entry, "payload", False)])
+    dest = tmp_path / "x" / "dest"
+    dest.mkdir(parents=True)
+    with pytest.raises(StageError) as e:
+        safe_extract_zip(archive, dest)
+    assert str(e.value) == f"{archive}: refusing entry {entry!r} that escapes the target folder"
+    assert not (tmp_path / "x" / "evil.jpg").exists() and not (tmp_path / "evil.jpg").exists()
+    assert not any(dest.iterdir())
+
+
+@pytest.mark.parametrize("key", ["source", "extra_sources"])
+def test_hostile_zip_source_fails_the_stage_in_one_line_and_keeps_raw(tmp_path, capsys, key):
+    """Through the stage's CLI, as `dvc repro download` runs it: the archive and the member are
+    named, data/raw stays as it was and the extraction scratch is cleaned up."""
+    raw = _good_raw(tmp_path)
+    before = _snapshot(raw)
+    archive = _hostile_zip(
+        tmp_path / "batch.zip", [("HAM10000_images_part_2/ISIC_0000098.jpg", "/etc/shadow", True)]
+    )
+    params = tmp_path / "params.yaml"
+    if key == "source":
+        params.write_text(f"download:\n  source: local:{archive}\n")
+    else:  # the good release as the source (not 700 synthetic images), the archive as a batch
+        release = tmp_path / "release"
+        params.write_text(f"download:\n  source: local:{release}\n  extra_sources: [{archive}]\n")
+    cache = tmp_path / "cache"
+    rc = main(["--params", str(params), "--out", str(raw), "--cache", str(cache)])
+    err = capsys.readouterr().err
+    assert rc == 1
+    error_lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(error_lines) == 1, err
+    assert (
+        f"{archive}: refusing symbolic link entry 'HAM10000_images_part_2/ISIC_0000098.jpg'" in error_lines[0]
+    )
+    assert "Traceback" not in err
+    assert _snapshot(raw) == before
+    assert not any(p.name.startswith("extract-") for p in cache.rglob("*"))

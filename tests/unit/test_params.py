@@ -101,3 +101,60 @@ def test_optional_knob_accepts_null_and_checks_bounds_otherwise():
         parse_params({"promote": {"min_test_recall": 1.5}})
     with pytest.raises(ParamsError, match="promote.min_test_recall: expected a number, got 'x'"):
         parse_params({"promote": {"min_test_recall": "x"}})
+
+
+# Output folders the pipeline writes (the drift stage's Evidently workspace, the monitor flow's
+# ledger and per-batch reports) must stay inside the repository whatever params.yaml says.
+WRITTEN = ("drift.workspace", "drift.monitor_state")
+
+
+@pytest.mark.parametrize("key", WRITTEN)
+@pytest.mark.parametrize(
+    "value, why",
+    [
+        ("../../etc", "not a path through '..'"),
+        ("data/../../etc", "not a path through '..'"),
+        ("/etc/cron.d", "not an absolute path"),
+        ("/tmp/monitor", "not an absolute path"),
+        ("~/monitor", "not a home-relative path"),
+        (".git/hooks", "not inside .git/ (git's own folder)"),
+        (".dvc/tmp", "not inside .dvc/ (dvc's own folder)"),
+        (".", "not the repository root itself"),
+        ("", "not an empty path"),
+    ],
+)
+def test_output_paths_outside_the_repo_are_refused_naming_the_key(key, value, why):
+    section, name = key.split(".")
+    with pytest.raises(ParamsError) as e:
+        parse_params({section: {name: value}})
+    assert str(e.value) == (
+        f"{key}: {value!r} must be a relative path inside the repository, e.g. 'data/monitor', "
+        f"{why}: the pipeline writes there"
+    )
+
+
+def test_hostile_output_path_in_params_yaml_names_the_file_and_the_key(tmp_path):
+    p = tmp_path / "params.yaml"
+    p.write_text("drift:\n  monitor_state: ../../etc\n")
+    with pytest.raises(ParamsError, match=r"params\.yaml: drift\.monitor_state: '\.\./\.\./etc' must be"):
+        load_params(p)
+
+
+@pytest.mark.parametrize("key", WRITTEN)
+def test_output_paths_inside_the_repo_are_accepted(key):
+    section, name = key.split(".")
+    for value in ("data/monitor", "evidently_workspace", "data/monitor/v2/", "./data/x"):
+        assert getattr(getattr(parse_params({section: {name: value}}), section), name) == value
+
+
+def test_input_paths_may_be_outside_the_repo():
+    """The pipeline only reads these: a shared data folder, a batch dropped elsewhere."""
+    p = parse_params(
+        {
+            "download": {"source": "local:/srv/ham10000", "extra_sources": ["../inbox/b1", "/mnt/b2.zip"]},
+            "drift": {"new_images": "/data/clinic-x/2026-12", "inbox": "../shared-inbox"},
+        }
+    )
+    assert p.download.local_path == Path("/srv/ham10000")
+    assert p.download.extra_paths == (Path("../inbox/b1"), Path("/mnt/b2.zip"))
+    assert (p.drift.new_images, p.drift.inbox) == ("/data/clinic-x/2026-12", "../shared-inbox")

@@ -78,13 +78,77 @@ def summarize(metrics_dir: Path) -> str:
     return "\n".join(lines) if lines else f"no metrics found under {metrics_dir}"
 
 
+# Keys that measure the machine, not the model: they differ between any two runs.
+_MACHINE_KEYS = ("seconds", "_s", "minutes", "per_s", "throughput", "wall")
+
+
+def reproduction_verdict(diff: dict, tolerance: float) -> str:
+    """One paragraph from ``dvc metrics diff --json --all REV``: did this run reproduce REV's?
+
+    Identical on the same kind of CPU (seeded, deterministic ops); on another CPU the floating
+    point order of a few kernels differs, so model metrics may move a little: a metric within
+    ``tolerance`` (absolute, or relative above 1) counts as reproduced."""
+    same = close = 0
+    off: list[tuple[float, str]] = []
+    compared = 0
+    for path, metrics in sorted(diff.items()):
+        for key, d in sorted((metrics or {}).items()):
+            if not isinstance(d, dict) or d.get("old") is None or any(t in key for t in _MACHINE_KEYS):
+                continue
+            old, new = d.get("old"), d.get("new")
+            compared += 1
+            if old == new:
+                same += 1
+            elif isinstance(old, (int, float)) and isinstance(new, (int, float)):
+                gap = abs(new - old) / max(1.0, abs(old))
+                if gap <= tolerance:
+                    close += 1
+                else:
+                    off.append((gap, f"{path}:{key} {old} -> {new}"))
+            else:
+                off.append((float("inf"), f"{path}:{key} {old!r} -> {new!r}"))
+    if not compared:
+        return "reproduction: the committed run has no metrics to compare with (no baseline committed)"
+    if not off:
+        how = "identical" if not close else f"{same} identical, {close} within {tolerance}"
+        return f"reproduction: REPRODUCED the committed run: {compared} metrics compared, {how}"
+    off.sort(reverse=True)
+    lines = [
+        f"reproduction: DIFFERS from the committed run: {len(off)} of {compared} metrics moved by more "
+        f"than {tolerance} (params or code changed? `dvc status`, `git diff HEAD -- params.yaml`):"
+    ]
+    lines += [f"  {text}" for _gap, text in off[:8]]
+    if len(off) > 8:
+        lines.append(f"  ... and {len(off) - 8} more: dvc metrics diff")
+    return "\n".join(lines)
+
+
+def metrics_diff(rev: str) -> dict:
+    """``dvc metrics diff --json --all REV`` (REV against the workspace); {} when DVC cannot."""
+    import subprocess
+
+    r = subprocess.run(["dvc", "metrics", "diff", "--json", "--all", rev], capture_output=True, text=True)
+    try:
+        return json.loads(r.stdout) if r.returncode == 0 and r.stdout.strip() else {}
+    except ValueError:
+        return {}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m stages.summary", description=__doc__.splitlines()[0])
     ap.add_argument(
         "--metrics", type=Path, default=Path("metrics"), help="metrics folder (default: %(default)s)"
     )
+    ap.add_argument(
+        "--diff", metavar="REV", default=None,
+        help="also say whether this run reproduced the metrics committed at REV (e.g. HEAD)",
+    )  # fmt: skip
+    ap.add_argument("--tolerance", type=float, default=0.02, help="for --diff (default: %(default)s)")
     args = ap.parse_args(argv)
     print(summarize(args.metrics))
+    if args.diff:
+        print()
+        print(reproduction_verdict(metrics_diff(args.diff), args.tolerance))
     return 0
 
 

@@ -51,3 +51,21 @@ def test_summary_ends_with_the_drift_verdict_and_report(tmp_path):
     calm.update(alarm_features=[], drifted_features=[])
     (tmp_path / "drift.json").write_text(json.dumps(calm))
     assert "): no drift" in summarize(tmp_path)
+
+
+def test_reproduction_verdict_identical_close_and_moved():
+    from stages.summary import reproduction_verdict
+
+    same = {"metrics/ensemble.json": {"macro_auc": {"old": 0.91, "new": 0.91, "diff": 0},
+                                      "train_seconds": {"old": 10, "new": 99, "diff": 89}}}  # fmt: skip
+    assert "REPRODUCED" in reproduction_verdict(same, 0.02) and "1 metrics compared, identical" in (
+        reproduction_verdict(same, 0.02)
+    )
+    close = {"m.json": {"macro_auc": {"old": 0.91, "new": 0.915}, "n_images": {"old": 700, "new": 700}}}
+    assert "1 identical, 1 within 0.02" in reproduction_verdict(close, 0.02)
+    moved = {"m.json": {"macro_auc": {"old": 0.91, "new": 0.80}, "best_member": {"old": "a", "new": "b"}}}
+    text = reproduction_verdict(moved, 0.02)
+    assert text.startswith("reproduction: DIFFERS") and "m.json:macro_auc 0.91 -> 0.8" in text
+    assert "m.json:best_member 'a' -> 'b'" in text
+    fresh = {"m.json": {"macro_auc": {"old": None, "new": 0.9}}}
+    assert "no baseline committed" in reproduction_verdict(fresh, 0.02)

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
-import io
 import logging
 import os
 import shutil
@@ -39,6 +38,7 @@ import pandas as pd
 from tqdm import tqdm
 
 from stages.common import HAM_COLUMNS, StageError, atomic_dir, run_main, setup_logging
+from stages.metadata import name_first, read_table
 from stages.params import DownloadParams, load_params
 
 log = logging.getLogger(__name__)
@@ -106,23 +106,13 @@ def safe_extract_zip(
 
 
 def read_metadata_table(path: Path) -> pd.DataFrame:
-    """Read a HAM10000 metadata table (.csv or Dataverse .tab) as strings, exact columns."""
-    raw = path.read_bytes()
-    text = raw.decode("utf-8-sig", errors="replace")
-    first = text.split("\n", 1)[0]
-    sep = "\t" if ("\t" in first or path.suffix.lower() in (".tab", ".tsv")) else ","
-    try:
-        df = pd.read_csv(io.StringIO(text), sep=sep, dtype=str, keep_default_na=False)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError) as e:
-        raise StageError(f"{path}: cannot parse metadata table: {e}") from None
-    df.columns = [c.strip().strip('"') for c in df.columns]
-    missing = [c for c in HAM_COLUMNS if c not in df.columns]
-    if missing:
-        raise StageError(f"{path}: missing HAM10000 column(s) {missing}; found {list(df.columns)}")
+    """A HAM10000 metadata table (.csv or Dataverse .tab): exact columns, stripped text, ages
+    normalised. Rows sharing an image_id are kept: the validate stage names them."""
+    df = read_table(path, required=HAM_COLUMNS)
     extra = [c for c in df.columns if c not in HAM_COLUMNS]
     if extra:
         log.warning("%s: ignoring extra column(s) %s", path, extra)
-    df = df[list(HAM_COLUMNS)].apply(lambda s: s.str.strip())
+    df = df[list(HAM_COLUMNS)].apply(lambda s: s.str.strip()).reset_index(drop=True)
     df["age"] = df["age"].map(_normalise_age)
     return df
 
@@ -259,13 +249,6 @@ def import_dataverse_files(files: dict[str, Path], out_dir: Path, *, scratch: Pa
 
 # --------------------------------------------------------------------------- extra sources
 
-MAX_NAMED = 5  # ids named in a one-line error
-
-
-def _name_ids(ids: Sequence[str]) -> str:
-    named = ", ".join(ids[:MAX_NAMED])
-    return named + (f" and {len(ids) - MAX_NAMED} more" if len(ids) > MAX_NAMED else "")
-
 
 def _rows_by_id(df: pd.DataFrame) -> dict[str, list[tuple[str, ...]]]:
     rows: dict[str, list[tuple[str, ...]]] = {}
@@ -320,7 +303,7 @@ def _add_source(merged: _Merged, name: str, staging: Path) -> pd.DataFrame:
     if conflicts:
         raise StageError(
             "; ".join(
-                f"image_id {_name_ids(ids)} in both {other} and {name} with a different row or image"
+                f"image_id {name_first(ids)} in both {other} and {name} with a different row or image"
                 for other, ids in conflicts.items()
             )
             + ": give the new images their own ids, or remove one copy"
@@ -330,7 +313,7 @@ def _add_source(merged: _Merged, name: str, staging: Path) -> pd.DataFrame:
         # source: one copy is the truth, a second would only be a duplicate for split to find.
         log.info(
             "%s: %d image(s) identical (rows and bytes) to ones merged already, kept once: %s",
-            name, len(same), _name_ids(same),
+            name, len(same), name_first(same),
         )  # fmt: skip
         df = df[~df["image_id"].isin(same)]
     shared = sorted(set(df["lesion_id"]) & merged.lesion_dx.keys())
@@ -339,11 +322,11 @@ def _add_source(merged: _Merged, name: str, staging: Path) -> pd.DataFrame:
         # lesion_id in one split, and validate refuses a lesion with two diagnoses.
         new_dx = df.groupby("lesion_id")["dx"].agg(set)
         mixed = [les for les in shared if not new_dx[les] <= merged.lesion_dx[les]]
-        log.info("%s: %d lesion_id(s) also in earlier sources: %s", name, len(shared), _name_ids(shared))
+        log.info("%s: %d lesion_id(s) also in earlier sources: %s", name, len(shared), name_first(shared))
         if mixed:
             log.warning(
                 "%s: lesion_id %s has another dx in an earlier source; validate will refuse it",
-                name, _name_ids(mixed),
+                name, name_first(mixed),
             )  # fmt: skip
     for path in img_dir.iterdir():
         if path.stem not in merged.owner:

@@ -1,17 +1,21 @@
 """The project's process pool: ordered results from a bounded window, safe beside TensorFlow.
 
-Used by the stages that decode many images (prepare, drift, the bundle reference). No
-TensorFlow here: worker processes import the modules whose functions they run.
+Every stage that spreads work over processes uses it (split, validate, prepare, drift, the
+bundle reference, the web app's decoding). No TensorFlow here: worker processes import the
+modules whose functions they run.
 """
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import sys
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Future, ProcessPoolExecutor
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Executor, Future, ProcessPoolExecutor
 from typing import Any
+
+from stages.common import n_workers
 
 
 def mp_context(preload: Sequence[str] = ()) -> multiprocessing.context.BaseContext:
@@ -29,29 +33,53 @@ def mp_context(preload: Sequence[str] = ()) -> multiprocessing.context.BaseConte
     return multiprocessing.get_context("spawn")
 
 
-def in_order(
-    fn: Callable[..., Any],
-    tasks: Iterator[tuple[Any, tuple[Any, ...]]],
-    workers: int,
-    window: int,
-) -> Iterator[tuple[Any, Any]]:
-    """``(tag, fn(*args))`` for each ``(tag, args)`` in order, over a process pool, with at
-    most ``window`` tasks in flight (so finished results never pile up in memory)."""
+@contextlib.contextmanager
+def process_pool(workers: int, preload: Sequence[str] = ()) -> Iterator[Executor | None]:
+    """A pool of ``workers`` processes started as :func:`mp_context` says (``preload``: the
+    modules whose functions they run), for several :func:`in_order_on` passes; None for one
+    worker, so the work runs in this process without a pool to start."""
     if workers <= 1:
+        yield None
+        return
+    with ProcessPoolExecutor(workers, mp_context=mp_context(preload)) as pool:
+        yield pool
+
+
+def in_order_on(
+    pool: Executor | None,
+    fn: Callable[..., Any],
+    tasks: Iterable[tuple[Any, tuple[Any, ...]]],
+    window: int | None = None,
+) -> Iterator[tuple[Any, Any]]:
+    """``(tag, fn(*args))`` for each ``(tag, args)`` in order, on ``pool`` (None: in this
+    process), with at most ``window`` tasks in flight (default: 4 per core this process may
+    use), so that neither the tasks' inputs nor finished results pile up in memory."""
+    if pool is None:
         for tag, args in tasks:
             yield tag, fn(*args)
         return
+    window = window or 4 * n_workers()
     pending: deque[tuple[Any, Future[Any]]] = deque()
-    with ProcessPoolExecutor(workers, mp_context=mp_context([fn.__module__])) as pool:
-        try:
-            for tag, args in tasks:
-                pending.append((tag, pool.submit(fn, *args)))
-                if len(pending) >= window:
-                    tag0, fut = pending.popleft()
-                    yield tag0, fut.result()
-            while pending:
+    try:
+        for tag, args in tasks:
+            pending.append((tag, pool.submit(fn, *args)))
+            if len(pending) >= window:
                 tag0, fut = pending.popleft()
                 yield tag0, fut.result()
-        finally:
-            for _, fut in pending:
-                fut.cancel()
+        while pending:
+            tag0, fut = pending.popleft()
+            yield tag0, fut.result()
+    finally:
+        for _, fut in pending:
+            fut.cancel()
+
+
+def in_order(
+    fn: Callable[..., Any],
+    tasks: Iterable[tuple[Any, tuple[Any, ...]]],
+    workers: int,
+    window: int,
+) -> Iterator[tuple[Any, Any]]:
+    """:func:`in_order_on` over a pool of ``workers`` processes of its own."""
+    with process_pool(workers, [fn.__module__]) as pool:
+        yield from in_order_on(pool, fn, tasks, window)

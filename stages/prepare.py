@@ -53,6 +53,7 @@ from stages.common import (
     write_json,
 )
 from stages.images import PAD_COLOR, draft_request, load_image, to_square  # noqa: F401 (re-exported)
+from stages.metadata import name_first, read_table
 from stages.parallel import in_order
 from stages.params import PrepareParams, load_params
 
@@ -60,6 +61,9 @@ log = logging.getLogger(__name__)
 
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 CSV_COLUMNS: tuple[str, ...] = ("image_id", "lesion_id", "dx", "label", "age", "sex", "localization")
+# The columns prepare reads from split.csv and from the metadata.
+SPLIT_NEEDS: tuple[str, ...] = ("image_id", "lesion_id", "dx", "split")
+META_NEEDS: tuple[str, ...] = ("image_id", "age", "sex", "localization")
 MAX_NAMED_FAILURES = 10
 CHUNK_IMAGES = 32
 
@@ -71,23 +75,13 @@ def ordered_rows(split_df: pd.DataFrame, meta_df: pd.DataFrame, *, split_name: s
                  meta_name: str = "metadata.csv") -> pd.DataFrame:  # fmt: skip
     """Join the split rows with the metadata; check and encode; order rows for writing.
 
+    The frames are as :func:`stages.metadata.read_table` returns them: the columns in
+    :data:`SPLIT_NEEDS` and :data:`META_NEEDS` there, no image_id twice.
     Returns one row per image in train/val/test with columns ``image_id, lesion_id, dx, label,
     age (float, NaN = unknown), sex, localization, sex_idx, loc_idx, split``, grouped by split
     in :data:`SPLITS` order and, within a split, ordered by a hash of ``image_id``.
     """
-    need = {"image_id", "lesion_id", "dx", "split"}
-    missing = sorted(need - set(split_df.columns))
-    if missing:
-        raise StageError(f"{split_name}: missing column(s) {missing}; have {list(split_df.columns)}")
-    need_meta = {"image_id", "age", "sex", "localization"}
-    missing = sorted(need_meta - set(meta_df.columns))
-    if missing:
-        raise StageError(f"{meta_name}: missing column(s) {missing}; have {list(meta_df.columns)}")
-
-    rows = split_df.loc[split_df["split"].isin(SPLITS), ["image_id", "lesion_id", "dx", "split"]]
-    dup = rows["image_id"][rows["image_id"].duplicated()].unique().tolist()
-    if dup:
-        raise StageError(f"{split_name}: image_id listed more than once: {_first(dup)}")
+    rows = split_df.loc[split_df["split"].isin(SPLITS), list(SPLIT_NEEDS)]
     bad_dx = rows.loc[~rows["dx"].isin(CLASSES)]
     if len(bad_dx):
         r = bad_dx.iloc[0]
@@ -99,14 +93,14 @@ def ordered_rows(split_df: pd.DataFrame, meta_df: pd.DataFrame, *, split_name: s
         if not (rows["split"] == s).any():
             raise StageError(f"{split_name}: no rows with split {s!r}; train, val and test are all needed")
 
-    meta = meta_df[["image_id", "age", "sex", "localization"]]
-    dup = meta["image_id"][meta["image_id"].duplicated()].unique().tolist()
-    if dup:
-        raise StageError(f"{meta_name}: image_id listed more than once: {_first(dup)}")
+    meta = meta_df[list(META_NEEDS)]
     df = rows.merge(meta, on="image_id", how="left", indicator=True, validate="one_to_one")
     absent = df.loc[df["_merge"] != "both", "image_id"].tolist()
     if absent:
-        raise StageError(f"{meta_name}: no metadata row for image(s) of {split_name}: {_first(absent)}")
+        raise StageError(
+            f"{meta_name}: no metadata row for image(s) of {split_name}: "
+            + name_first(absent, MAX_NAMED_FAILURES)
+        )
     df = df.drop(columns="_merge")
 
     age_text = df["age"].fillna("").astype(str).str.strip()
@@ -139,11 +133,6 @@ def shard_bounds(n: int, shard_size: int) -> list[tuple[int, int]]:
     """``[start, stop)`` row ranges of ceil(n / shard_size) shards of near-equal size."""
     k = max(1, math.ceil(n / shard_size))
     return [(i * n // k, (i + 1) * n // k) for i in range(k)]
-
-
-def _first(items: list[Any], k: int = MAX_NAMED_FAILURES) -> str:
-    shown = ", ".join(map(str, items[:k]))
-    return shown + (f" ... and {len(items) - k} more ({len(items)} in all)" if len(items) > k else "")
 
 
 # --------------------------------------------------------------------------- workers
@@ -189,15 +178,6 @@ class PrepareResult:
     seconds: float
 
 
-def _read_csv(path: Path) -> pd.DataFrame:
-    try:
-        return pd.read_csv(path, dtype=str, keep_default_na=False)
-    except FileNotFoundError:
-        raise StageError(f"{path}: not found") from None
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
-        raise StageError(f"{path}: not a readable CSV ({e})") from None
-
-
 def _write_csv(path: Path, df: pd.DataFrame) -> None:
     with open(path, "w", newline="", encoding="utf-8") as fh:
         w = csv.writer(fh, lineterminator="\n")
@@ -214,8 +194,8 @@ def run(
     raw_dir, split_csv, out_dir = Path(raw_dir), Path(split_csv), Path(out_dir)
     t0 = time.perf_counter()
     df = ordered_rows(
-        _read_csv(split_csv),
-        _read_csv(raw_dir / "metadata.csv"),
+        read_table(split_csv, required=SPLIT_NEEDS, unique="image_id"),
+        read_table(raw_dir / "metadata.csv", required=META_NEEDS, unique="image_id"),
         split_name=str(split_csv),
         meta_name=str(raw_dir / "metadata.csv"),
     )

@@ -39,8 +39,8 @@ import logging
 import math
 import sys
 import time
-from collections.abc import Iterable, Sequence
-from concurrent.futures import Executor, ProcessPoolExecutor
+from collections.abc import Sequence
+from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from itertools import combinations
 from pathlib import Path
@@ -58,6 +58,8 @@ from stages.common import (
     setup_logging,
     write_json,
 )
+from stages.metadata import read_table
+from stages.parallel import in_order_on, process_pool
 from stages.params import FractionsParams, SplitParams, load_params
 
 log = logging.getLogger(__name__)
@@ -116,28 +118,22 @@ def _features_chunk(paths: list[str]) -> list[tuple[int, np.ndarray] | str]:
     return [_features_one(p) for p in paths]
 
 
-def _pool_map(fn, jobs: Sequence, pool: Executor | None) -> Iterable:
-    """``map`` over a process pool (results in submission order), or in-process without one."""
-    return pool.map(fn, jobs) if pool is not None and len(jobs) > 1 else map(fn, jobs)
-
-
 def compute_features(paths: Sequence[Path], pool: Executor | None = None) -> Features:
-    """pHash and thumbnail of every image, in parallel chunks, in input order."""
+    """pHash and thumbnail of every image, in chunks on ``pool`` (None: in this process), in
+    input order."""
     n = len(paths)
     hashes = np.zeros(n, dtype=np.uint64)
     thumbs = np.zeros((n, THUMB, THUMB), dtype=np.uint8)
     ok = np.zeros(n, dtype=bool)
     errors: dict[int, str] = {}
-    jobs = [[str(p) for p in paths[i : i + HASH_CHUNK]] for i in range(0, n, HASH_CHUNK)]
-    i = 0
+    tasks = ((i, ([str(p) for p in paths[i : i + HASH_CHUNK]],)) for i in range(0, n, HASH_CHUNK))
     with tqdm(total=n, desc="hash images", unit="img") as bar:
-        for batch in _pool_map(_features_chunk, jobs, pool):
-            for r in batch:
+        for i, batch in in_order_on(pool, _features_chunk, tasks):
+            for k, r in enumerate(batch, start=i):
                 if isinstance(r, str):
-                    errors[i] = r
+                    errors[k] = r
                 else:
-                    hashes[i], thumbs[i], ok[i] = r[0], r[1], True
-                i += 1
+                    hashes[k], thumbs[k], ok[k] = r[0], r[1], True
             bar.update(len(batch))
     return Features(hashes, thumbs, ok, errors)
 
@@ -311,22 +307,18 @@ def verify_scores(thumb_a: np.ndarray, thumb_b: np.ndarray, prefilter: float) ->
     return out
 
 
-def _verify_chunk(job: tuple[np.ndarray, np.ndarray, float]) -> np.ndarray:
-    return verify_scores(*job)
-
-
 def score_candidates(
     thumbs: np.ndarray, pairs: np.ndarray, prefilter: float, pool: Executor | None = None
 ) -> np.ndarray:
-    """:func:`verify_scores` for every candidate pair, in parallel chunks."""
+    """:func:`verify_scores` for every candidate pair, in chunks on ``pool`` (None: in this
+    process). A chunk's thumbnails are cut only when it is sent, so memory stays bounded."""
     scores = np.full(len(pairs), np.nan, dtype=np.float32)
-    starts = range(0, len(pairs), VERIFY_CHUNK)
-    jobs = [
-        (thumbs[pairs[k : k + VERIFY_CHUNK, 0]], thumbs[pairs[k : k + VERIFY_CHUNK, 1]], prefilter)
-        for k in starts
-    ]
+    tasks = (
+        (k, (thumbs[pairs[k : k + VERIFY_CHUNK, 0]], thumbs[pairs[k : k + VERIFY_CHUNK, 1]], prefilter))
+        for k in range(0, len(pairs), VERIFY_CHUNK)
+    )
     with tqdm(total=len(pairs), desc="verify pairs", unit="pair") as bar:
-        for k, s in zip(starts, _pool_map(_verify_chunk, jobs, pool), strict=True):
+        for k, s in in_order_on(pool, verify_scores, tasks):
             scores[k : k + len(s)] = s
             bar.update(len(s))
     return scores
@@ -663,24 +655,6 @@ class SplitResult:
     seconds: dict[str, float] = field(default_factory=dict)
 
 
-def read_metadata(raw_dir: Path) -> pd.DataFrame:
-    """``raw_dir/metadata.csv`` as strings, one row per image_id, sorted by image_id."""
-    path = raw_dir / "metadata.csv"
-    if not path.is_file():
-        raise StageError(f"{path}: not found; run the download stage first")
-    meta = pd.read_csv(path, dtype=str, keep_default_na=False)
-    missing = {"image_id", "lesion_id", "dx"} - set(meta.columns)
-    if missing:
-        raise StageError(f"{path}: missing column(s) {sorted(missing)}")
-    dup = meta["image_id"][meta["image_id"].duplicated()]
-    if len(dup):
-        raise StageError(
-            f"{path}: image_id listed more than once: {', '.join(sorted(set(dup))[:5])}"
-            + (" ..." if dup.nunique() > 5 else "")
-        )
-    return meta.sort_values("image_id", kind="stable").reset_index(drop=True)
-
-
 def run(
     params: SplitParams,
     *,
@@ -691,13 +665,20 @@ def run(
     plots_dir: Path,
 ) -> SplitResult:
     raw_dir, out_dir, plots_dir = Path(raw_dir), Path(out_dir), Path(plots_dir)
-    meta = read_metadata(raw_dir)
+    meta = read_table(
+        raw_dir / "metadata.csv",
+        required=("image_id", "lesion_id", "dx"),
+        unique="image_id",
+        hint="run the download stage first",
+    )
+    # Rows in image_id order: the split must not depend on the order the sources listed them in.
+    meta = meta.sort_values("image_id", kind="stable").reset_index(drop=True)
     paths = [raw_dir / "images" / f"{i}.jpg" for i in meta["image_id"]]
     rng = np.random.default_rng(seed)
     seconds: dict[str, float] = {}
     workers = min(n_workers(params.workers), max(1, math.ceil(len(paths) / HASH_CHUNK)))
-    pool = ProcessPoolExecutor(workers) if workers > 1 else None
-    try:
+    # One pool for both passes: hashing, then verifying the candidates it finds.
+    with process_pool(workers, [__name__]) as pool:
         t0 = time.perf_counter()
         feats = compute_features(paths, pool)
         seconds["hash"] = time.perf_counter() - t0
@@ -712,9 +693,6 @@ def run(
         t0 = time.perf_counter()
         scores = score_candidates(feats.thumbs, pairs, params.verify_prefilter, pool)
         seconds["verify"] = time.perf_counter() - t0
-    finally:
-        if pool is not None:
-            pool.shutdown()
 
     t0 = time.perf_counter()
     tables = split_dataset(

@@ -28,18 +28,15 @@ remainder still passes every other expectation (the split suite is checked after
 from __future__ import annotations
 
 import argparse
-import csv
 import hashlib
 import io
 import logging
 import math
-import multiprocessing
 import os
 import sys
 import time
 import warnings
 from collections.abc import Callable, Iterable
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -50,6 +47,8 @@ from PIL import Image, ImageFile, UnidentifiedImageError
 from tqdm import tqdm
 
 from stages.common import HAM_COLUMNS, StageError, atomic_dir, n_workers, run_main, setup_logging, write_json
+from stages.metadata import read_rows, read_table
+from stages.parallel import in_order
 from stages.params import FractionsParams, ValidateParams, load_params
 
 log = logging.getLogger(__name__)
@@ -135,48 +134,6 @@ def _missing(v: Any) -> bool:
 
 
 # --------------------------------------------------------------------------- metadata
-
-
-def read_metadata(path: Path) -> pd.DataFrame:
-    """metadata.csv as text, indexed by ``row`` = the 1-based line number (header = line 1).
-
-    Read with the csv module rather than pandas so that line numbers stay exact (blank lines are
-    kept as blank rows), CRLF and a UTF-8 BOM are accepted, and ragged rows are counted instead of
-    shifting columns. Empty fields become None. ``_fields`` is the number of fields on the line.
-    """
-    try:
-        with open(path, newline="", encoding="utf-8-sig") as fh:
-            reader = csv.reader(fh)
-            header = next(reader, None)
-            if header is None:
-                raise StageError(f"{path}: empty file (no header line)")
-            rows, lines = [], []
-            for record in reader:
-                rows.append(record)
-                lines.append(reader.line_num)  # the record's last physical line: exact for one-line rows
-    except FileNotFoundError:
-        raise StageError(f"{path}: not found") from None
-    except UnicodeDecodeError as e:
-        raise StageError(
-            f"{path}: not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start})"
-        ) from None
-    except csv.Error as e:
-        raise StageError(f"{path}: not a readable CSV ({e})") from None
-    while rows and not any(v.strip() for v in rows[-1]):  # blank lines at the very end are harmless
-        rows.pop()
-        lines.pop()
-
-    columns: list[str] = []
-    for k, name in enumerate(header):
-        name = name or f"unnamed_{k + 1}"
-        while name in columns:  # a repeated header name must not silently merge two columns
-            name += "_dup"
-        columns.append(name)
-    width = len(columns)
-    data = [[v if v.strip() else None for v in (r + [""] * width)[:width]] for r in rows]
-    df = pd.DataFrame(data, columns=columns, index=pd.Index(lines, name="row"), dtype=object)
-    df["_fields"] = [len(r) for r in rows]
-    return df
 
 
 def add_metadata_facts(df: pd.DataFrame) -> pd.DataFrame:
@@ -366,22 +323,26 @@ def inspect_image(path: str | Path, max_pixels: int) -> dict[str, Any]:
     return facts
 
 
+def inspect_chunk(paths: list[Path], max_pixels: int) -> list[dict[str, Any]]:
+    """Worker: :func:`inspect_image` for a chunk of paths."""
+    return [inspect_image(p, max_pixels) for p in paths]
+
+
 def inspect_images(paths: list[Path], max_pixels: int, workers: int, *, progress: bool = True) -> list[dict]:
     """:func:`inspect_image` for every path, in order, over a process pool with a progress bar."""
-    fn = partial(inspect_image, max_pixels=max_pixels)
-    bar = partial(
-        tqdm, total=len(paths), unit="img", desc="validate images", mininterval=1.0, disable=not progress
-    )
-    if workers <= 1 or len(paths) < 64:
-        return list(bar(map(fn, paths)))
-    # fork is cheap, but forking a process that runs TensorFlow's thread pools can deadlock.
-    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-    if "tensorflow" in sys.modules:
-        method = "spawn"
+    if len(paths) < 64:  # starting a pool costs more than it saves
+        workers = 1
     # Chunks amortise the inter-process traffic; ~16 per worker keep the bar moving and the load even.
     chunk = max(1, min(256, len(paths) // (16 * workers)))
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(method)) as pool:
-        return list(bar(pool.map(fn, paths, chunksize=chunk)))
+    tasks = ((i, (paths[i : i + chunk], max_pixels)) for i in range(0, len(paths), chunk))
+    facts: list[dict] = []
+    with tqdm(
+        total=len(paths), unit="img", desc="validate images", mininterval=1.0, disable=not progress
+    ) as bar:
+        for _, part in in_order(inspect_chunk, tasks, workers, window=4 * workers):
+            facts.extend(part)
+            bar.update(len(part))
+    return facts
 
 
 def list_image_files(images_dir: Path) -> list[str]:
@@ -541,16 +502,7 @@ def _size(r: pd.Series) -> str:
 
 def read_split_table(path: Path) -> pd.DataFrame:
     """split.csv as text (empty fields stay ``""``), with the columns checked."""
-    try:
-        df = pd.read_csv(path, dtype=str, keep_default_na=False)
-    except FileNotFoundError:
-        raise StageError(f"{path}: not found (run the split stage first)") from None
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
-        raise StageError(f"{path}: not a readable CSV ({e})") from None
-    missing = [c for c in SPLIT_COLUMNS if c not in df.columns]
-    if missing:
-        raise StageError(f"{path}: missing column(s) {missing}; have {list(df.columns)}")
-    return df
+    return read_table(path, required=SPLIT_COLUMNS, hint="run the split stage first")
 
 
 def split_checks(
@@ -913,7 +865,7 @@ def run(
     fractions = fractions or FractionsParams()
     raw, split_dir, out, report = Path(raw), Path(split), Path(out), Path(report)
 
-    meta = add_metadata_facts(read_metadata(raw / "metadata.csv"))
+    meta = add_metadata_facts(read_rows(raw / "metadata.csv", empty=None))
     split_df = read_split_table(split_dir / "split.csv")
     undecodable = _read_undecodable(split_dir / "undecodable.csv")
     files = list_image_files(raw / "images")
@@ -1013,13 +965,7 @@ def _read_undecodable(path: Path) -> set[str]:
     """Image ids the split stage listed as undecodable (optional file)."""
     if not path.is_file():
         return set()
-    try:
-        df = pd.read_csv(path, dtype=str, keep_default_na=False)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
-        raise StageError(f"{path}: not a readable CSV ({e})") from None
-    if "image_id" not in df.columns:
-        raise StageError(f"{path}: missing column 'image_id'; have {list(df.columns)}")
-    return set(df["image_id"]) - {""}
+    return set(read_table(path, required=("image_id",))["image_id"]) - {""}
 
 
 def _write_csv(path: Path, df: pd.DataFrame) -> None:

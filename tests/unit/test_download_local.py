@@ -91,7 +91,7 @@ def test_missing_columns_name_the_file(tmp_path):
     src = tmp_path / "release"
     make_jpeg(src / "ISIC_0000001.jpg")
     (src / "metadata.csv").write_text("lesion_id,image_id,dx,age\nHAM_1,ISIC_0000001,nv,3\n")
-    with pytest.raises(StageError, match=r"metadata\.csv: missing HAM10000 column\(s\) \['dx_type', 'sex'"):
+    with pytest.raises(StageError, match=r"metadata\.csv: missing column\(s\) \['dx_type', 'sex'"):
         _download(f"local:{src}", tmp_path / "raw", tmp_path / "cache")
 
 
@@ -147,14 +147,18 @@ def test_failure_midway_leaves_previous_raw_intact(tmp_path):
 @pytest.mark.realdata
 def test_real_shared_data_imports_byte_for_byte(tmp_path, shared_ham):
     res = _download(f"local:{shared_ham}", tmp_path / "raw", tmp_path / "cache")
-    assert (res.n_rows, res.n_images) == (9247, 9247)
-    df = pd.read_csv(tmp_path / "raw" / "metadata.csv", dtype=str, keep_default_na=False)
     src = pd.read_csv(shared_ham / "HAM10000_metadata.csv", dtype=str, keep_default_na=False)
+    thumbs = {p.name for p in (shared_ham / "images_200x150").glob("*.jpg")}
+    originals = {p.name for p in (shared_ham / "originals_600x450").glob("*.jpg")}
+    assert (res.n_rows, res.n_images) == (len(src), len(thumbs | originals))
+    df = pd.read_csv(tmp_path / "raw" / "metadata.csv", dtype=str, keep_default_na=False)
     assert df.equals(src)  # the CSV release is already normalised: identical content
     images = sorted((tmp_path / "raw" / "images").iterdir())
-    assert len(images) == 9247
-    # the thumbnail folder (all 9,247) wins over the 124 originals that share ids
-    for p in images[::97] + [tmp_path / "raw" / "images" / "ISIC_0024306.jpg"]:
+    assert [p.name for p in images] == sorted(thumbs | originals)
+    # the thumbnail folder (every row's image) wins over the few originals that share its ids
+    both = sorted(thumbs & originals)
+    assert both, "the shared copy has originals of some thumbnails"
+    for p in images[::97] + [tmp_path / "raw" / "images" / name for name in both[::10]]:
         assert p.read_bytes() == (shared_ham / "images_200x150" / p.name).read_bytes()
 
 

@@ -287,7 +287,10 @@ def test_bad_metadata_is_named(tmp_path):
     raw = write_raw(tmp_path / "raw", _rows())
     meta = pd.read_csv(raw / "metadata.csv")
     pd.concat([meta, meta.iloc[[4]]]).to_csv(raw / "metadata.csv", index=False)
-    with pytest.raises(StageError, match=r"metadata.csv: image_id listed more than once: ISIC_0000004"):
+    # 24 rows from line 2 on; the copy of the 5th (line 6) is line 26
+    with pytest.raises(
+        StageError, match=r"metadata.csv: image_id listed more than once: ISIC_0000004 \(rows 6, 26\)"
+    ):
         _run(raw, tmp_path)
     meta.drop(columns="dx").to_csv(raw / "metadata.csv", index=False)
     with pytest.raises(StageError, match=r"metadata.csv: missing column\(s\) \['dx'\]"):

@@ -21,7 +21,6 @@ from stages.validate import (
     inspect_image,
     inspect_images,
     main,
-    read_metadata,
     run,
 )
 from tests.conftest import REPO, make_jpeg, write_raw
@@ -114,29 +113,6 @@ def _bomb_jpeg(path: Path, side: int = 20_000) -> Path:
     data[i + 5 : i + 9] = side.to_bytes(2, "big") * 2  # height, width
     path.write_bytes(bytes(data))
     return path
-
-
-# --------------------------------------------------------------------------- reading
-
-
-def test_read_metadata_keeps_line_numbers_and_accepts_crlf_bom_and_ragged_rows(tmp_path):
-    p = tmp_path / "m.csv"
-    text = (
-        "\ufefflesion_id,image_id,dx,dx_type,age,sex,localization\r\n"
-        "HAM_1,ISIC_0000001,nv,histo,80,male,back\r\n"
-        "\r\n"  # a blank line in the middle is a blank row (line 3)
-        "HAM_2,ISIC_0000002,mel,histo,,female\r\n"  # one field short
-        "HAM_3,ISIC_0000003,bcc,histo,45.0,male,back,extra\r\n"
-        "\r\n\r\n"  # trailing blank lines are harmless
-    )
-    p.write_bytes(text.encode("utf-8"))
-    df = read_metadata(p)
-    assert list(df.index) == [2, 3, 4, 5]
-    assert list(df.columns[:7]) == ["lesion_id", "image_id", "dx", "dx_type", "age", "sex", "localization"]
-    assert df.loc[2, "age"] == "80" and df.loc[2, "localization"] == "back"
-    assert df.loc[3].drop("_fields").isna().all() and df.loc[3, "_fields"] == 0
-    assert df.loc[4, "age"] is None and df.loc[4, "localization"] is None and df.loc[4, "_fields"] == 6
-    assert df.loc[5, "_fields"] == 8
 
 
 # --------------------------------------------------------------------------- image facts

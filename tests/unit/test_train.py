@@ -6,11 +6,13 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 from pathlib import Path
@@ -22,7 +24,17 @@ from PIL import Image
 
 from stages.common import CLASSES, HAM_COLUMNS, LOCALIZATIONS, SEXES, StageError
 from stages.params import BACKBONES, ParamsError, load_params, parse_params
-from stages.train import Phase, macro_auc, macro_f1, main, plan_phases, run
+from stages.train import (
+    Phase,
+    WorkerPaths,
+    is_chief,
+    macro_auc,
+    macro_f1,
+    main,
+    plan_phases,
+    run,
+    worker_paths,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 # One colour per class, so a tiny CNN can learn the task in a couple of epochs.
@@ -332,7 +344,7 @@ def test_resume_after_sigkill(prepared, tmp_path):
         tmp_path / "params.yaml", _raw_params(common={"epochs": 8, "early_stopping_patience": 0})
     )
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
-    meta = tmp_path / "ckpt" / "phase-0" / "training_metadata.json"
+    meta = tmp_path / "ckpt" / "state.json"  # the commit record: "epoch" epochs are in its checkpoint
     proc = subprocess.Popen(_cli(tmp_path, prepared, pfile), cwd=REPO, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     try:
@@ -403,7 +415,9 @@ def _free_port() -> int:
 
 
 @pytest.mark.slow
-def test_multi_worker_two_processes_identical_weights(prepared, tmp_path):
+def test_multi_worker_two_processes_identical_weights_only_the_chief_writes(prepared, tmp_path):
+    """Two workers on 127.0.0.1 with the same command line: both train to the same weights, only
+    the chief writes the model, metrics and DVCLive files, the other deletes its temp copies."""
     pfile = _write_params(
         tmp_path / "params.yaml", _raw_params(strategy="multi_worker", common={"epochs": 1})
     )
@@ -411,9 +425,11 @@ def test_multi_worker_two_processes_identical_weights(prepared, tmp_path):
     procs = []
     for i in range(2):
         tf_config = {"cluster": {"worker": workers}, "task": {"type": "worker", "index": i}}
-        env = dict(os.environ, TF_CONFIG=json.dumps(tf_config), TF_CPP_MIN_LOG_LEVEL="3")
+        (tmp_path / f"tmp{i}").mkdir()
+        env = dict(os.environ, TF_CONFIG=json.dumps(tf_config), TF_CPP_MIN_LOG_LEVEL="3",
+                   TMPDIR=str(tmp_path / f"tmp{i}"))  # fmt: skip
         log = open(tmp_path / f"w{i}.log", "w")  # noqa: SIM115
-        procs.append((subprocess.Popen(_cli(tmp_path / f"w{i}", prepared, pfile), cwd=REPO, env=env,
+        procs.append((subprocess.Popen(_cli(tmp_path, prepared, pfile), cwd=REPO, env=env,
                                        stdout=log, stderr=subprocess.STDOUT), log))  # fmt: skip
     try:
         for proc, _ in procs:
@@ -426,12 +442,92 @@ def test_multi_worker_two_processes_identical_weights(prepared, tmp_path):
     logs = [(tmp_path / f"w{i}.log").read_text() for i in range(2)]
     assert [p.returncode for p, _ in procs] == [0, 0], logs[0][-2000:] + logs[1][-2000:]
     for i in range(2):
-        m = json.loads((tmp_path / f"w{i}" / "metrics.json").read_text())
-        assert m["strategy"] == "multi_worker" and m["replicas"] == 2 and m["epochs_run"] == 1
         assert f"(worker {i} of 2)" in logs[i]
-    w0, w1 = (_weights(tmp_path / f"w{i}" / "model" / "model.keras") for i in range(2))
-    for a, b in zip(w0, w1, strict=True):
-        np.testing.assert_array_equal(a, b)
+    digests = [re.findall(r"worker \d of 2: weights sha256 (\w+)", text) for text in logs]
+    assert len(digests[0]) == 1 and digests[0] == digests[1]  # the workers ended with identical weights
+    m = json.loads((tmp_path / "metrics.json").read_text())  # the chief's
+    assert m["strategy"] == "multi_worker" and m["replicas"] == 2 and m["epochs_run"] == 1
+    assert (tmp_path / "model" / "model.keras").is_file() and (tmp_path / "live" / "metrics.json").is_file()
+    assert "worker1 is not the chief" in logs[1] and "is not the chief" not in logs[0]
+    assert list((tmp_path / "tmp1").iterdir()) == []  # the non-chief's outputs were deleted
+    assert sorted(p.name for p in (tmp_path / "ckpt.worker1").iterdir()) == ["DONE"]  # its own resume folder
+
+
+@pytest.mark.parametrize(
+    "cluster, task, chief",
+    [
+        ({"worker": ["a:1", "b:1"]}, {"type": "worker", "index": 0}, True),
+        ({"worker": ["a:1", "b:1"]}, {"type": "worker", "index": 1}, False),
+        ({"chief": ["c:1"], "worker": ["a:1"]}, {"type": "chief", "index": 0}, True),
+        ({"chief": ["c:1"], "worker": ["a:1"]}, {"type": "worker", "index": 0}, False),
+    ],
+)
+def test_the_chief_is_tf_configs_chief_task_else_worker_0(cluster, task, chief):
+    assert is_chief({"cluster": cluster, "task": task}) is chief
+
+
+def test_only_the_chief_writes_the_requested_paths_others_a_temp_folder_they_delete(tmp_path, monkeypatch):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    paths = {"out": tmp_path / "model", "metrics": tmp_path / "m.json", "live": tmp_path / "live",
+             "backup": tmp_path / "ckpt"}  # fmt: skip
+    cluster = {"worker": ["a:1", "b:1"]}
+    for tf_config in (None, {"cluster": cluster, "task": {"type": "worker", "index": 0}}):
+        with worker_paths(tf_config, **paths) as where:
+            assert where == WorkerPaths(**paths, chief=True)
+    with (
+        pytest.raises(RuntimeError, match="boom"),
+        worker_paths({"cluster": cluster, "task": {"type": "worker", "index": 1}}, **paths) as where,
+    ):
+        assert not where.chief and where.backup == tmp_path / "ckpt.worker1"
+        (scratch,) = (tmp_path / "tmp").iterdir()
+        assert {where.out.parent, where.metrics.parent, where.live.parent} == {scratch}
+        where.out.mkdir()
+        (where.out / "model.keras").write_text("x")
+        where.metrics.write_text("{}")
+        raise RuntimeError("boom")  # deleted on the way out, whatever the outcome
+    assert list((tmp_path / "tmp").iterdir()) == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tmp"]  # nothing at the requested paths
+
+
+@pytest.mark.gpu
+def test_each_concurrent_stage_sees_only_its_own_gpu():
+    """Where GPUs are present: one stage process per GPU id the retrain flow would hand on
+    (``CUDA_VISIBLE_DEVICES=<id>``), all at once; each one's runtime sees exactly one GPU, each a
+    different one, the one that id names."""
+    import tensorflow as tf
+
+    if not tf.config.list_physical_devices("GPU"):
+        pytest.skip("no GPU visible")
+    from flows.dvcops import subprocess_env
+    from flows.retrain import gpu_devices
+
+    probe = textwrap.dedent("""
+        import json
+        from stages.distribute import configure_runtime
+        rt = configure_runtime("auto", "off", "off")
+        from tensorflow.python.client import device_lib
+        buses = [d.physical_device_desc.split("pci bus id: ")[1].split(",")[0]
+                 for d in device_lib.list_local_devices() if d.device_type == "GPU"]
+        print(json.dumps({"gpus": rt.gpus, "kind": rt.kind, "buses": buses}))
+    """)
+
+    def start(extra: dict[str, str]) -> subprocess.Popen:
+        env = subprocess_env({"TF_CPP_MIN_LOG_LEVEL": "3", **extra})  # as the flow starts a stage
+        return subprocess.Popen([sys.executable, "-c", probe], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)  # fmt: skip
+
+    def result(proc: subprocess.Popen) -> dict:
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err[-3000:]
+        return json.loads(out.strip().splitlines()[-1])
+
+    devices = gpu_devices()
+    every = result(start({}))["buses"]  # all the GPUs, in the order device ids count them
+    seen = [result(p) for p in [start({"CUDA_VISIBLE_DEVICES": d}) for d in devices]]
+    assert [r["gpus"] for r in seen] == [1] * len(devices)
+    assert all(r["kind"] == "default" for r in seen)  # one GPU: no MirroredStrategy
+    assert [r["buses"] for r in seen] == [[bus] for bus in every]  # each its own, and a different one
 
 
 def test_multi_worker_without_tf_config_is_a_clear_error(prepared, tmp_path, monkeypatch):

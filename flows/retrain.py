@@ -14,6 +14,13 @@ Every run publishes a markdown summary (artifact ``retrain-summary``) and the me
 against production (table ``retrain-metrics-diff``). The gate and the promotion live in
 :mod:`flows.promote`.
 
+The gate judges with the committed thresholds (``promote.*`` and ``calibrate.target_recall`` in
+params.yaml at git HEAD), never with this run's ``params_overrides``: the run under judgement
+must not set its own bar. Only the operator's ``gate_overrides`` parameter changes a threshold,
+for that run, loudly (run log, summary artifact, production record). The summary also says
+whether the candidate learned from production's data version or a newer one (then the two
+test sets may differ, and so may the numbers the AUC checks compare).
+
 Run it once, locally, with no server (ephemeral API)::
 
     python -m flows.retrain --help
@@ -30,8 +37,8 @@ import logging
 import os
 import subprocess
 import sys
-from collections.abc import Sequence
-from dataclasses import asdict
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -50,6 +57,8 @@ from flows.dvcops import (
     DvcError,
     Layout,
     StageFailed,
+    apply_overrides,
+    committed_text,
     diff_metrics,
     dvc_argv,
     has_remote,
@@ -75,10 +84,14 @@ from flows.promote import (
     tag_exists,
     utc_tag,
 )
-from flows.report import RunReport, diff_table, render_summary
-from stages.params import Params, load_params
+from flows.report import RunReport, _table, diff_table, fmt, render_summary
+from stages.params import Params, ParamsError, load_params, parse_params
 
 __all__ = [
+    "Gate",
+    "compare_data",
+    "data_versions",
+    "resolve_gate",
     "retrain",
     "retry_if_transient",
     "gpu_devices",
@@ -222,6 +235,249 @@ def _run_wave(root: str, wave: list[str], devices: list[str], pull: bool) -> lis
     return done
 
 
+# --------------------------------------------------------------------------- the gate's thresholds
+
+# What an operator may change for one run (gate_overrides). calibrate.target_recall is also a
+# gate input (the recall bar while promote.min_test_recall is null), but it is the calibrate
+# stage's knob: overriding it retunes the candidate's threshold, so it is not a gate override.
+GATE_KEYS = ("promote.max_auc_drop", "promote.min_test_recall")
+GATE_INPUTS = (*GATE_KEYS, "calibrate.target_recall")
+
+
+@dataclass(frozen=True)
+class Gate:
+    """The thresholds the gate judges this run's candidate with, and where they came from."""
+
+    target_recall: float
+    max_auc_drop: float
+    source: str  # where the committed values were read
+    committed: dict[str, Any]  # GATE_INPUTS as committed (defaults filled in)
+    overrides: dict[str, Any] = field(default_factory=dict)  # the operator's gate_overrides
+    ignored: dict[str, Any] = field(default_factory=dict)  # params_overrides of GATE_INPUTS
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _gate_values(p: Params) -> dict[str, Any]:
+    return {
+        "promote.max_auc_drop": p.promote.max_auc_drop,
+        "promote.min_test_recall": p.promote.min_test_recall,
+        "calibrate.target_recall": p.calibrate.target_recall,
+    }
+
+
+def _recall_bar(values: Mapping[str, Any]) -> float:
+    floor = values["promote.min_test_recall"]
+    return values["calibrate.target_recall"] if floor is None else floor
+
+
+def _gate_params(raw: Mapping[str, Any], overrides: Mapping[str, Any] | None = None) -> Params:
+    """The gate inputs of a parsed params.yaml (the rest left at its defaults), validated."""
+    sections: dict[str, Any] = {"promote": {}, "calibrate": {}}
+    for key in GATE_INPUTS:
+        section, name = key.split(".")
+        node = raw.get(section) if isinstance(raw, Mapping) else None
+        if isinstance(node, Mapping) and name in node:
+            sections[section][name] = node[name]
+    return parse_params(apply_overrides(sections, overrides or {}))
+
+
+def resolve_gate(
+    committed_raw: Mapping[str, Any],
+    source: str,
+    gate_overrides: Mapping[str, Any] | None = None,
+    params_overrides: Mapping[str, Any] | None = None,
+) -> Gate:
+    """The gate for one run: the committed thresholds, changed only by ``gate_overrides``.
+
+    ``params_overrides`` configure the candidate (an overridden ``calibrate.target_recall`` does
+    retune its threshold) but never the bar it is judged against: they are only noted.
+    """
+    overrides = dict(gate_overrides or {})
+    bad = [k for k in overrides if k not in GATE_KEYS]
+    if bad:
+        raise RetrainFailed(
+            f"gate_overrides: {bad[0]!r} is not a gate threshold; use {' or '.join(GATE_KEYS)}"
+        )
+    try:
+        committed = _gate_values(_gate_params(committed_raw))
+    except ParamsError as e:
+        raise RetrainFailed(f"{source}: {e}") from None
+    try:
+        used = _gate_values(_gate_params(committed_raw, overrides))
+    except ParamsError as e:
+        raise RetrainFailed(f"gate_overrides: {e}") from None
+    # calibrate.target_recall is a gate input only while the committed min_test_recall is null.
+    inputs = GATE_INPUTS if committed["promote.min_test_recall"] is None else GATE_KEYS
+    ignored = {k: v for k, v in (params_overrides or {}).items() if k in inputs and v != committed[k]}
+    return Gate(
+        target_recall=_recall_bar(used),
+        max_auc_drop=used["promote.max_auc_drop"],
+        source=source,
+        committed=committed,
+        overrides=overrides,
+        ignored=ignored,
+    )
+
+
+def _committed_params(layout: Layout, git: bool) -> tuple[dict[str, Any], str]:
+    """The params the gate's thresholds come from, and a label saying which they are.
+
+    params.yaml at git HEAD, not the file as it was before this run's overrides: overrides are
+    kept in params.yaml (as ``dvc exp run -S`` keeps them), so that file also holds every earlier
+    run's, and one run's ``promote.max_auc_drop=1`` would loosen the gate of all later runs. HEAD
+    moves only by a commit: a reviewed change, or a promotion, which pins the committed gate
+    (:func:`_pin_committed_gate`). Outside git, or before params.yaml is committed, there is no
+    such record: the file before this run's overrides is the fallback, and the log says so.
+    Call it before the overrides are applied.
+    """
+    logger = _logger()
+    working = yaml.safe_load(layout.path(layout.params).read_text(encoding="utf-8")) or {}
+    text = committed_text(layout.root, layout.params) if git else None
+    if text is None:
+        logger.warning(
+            "the gate's thresholds come from %s as it was before this run's overrides (not "
+            "committed in git): overrides kept there by earlier runs count; commit it",
+            layout.params,
+        )
+        return working, f"`{layout.params}` before this run's overrides (not in git)"
+    committed = yaml.safe_load(text) or {}
+    with contextlib.suppress(ParamsError):
+        ours, theirs = _gate_values(_gate_params(working)), _gate_values(_gate_params(committed))
+        uncommitted = {k: v for k, v in ours.items() if v != theirs[k]}
+        if uncommitted:
+            logger.warning(
+                "%s holds uncommitted gate inputs %s (committed: %s): the gate uses the committed "
+                "ones; commit them, or pass gate_overrides",
+                layout.params,
+                uncommitted,
+                {k: theirs[k] for k in uncommitted},
+            )
+    rev = head_commit(layout.root) or "HEAD"
+    return committed, f"`{layout.params}` at git HEAD ({rev[:12]})"
+
+
+def _pin_committed_gate(layout: Layout, gate: Gate) -> dict[str, Any]:
+    """Before the promotion commits params.yaml: set promote.* so that, committed, it sets the
+    gate this run was judged by without its gate_overrides (those hold for one run). Otherwise
+    this run's kept params_overrides would become the next run's committed thresholds. A
+    ``calibrate.target_recall`` override stays (dvc.lock records it): the committed recall bar
+    then moves to promote.min_test_recall. Returns what it wrote."""
+    current = _gate_values(load_params(layout.path(layout.params)))
+    want = gate.committed
+    pins: dict[str, Any] = {}
+    if current["promote.max_auc_drop"] != want["promote.max_auc_drop"]:
+        pins["promote.max_auc_drop"] = want["promote.max_auc_drop"]
+    floor = want["promote.min_test_recall"]
+    if floor is None and current["calibrate.target_recall"] != want["calibrate.target_recall"]:
+        floor = want["calibrate.target_recall"]  # null would now mean this run's target
+    if current["promote.min_test_recall"] != floor:
+        pins["promote.min_test_recall"] = floor
+    if pins:
+        set_params(layout.path(layout.params), pins)
+        _logger().warning("params.yaml: gate thresholds pinned to the committed ones: %s", pins)
+    return pins
+
+
+# --------------------------------------------------------------------------- data versions
+
+
+def data_versions(lock: Mapping[str, str], layout: Layout) -> dict[str, str]:
+    """The md5s dvc.lock holds for the data a model learns and is tested from."""
+    return {p: lock[p] for p in layout.data_outputs if p in lock}
+
+
+def compare_data(
+    candidate: Mapping[str, str], production: Mapping[str, Any] | None, layout: Layout
+) -> dict[str, Any]:
+    """Whether the candidate learned from production's data version (``same``) or another one
+    (``newer``: production's record is older than this run, so unless someone rolled the data
+    back, the current dvc.lock holds newer data); ``unknown`` when a record lacks versions."""
+    out: dict[str, Any] = {"candidate": dict(candidate), "production": {}, "changed": [], "note": ""}
+    if production is None:
+        return {**out, "status": "no production"}
+    prod = production.get("data_versions") or data_versions(production.get("dvc_lock") or {}, layout)
+    if not prod and production.get("data_version"):  # a record older than data_versions
+        prod = {layout.raw: production["data_version"]}
+    out["production"] = dict(prod)
+    compared = [p for p in layout.data_outputs if p in prod and p in candidate]
+    if not compared:
+        note = "no data version to compare: whether both were tested on the same images is unknown"
+        return {**out, "status": "unknown", "note": note}
+    changed = [p for p in compared if prod[p] != candidate[p]]
+    if not changed:
+        note = "same data version as production: the metrics compare the same test set"
+        if len(compared) < len(layout.data_outputs):
+            note += f" (as far as {', '.join(compared)} show)"
+        return {**out, "status": "same", "note": note}
+    note = (
+        f"trained on newer data than production ({', '.join(changed)} changed): the test sets "
+        "may differ, so the AUC checks compare production's numbers on its own test set with the "
+        "candidate's on this one, not the two models on the same images"
+    )
+    return {**out, "status": "newer", "changed": changed, "note": note}
+
+
+def gate_markdown(gate: Mapping[str, Any], layout: Layout) -> list[str]:
+    """The summary's sections on the gate's thresholds and the data versions (``report.gate``)."""
+    lines: list[str] = []
+    th = gate.get("thresholds")
+    if th:
+        committed = th["committed"]
+        lines += ["## Gate thresholds", ""]
+        if th["overrides"]:
+            shown = ", ".join(
+                f"`{k}={v}` (committed: {fmt(committed[k])})" for k, v in th["overrides"].items()
+            )
+            lines += [f"**GATE OVERRIDDEN by the operator (gate_overrides), this run only:** {shown}.", ""]
+        lines += _table(
+            ["threshold", "committed", "this run's gate"],
+            [
+                ("test malignant recall (`promote.min_test_recall`, null: `calibrate.target_recall`)",
+                 fmt(_recall_bar(committed)), fmt(th["target_recall"])),
+                ("AUC drop allowed (`promote.max_auc_drop`)", fmt(committed["promote.max_auc_drop"]),
+                 fmt(th["max_auc_drop"])),
+            ],
+        )  # fmt: skip
+        lines += ["", f"Committed values from {th['source']}."]
+        if th["ignored"]:
+            shown = ", ".join(f"`{k}={v}`" for k, v in th["ignored"].items())
+            lines += [
+                f"params_overrides of gate inputs, not used by the gate: {shown} (they configure "
+                "the candidate: an overridden `calibrate.target_recall` retunes its threshold; "
+                "thresholds change only through gate_overrides)."
+            ]
+        lines += [""]
+    data = gate.get("data")
+    if data and data["status"] != "no production":
+        titles = {"same": "same as production", "newer": "NEWER than production's"}
+        title = titles.get(data["status"], "unknown")
+        lines += [f"## Data version: {title}", "", data["note"][:1].upper() + data["note"][1:] + ".", ""]
+        rows = []
+        for path in layout.data_outputs:
+            old, new = data["production"].get(path), data["candidate"].get(path)
+            if old is None and new is None:
+                continue
+            verdict = "—" if old is None or new is None else ("same" if old == new else "changed")
+            rows.append((f"`{path}`", f"`{old}`" if old else "—", f"`{new}`" if new else "—", verdict))
+        lines += _table(["output (md5 in dvc.lock)", "production", "candidate", ""], rows) + [""]
+    return lines
+
+
+def render(report: RunReport, layout: Layout) -> str:
+    """The summary artifact: :func:`flows.report.render_summary` with the gate's thresholds and
+    the data versions just before its gate table."""
+    md = render_summary(report, layout)
+    extra = gate_markdown(report.gate or {}, layout)
+    if not extra:
+        return md
+    marker = "## Promotion gate\n"
+    at = md.find(marker)
+    block = "\n".join(extra) + "\n"
+    return md[:at] + block + md[at:] if at >= 0 else md.rstrip() + "\n\n" + block
+
+
 def _links(layout: Layout) -> list[str]:
     """Plots rendered by ``dvc plots show`` and the HTML/markdown reports the stages wrote."""
     reports = layout.path(layout.reports)
@@ -291,8 +547,11 @@ def _publish(report: RunReport, layout: Layout, diff: dict | None) -> None:
 
 
 def _create_artifacts(report: RunReport, layout: Layout, diff: dict | None) -> None:
+    overridden = ((report.gate or {}).get("thresholds") or {}).get("overrides")
     create_markdown_artifact(
-        markdown=render_summary(report, layout), key=SUMMARY_KEY, description=f"retrain: {report.outcome}"
+        markdown=render(report, layout),
+        key=SUMMARY_KEY,
+        description=f"retrain: {report.outcome}" + (" (GATE OVERRIDDEN)" if overridden else ""),
     )
     if diff is not None:
         create_table_artifact(
@@ -309,6 +568,7 @@ def retrain(
     params_overrides: dict[str, Any] | None = None,
     promote: bool = True,
     extra_sources: str | None = None,
+    gate_overrides: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Reproduce the pipeline and promote the candidate bundle if it passes the gate.
 
@@ -317,12 +577,17 @@ def retrain(
             every ``train@...``); default: all but ``drift`` (the monitor flow's).
         backbones: train these (sets ``train.backbones`` and ``ensemble.members``).
         params_overrides: ``{"train.common.epochs": 1, ...}`` written into params.yaml and kept,
-            like ``dvc exp run -S``.
+            like ``dvc exp run -S``. They configure the candidate, never the gate that judges it:
+            that uses the committed ``promote.*`` and ``calibrate.target_recall``.
         promote: promote a candidate that passes the gate (false: report the gate only).
         extra_sources: labelled batches (folders in HAM10000 layout) to add to the training data:
             a JSON list of paths, or one path. Appended to ``download.extra_sources`` (kept in
             params.yaml, duplicates skipped), so ``download`` merges them into the next data
             version. The drift monitor's event passes them through the deployment trigger.
+        gate_overrides: the operator's change of a gate threshold for this run only, e.g.
+            ``{"promote.max_auc_drop": 0.02}`` (keys: ``promote.max_auc_drop``,
+            ``promote.min_test_recall``). Logged as a warning and recorded in the summary
+            artifact and the production record; never written to params.yaml.
     """
     logger = get_run_logger()
     layout = Layout(Path.cwd().resolve())
@@ -337,6 +602,10 @@ def retrain(
         current = load_params(layout.path(layout.params)).download.extra_sources if extra else ()
         overrides = _overrides(backbones, params_overrides, extra, current)
         report.overrides = overrides
+        git = in_git(layout.root)
+        # Before the overrides are written: the bar is set before the candidate exists.
+        gate = resolve_gate(*_committed_params(layout, git), gate_overrides, overrides)
+        _log_gate(gate)
         if overrides:
             apply_params(root, overrides)
         params = load_params(layout.path(layout.params))
@@ -355,14 +624,13 @@ def retrain(
 
         report.metrics = metrics_show(layout.root)
         report.data_version = lock_hashes(layout.root).get(layout.raw)
-        git = in_git(layout.root)
         report.git_commit = head_commit(layout.root) if git else None
         _render_plots(layout)
         report.links = _links(layout)
 
         production = read_production(layout)
         diff, report.diff_against = _diff_against(layout, production, report.metrics, git)
-        _gate_and_promote(layout, report, result, params, production, promote=promote, git=git)
+        _gate_and_promote(layout, report, result, params, production, gate, promote=promote, git=git)
         if remote:  # a remote is configured: share this run's outputs (and production) through it
             push(root)
             if report.promotion:
@@ -403,17 +671,46 @@ def _diff_against(
     return diff_metrics((production or {}).get("metrics") or {}, snapshot), label
 
 
+def _log_gate(gate: Gate) -> None:
+    logger = _logger()
+    if gate.overrides:
+        logger.warning(
+            "GATE OVERRIDDEN by the operator for this run: %s (committed: %s); recorded in the "
+            "summary artifact and, if promoted, the production record",
+            gate.overrides,
+            {k: gate.committed[k] for k in gate.overrides},
+        )
+    if gate.ignored:
+        logger.warning(
+            "params_overrides %s configure the candidate only: the gate judges it with the "
+            "committed %s (a threshold changes only through gate_overrides)",
+            gate.ignored,
+            {k: gate.committed[k] for k in gate.ignored},
+        )
+    logger.info(
+        "gate: test malignant recall >= %.3f, AUC drop <= %.3f (%s)",
+        gate.target_recall,
+        gate.max_auc_drop,
+        gate.source,
+    )
+
+
 def _gate_and_promote(
     layout: Layout,
     report: RunReport,
     result: dict[str, Any],
     params: Params,
     production: dict[str, Any] | None,
+    gate: Gate,
     *,
     promote: bool,
     git: bool,
 ) -> None:
-    """Decide on the candidate this run built and promote it if it passes (and ``promote``)."""
+    """Decide on the candidate this run built and promote it if it passes (and ``promote``).
+
+    ``params`` is this run's (overrides applied): it says whether to tag, never how high the
+    bar is; ``gate`` does (:func:`resolve_gate`).
+    """
     if layout.bundle_stage not in report.planned:
         report.outcome = "not promoted"
         report.reason = f"this run did not reproduce {layout.bundle_stage!r}"
@@ -421,37 +718,46 @@ def _gate_and_promote(
     decision = decide(
         gate_metrics(report.metrics, layout),
         gate_metrics(production.get("metrics") or {}, layout) if production else None,
-        target_recall=(
-            params.calibrate.target_recall
-            if params.promote.min_test_recall is None
-            else params.promote.min_test_recall
-        ),
-        max_auc_drop=params.promote.max_auc_drop,
+        target_recall=gate.target_recall,
+        max_auc_drop=gate.max_auc_drop,
     )
-    report.gate = decision.as_dict()
+    lock = lock_hashes(layout.root)
+    data = compare_data(data_versions(lock, layout), production, layout)
+    report.gate = {**decision.as_dict(), "thresholds": gate.as_dict(), "data": data}
+    reason = decision.reason
+    if gate.overrides:
+        reason += " (gate overridden: " + ", ".join(f"{k}={v}" for k, v in gate.overrides.items()) + ")"
     if not decision.promote:
-        report.outcome, report.reason = "not promoted", decision.reason
+        report.outcome, report.reason = "not promoted", reason
         return
     if not promote:
         report.outcome = "not promoted"
-        report.reason = f"promote=false (the gate would have promoted: {decision.reason})"
+        report.reason = f"promote=false (the gate would have promoted: {reason})"
         return
     now = datetime.now(UTC)
     tag = free_tag(layout.root, utc_tag(now)) if git and params.promote.git_tag else None
+    pinned = _pin_committed_gate(layout, gate) if tag else {}
     record = {
         "promoted_at": now.isoformat(timespec="seconds"),
         "git_tag": tag,
         "source_commit": report.git_commit,
         "dirty_code": dirty_code(layout.root) if git else [],
+        # What the model learned and was tested from: data/raw (kept for older readers) and
+        # every data output dvc.lock versions; the next run's summary compares against these.
         "data_version": report.data_version,
-        "dvc_lock": lock_hashes(layout.root),
+        "data_versions": data["candidate"],
+        "dvc_lock": lock,
         "metrics": report.metrics,
         "gate": report.gate,
+        "gate_overrides": dict(gate.overrides),
+        "gate_pinned": pinned,
         "params": yaml.safe_load(layout.path(layout.params).read_text(encoding="utf-8")),
         "flow_run": {"id": str(flow_run.get_id() or ""), "name": report.flow_run},
     }
     report.promotion = promote_candidate(str(layout.root), record, tag)
-    report.outcome, report.reason = "promoted", decision.reason
+    if gate.overrides:
+        report.promotion["gate_overrides"] = ", ".join(f"{k}={v}" for k, v in gate.overrides.items())
+    report.outcome, report.reason = "promoted", reason
     result["promoted"], result["tag"] = True, tag
 
 
@@ -466,12 +772,12 @@ def _last(text: str) -> str:
 # --------------------------------------------------------------------------- command line
 
 
-def _parse_set(items: list[str]) -> dict[str, Any]:
+def _parse_set(items: list[str], flag: str = "--set") -> dict[str, Any]:
     out: dict[str, Any] = {}
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key:
-            raise SystemExit(f"error: --set expects KEY=VALUE, got {item!r}")
+            raise SystemExit(f"error: {flag} expects KEY=VALUE, got {item!r}")
         out[key.strip()] = yaml.safe_load(value)  # "1" -> 1, "[a, b]" -> list, as dvc exp run -S
     return out
 
@@ -509,6 +815,16 @@ def main(argv: list[str] | None = None) -> int:
         help="override a parameter, e.g. -S train.common.epochs=1 (kept in params.yaml, "
         "as with dvc exp run -S); repeatable",
     )
+    parser.add_argument(
+        "--gate",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        dest="gates",
+        help="change a gate threshold for this run only (promote.max_auc_drop, "
+        "promote.min_test_recall); logged and recorded, never written to params.yaml. "
+        "--set never changes the gate, which uses the committed params.yaml; repeatable",
+    )
     parser.add_argument("--no-promote", action="store_true", help="evaluate the gate but never promote")
     parser.add_argument(
         "--extra-source",
@@ -520,6 +836,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     overrides = _parse_set(args.sets)
+    gate_overrides = _parse_set(args.gates, "--gate")
     try:
         result = retrain(
             stages=args.stages,
@@ -527,6 +844,7 @@ def main(argv: list[str] | None = None) -> int:
             params_overrides=overrides or None,
             promote=not args.no_promote,
             extra_sources=json.dumps(args.extra_sources) if args.extra_sources else None,
+            gate_overrides=gate_overrides or None,
         )
     except Exception as e:
         first = str(e).splitlines()[0] if str(e) else type(e).__name__

@@ -44,6 +44,10 @@ def test_deploy_run_promote_then_reject_through_a_real_server(repo_copy, prefect
     repo = repo_copy
     timings: dict[str, float] = {}
     set_params(repo / "params.yaml", TINY)
+    # The operator's configuration, committed: the gate reads its thresholds from git HEAD.
+    run_cmd(
+        ["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "tiny", "params.yaml"], repo
+    )
 
     t0 = time.monotonic()
     for pool in ("cpu-pool", "gpu-pool"):
@@ -83,6 +87,8 @@ def test_deploy_run_promote_then_reject_through_a_real_server(repo_copy, prefect
         prod = repo / "models" / "production"
         record = json.loads((prod / "production.json").read_text())
         assert record["data_version"] == lock["stages"]["download"]["outs"][0]["md5"]
+        outs = {o["path"]: o["md5"] for stage in lock["stages"].values() for o in stage.get("outs", [])}
+        assert record["data_versions"] == {p: outs[p] for p in ("data/raw", "data/split", "data/validated")}
         assert record["dvc_lock"]["models/ensemble"] == next(
             o["md5"] for o in lock["stages"]["calibrate"]["outs"] if o["path"] == "models/ensemble"
         )
@@ -105,11 +111,15 @@ def test_deploy_run_promote_then_reject_through_a_real_server(repo_copy, prefect
         listed = _prefect(["artifact", "ls"], env, repo)
         assert "retrain-summary" in listed and "retrain-metri" in listed
 
-        # Second run: a rebuilt candidate (new recall target: calibrate reruns) facing a gate it
-        # cannot pass (an AUC gain of 1.0 required). Not promoted; production untouched.
+        # Second run: a rebuilt candidate (new recall target: calibrate reruns) facing a gate the
+        # operator raised for this run (gate_overrides: an AUC gain of 1.0 required), which it
+        # cannot pass. Not promoted; production untouched.
         before = _snapshot(prod)
         lock_before = (repo / "dvc.lock").read_text()
-        sabotage = {"params_overrides": {"calibrate.target_recall": 0.97, "promote.max_auc_drop": -1.0}}
+        sabotage = {
+            "params_overrides": {"calibrate.target_recall": 0.97},
+            "gate_overrides": {"promote.max_auc_drop": -1.0},
+        }
         t0 = time.monotonic()
         second = _run_deployment(env, repo, worker, "--params", json.dumps(sabotage))
         timings["second run (calibrate only)"] = time.monotonic() - t0
@@ -121,6 +131,8 @@ def test_deploy_run_promote_then_reject_through_a_real_server(repo_copy, prefect
         assert run_cmd(["git", "tag"], repo).stdout.split() == tags
         md2 = _latest_artifact("retrain-summary", env, repo)["data"]
         assert "**Outcome:** not promoted:" in md2 and "| macro_auc | FAIL |" in md2
+        assert "**GATE OVERRIDDEN by the operator (gate_overrides), this run only:** " in md2
+        assert "## Data version: same as production" in md2
         diff = _latest_artifact("retrain-metrics-diff", env, repo)
         rows = json.loads(diff["data"])
         recall = next(r for r in rows if r["metric"] == "target_recall")

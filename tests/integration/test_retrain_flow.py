@@ -77,6 +77,11 @@ def test_promotes_then_keeps_production_when_the_gate_fails(toy, prefect_api):
     assert record["git_tag"] == result["tag"]
     lock = yaml.safe_load((toy / "dvc.lock").read_text())
     assert record["data_version"] == lock["stages"]["download"]["outs"][0]["md5"]
+    outs = {o["path"]: o["md5"] for stage in lock["stages"].values() for o in stage.get("outs", [])}
+    assert record["data_versions"] == {p: outs[p] for p in ("data/raw", "data/split", "data/validated")}
+    assert record["gate_overrides"] == {} and record["gate"]["thresholds"]["source"].startswith(
+        "`params.yaml` at git HEAD"
+    )
     assert record["metrics"]["metrics/calibration.json"]["test_malignant_recall"] == 0.96
     assert (toy / "models" / "production.dvc").is_file()
     tagged = subprocess.run(
@@ -91,33 +96,64 @@ def test_promotes_then_keeps_production_when_the_gate_fails(toy, prefect_api):
     assert "| `train@custom_cnn` | ran |" in md
     assert arts["retrain-metrics-diff"].type == "table"
 
-    # A candidate that cannot reach the (raised) recall target: not promoted, production untouched.
+    # A weaker candidate (1 epoch: AUCs 0.08 below production) whose own params_overrides lower
+    # every gate input: it is judged by the committed bar all the same. Not promoted, production
+    # untouched.
     before = _snapshot(prod)
     lock_before = (toy / "dvc.lock").read_text()
-    state2 = retrain(
-        params_overrides={"calibrate.target_recall": 0.99, "train.common.epochs": 1}, return_state=True
-    )
+    loosening = {"promote.max_auc_drop": 1.0, "promote.min_test_recall": 0.0, "calibrate.target_recall": 0.5}
+    state2 = retrain(params_overrides={**loosening, "train.common.epochs": 1}, return_state=True)
     assert state2.is_completed() and state2.name == "Not promoted", state2.message
     r2 = state2.result()
     assert not r2["promoted"]
-    assert r2["reason"].startswith("test_malignant_recall 0.960 < target 0.990")
-    assert "malignant_auc 0.730 vs production 0.810 (-0.080; drop allowed 0.010): too low" in r2["reason"]
+    assert r2["reason"] == (
+        "malignant_auc 0.730 vs production 0.810 (-0.080; drop allowed 0.010): too low; "
+        "macro_auc 0.720 vs production 0.800 (-0.080; drop allowed 0.010): too low"
+    )
+    assert r2["gate"]["checks"][0]["detail"] == "test_malignant_recall 0.960 >= target 0.950"
     assert r2["stages"]["download"] == "skipped" and r2["stages"]["calibrate"] == "ran"
     assert set(r2["stages"]) == set(result["stages"])  # models/production.dvc is not a stage to run
     assert (toy / "dvc.lock").read_text() != lock_before  # the candidate was rebuilt...
     assert _snapshot(prod) == before  # ...and production is byte for byte what it was
     tags = subprocess.run(["git", "tag"], cwd=toy, capture_output=True, text=True).stdout.split()
     assert tags == [result["tag"]]
+    calibration = json.loads((toy / "metrics" / "calibration.json").read_text())
+    assert calibration["target_recall"] == 0.5  # the override did reach the candidate's calibration
     arts2 = _artifacts(state2.state_details.flow_run_id)
-    assert (
-        "Outcome:** not promoted: test_malignant_recall 0.960 < target 0.990" in arts2["retrain-summary"].data
-    )
+    md2 = arts2["retrain-summary"].data
+    assert "Outcome:** not promoted: malignant_auc 0.730 vs production 0.810" in md2
+    assert "params_overrides of gate inputs, not used by the gate: `promote.max_auc_drop=1.0`" in md2
+    assert "## Data version: same as production" in md2
     table = arts2["retrain-metrics-diff"].data
     rows = {(r["file"], r["metric"]): r for r in (json.loads(table) if isinstance(table, str) else table)}
     assert rows[("metrics/ensemble.json", "malignant_auc")] == {
         "file": "metrics/ensemble.json", "metric": "malignant_auc", "production": 0.81, "candidate": 0.73,
         "change": -0.08,
     }  # fmt: skip
+
+    # The operator's gate_overrides do move the bar: the same candidate (run 2's overrides are
+    # still in params.yaml, nothing reruns) is promoted, and says so everywhere. The promotion
+    # commits the committed bar, not run 2's kept overrides nor this run's gate_overrides.
+    state3 = retrain(gate_overrides={"promote.max_auc_drop": 0.1}, return_state=True)
+    assert state3.is_completed() and state3.name == "Completed", state3.message
+    r3 = state3.result()
+    assert r3["promoted"] and r3["reason"].endswith("(gate overridden: promote.max_auc_drop=0.1)")
+    assert set(r3["stages"].values()) == {"skipped"}
+    record3 = yaml.safe_load((prod / "production.json").read_text())
+    assert record3["gate_overrides"] == {"promote.max_auc_drop": 0.1}
+    assert record3["gate"]["thresholds"]["max_auc_drop"] == 0.1
+    assert record3["gate"]["thresholds"]["committed"]["promote.max_auc_drop"] == 0.01
+    committed = yaml.safe_load(
+        subprocess.run(
+            ["git", "show", f"{r3['tag']}:params.yaml"], cwd=toy, capture_output=True, text=True, check=True
+        ).stdout
+    )
+    assert committed["promote"] == {**committed["promote"], "max_auc_drop": 0.01, "min_test_recall": 0.95}
+    assert committed["calibrate"]["target_recall"] == 0.5  # dvc.lock's, kept
+    art3 = _artifacts(state3.state_details.flow_run_id)["retrain-summary"]
+    assert art3.description == "retrain: promoted (GATE OVERRIDDEN)"
+    assert "**GATE OVERRIDDEN by the operator (gate_overrides), this run only:** " in art3.data
+    assert "| AUC drop allowed (`promote.max_auc_drop`) | 0.010 | 0.100 |" in art3.data
 
 
 def test_validation_failure_stops_before_training(toy, prefect_api):

@@ -3,9 +3,13 @@ stage plan, the params overrides, the device list and the report (no Prefect eng
 
 from __future__ import annotations
 
+import json
+import subprocess
+
 import pytest
 import yaml
 
+import flows.retrain as retrain_mod
 from flows.dvcops import (
     DvcError,
     Layout,
@@ -18,8 +22,20 @@ from flows.dvcops import (
 )
 from flows.promote import decide
 from flows.report import RunReport, diff_table, fmt, render_summary
-from flows.retrain import _parse_set, gpu_devices, retry_if_transient
-from stages.params import ParamsError
+from flows.retrain import (
+    RetrainFailed,
+    _committed_params,
+    _gate_and_promote,
+    _parse_set,
+    apply_params,
+    compare_data,
+    data_versions,
+    gpu_devices,
+    render,
+    resolve_gate,
+    retry_if_transient,
+)
+from stages.params import ParamsError, load_params
 
 CANDIDATE = {"test_malignant_recall": 0.96, "malignant_auc": 0.90, "macro_auc": 0.85}
 PRODUCTION = {"test_malignant_recall": 0.95, "malignant_auc": 0.91, "macro_auc": 0.86}
@@ -236,6 +252,8 @@ def test_cli_set_parses_values_like_dvc_exp_run():
     }
     with pytest.raises(SystemExit, match="--set expects KEY=VALUE, got 'epochs'"):
         _parse_set(["epochs"])
+    with pytest.raises(SystemExit, match="--gate expects KEY=VALUE, got 'x'"):
+        _parse_set(["x"], "--gate")
 
 
 # --------------------------------------------------------------------------- devices
@@ -315,3 +333,196 @@ def test_summary_shows_numbers_gate_and_failure(tmp_path):
     md2 = render_summary(r2, layout)
     assert "## Stage `validate` failed" in md2 and "validation FAILED: 3 rows" in md2
     assert "| passed | 0 |" in md2 and "| metadata_fail_dx | 3 |" in md2 and "images_fail_x" not in md2
+
+
+# --------------------------------------------------------------------------- who sets the bar
+
+# The committed params.yaml (the project's): promote.max_auc_drop 0.01, promote.min_test_recall
+# null, calibrate.target_recall 0.95. A candidate far below that bar on every gate check.
+LOOSENING = {"promote.max_auc_drop": 1.0, "promote.min_test_recall": 0.0, "calibrate.target_recall": 0.5}
+RAW_LOCK = {"data/raw": "r1.dir", "data/split": "s1.dir", "data/validated": "v1.dir"}
+
+
+def _metrics(recall: float, auc: float) -> dict[str, dict[str, float]]:
+    return {
+        "metrics/calibration.json": {"test_malignant_recall": recall, "threshold": 0.2},
+        "metrics/ensemble.json": {"malignant_auc": auc, "macro_auc": auc},
+    }
+
+
+WEAK = _metrics(0.60, 0.60)  # recall 0.60 < 0.95; AUCs 0.30 below production's
+PRODUCTION_RECORD = {"metrics": _metrics(0.96, 0.90), "data_versions": RAW_LOCK, "data_version": "r1.dir"}
+
+
+@pytest.fixture
+def committed(tmp_path):
+    """A git repository whose committed params.yaml is the project's."""
+    from tests.conftest import REPO
+
+    (tmp_path / "params.yaml").write_text((REPO / "params.yaml").read_text())
+    git = ["git", "-c", "user.email=t@t", "-c", "user.name=t"]
+    for args in (["git", "init", "-q"], [*git, "add", "params.yaml"], [*git, "commit", "-qm", "params"]):
+        subprocess.run(args, cwd=tmp_path, check=True, capture_output=True)
+    return Layout(tmp_path)
+
+
+def _write_lock(layout: Layout, versions: dict[str, str]) -> None:
+    stages = {p.split("/")[1]: {"outs": [{"path": p, "md5": md5}]} for p, md5 in versions.items()}
+    (layout.root / "dvc.lock").write_text(yaml.safe_dump({"schema": "2.0", "stages": stages}))
+
+
+def _judge(layout, gate, params, *, promote=True, git=True):
+    report = RunReport(flow_run="t", planned=["calibrate"], metrics=WEAK)
+    result: dict = {"promoted": False}
+    _gate_and_promote(layout, report, result, params, PRODUCTION_RECORD, gate, promote=promote, git=git)
+    return report, result
+
+
+@pytest.fixture
+def promotions(monkeypatch):
+    """What ``promote_candidate`` was asked to write (nothing is copied, committed or tagged)."""
+    seen: list[dict] = []
+
+    def fake(root, record, tag):
+        seen.append(record)
+        return {"path": "models/production", "tag": tag}
+
+    monkeypatch.setattr(retrain_mod, "promote_candidate", fake)
+    return seen
+
+
+def test_params_overrides_do_not_loosen_the_gate(committed, promotions):
+    """A run's params_overrides lowering promote.max_auc_drop, promote.min_test_recall and
+    calibrate.target_recall: the candidate is judged, and rejected, by the committed bar, also
+    when an earlier run's overrides are still kept in params.yaml (as dvc exp run -S keeps them)."""
+    layout = committed
+    apply_params.fn(str(layout.root), LOOSENING)  # an earlier run's, kept in params.yaml
+    gate = resolve_gate(*_committed_params(layout, git=True), None, LOOSENING)
+    apply_params.fn(str(layout.root), LOOSENING)  # this run's (already there)
+    params = load_params(layout.path(layout.params))
+    assert (params.promote.max_auc_drop, params.calibrate.target_recall) == (1.0, 0.5)  # the run's
+
+    report, result = _judge(layout, gate, params)
+    assert not result["promoted"] and promotions == []
+    assert report.reason == (
+        "test_malignant_recall 0.600 < target 0.950; "
+        "malignant_auc 0.600 vs production 0.900 (-0.300; drop allowed 0.010): too low; "
+        "macro_auc 0.600 vs production 0.900 (-0.300; drop allowed 0.010): too low"
+    )
+    th = report.gate["thresholds"]
+    assert (th["target_recall"], th["max_auc_drop"], th["overrides"]) == (0.95, 0.01, {})
+    assert th["ignored"] == LOOSENING and th["source"].startswith("`params.yaml` at git HEAD (")
+    md = render(report, layout)
+    assert "params_overrides of gate inputs, not used by the gate: `promote.max_auc_drop=1.0`" in md
+    assert "GATE OVERRIDDEN" not in md
+
+
+def test_without_git_the_gate_reads_params_yaml_before_the_runs_overrides(tmp_path):
+    from tests.conftest import REPO
+
+    layout = Layout(tmp_path)
+    (tmp_path / "params.yaml").write_text((REPO / "params.yaml").read_text())
+    gate = resolve_gate(*_committed_params(layout, git=False), None, LOOSENING)  # as the flow: first
+    apply_params.fn(str(tmp_path), LOOSENING)
+    assert (gate.target_recall, gate.max_auc_drop) == (0.95, 0.01)
+    assert gate.source == "`params.yaml` before this run's overrides (not in git)"
+    # with a committed recall floor, calibrate.target_recall is no gate input: nothing to note
+    floor = resolve_gate({"promote": {"min_test_recall": 0.9}}, "x", None, LOOSENING)
+    assert floor.target_recall == 0.9 and "calibrate.target_recall" not in floor.ignored
+
+
+def test_gate_overrides_change_the_gate_and_are_recorded(committed, promotions):
+    """The operator's gate_overrides do move the bar (the same weak candidate is promoted) and say
+    so: in the reason, the summary artifact and the production record. They are never written to
+    params.yaml, and the promotion commits the committed bar, not the run's kept overrides."""
+    layout = committed
+    _write_lock(layout, RAW_LOCK)
+    apply_params.fn(str(layout.root), LOOSENING)
+    overrides = {"promote.max_auc_drop": 0.5, "promote.min_test_recall": 0.5}
+    gate = resolve_gate(*_committed_params(layout, git=True), overrides, LOOSENING)
+    report, result = _judge(layout, gate, load_params(layout.path(layout.params)))
+
+    assert result["promoted"] and result["tag"].startswith("model-")
+    assert report.reason.endswith("(gate overridden: promote.max_auc_drop=0.5, promote.min_test_recall=0.5)")
+    [record] = promotions
+    assert record["gate_overrides"] == overrides
+    th = record["gate"]["thresholds"]
+    assert th["overrides"] == overrides and th["committed"]["promote.max_auc_drop"] == 0.01
+    assert (th["target_recall"], th["max_auc_drop"]) == (0.5, 0.5)
+    assert report.promotion["gate_overrides"] == "promote.max_auc_drop=0.5, promote.min_test_recall=0.5"
+    md = render(report, layout)
+    assert (
+        "**GATE OVERRIDDEN by the operator (gate_overrides), this run only:** "
+        "`promote.max_auc_drop=0.5` (committed: 0.010), `promote.min_test_recall=0.5` (committed: —)." in md
+    )
+    assert md.index("## Gate thresholds") < md.index("## Promotion gate")
+    assert "| AUC drop allowed (`promote.max_auc_drop`) | 0.010 | 0.500 |" in md
+    # what the promotion commits: the committed bar (the run's target_recall 0.5 stays: dvc.lock
+    # records it, so the recall bar moves to promote.min_test_recall)
+    assert record["gate_pinned"] == {"promote.max_auc_drop": 0.01, "promote.min_test_recall": 0.95}
+    kept = load_params(layout.path(layout.params))
+    assert (kept.promote.max_auc_drop, kept.promote.min_test_recall) == (0.01, 0.95)
+    assert kept.calibrate.target_recall == 0.5
+    assert record["params"]["promote"]["max_auc_drop"] == 0.01
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"calibrate.target_recall": 0.5},
+         "gate_overrides: 'calibrate.target_recall' is not a gate threshold; "
+         "use promote.max_auc_drop or promote.min_test_recall"),
+        ({"promote.max_auc_drop": 2}, "gate_overrides: promote.max_auc_drop: 2.0 is above the maximum 1.0"),
+    ],
+)  # fmt: skip
+def test_bad_gate_overrides_fail_before_anything_runs(overrides, message):
+    with pytest.raises(RetrainFailed) as e:
+        resolve_gate({}, "test", overrides)
+    assert str(e.value) == message
+
+
+# --------------------------------------------------------------------------- data versions
+
+
+def test_data_versions_same_newer_unknown(tmp_path):
+    layout = Layout(tmp_path)
+    assert data_versions({**RAW_LOCK, "models/ensemble": "m.dir"}, layout) == RAW_LOCK
+    same = compare_data(RAW_LOCK, PRODUCTION_RECORD, layout)
+    assert same["status"] == "same" and same["changed"] == []
+    newer = compare_data(
+        {**RAW_LOCK, "data/raw": "r2.dir", "data/split": "s2.dir"}, PRODUCTION_RECORD, layout
+    )
+    assert newer["status"] == "newer" and newer["changed"] == ["data/raw", "data/split"]
+    assert "the test sets may differ" in newer["note"]
+    # a record from before data_versions: its dvc_lock, else its data/raw md5
+    old = {"metrics": {}, "dvc_lock": {**RAW_LOCK, "models/ensemble": "m.dir"}}
+    assert compare_data(RAW_LOCK, old, layout)["status"] == "same"
+    oldest = compare_data(RAW_LOCK, {"metrics": {}, "data_version": "r0.dir"}, layout)
+    assert oldest["status"] == "newer" and oldest["changed"] == ["data/raw"]
+    assert compare_data(RAW_LOCK, {"metrics": {}}, layout)["status"] == "unknown"
+    assert compare_data(RAW_LOCK, None, layout)["status"] == "no production"
+
+
+def test_the_summary_and_the_record_carry_the_data_versions(committed, promotions):
+    layout = committed
+    _write_lock(layout, {**RAW_LOCK, "data/raw": "r2.dir", "data/split": "s2.dir"})
+    gate = resolve_gate(*_committed_params(layout, git=True), {"promote.max_auc_drop": 0.5,
+                                                                "promote.min_test_recall": 0.5})  # fmt: skip
+    report, result = _judge(layout, gate, load_params(layout.path(layout.params)), git=False)
+    assert result["promoted"] and result["tag"] is None
+    [record] = promotions
+    assert record["data_versions"] == {**RAW_LOCK, "data/raw": "r2.dir", "data/split": "s2.dir"}
+    assert record["gate"]["data"]["status"] == "newer"
+    assert record["gate_pinned"] == {}  # nothing committed without git
+    md = render(report, layout)
+    assert "## Data version: NEWER than production's" in md
+    assert "the test sets may differ, so the AUC checks compare production's numbers" in md
+    assert "| `data/raw` | `r1.dir` | `r2.dir` | changed |" in md
+    assert "| `data/validated` | `v1.dir` | `v1.dir` | same |" in md
+    json.dumps(record)  # production.json is JSON
+
+    _write_lock(layout, RAW_LOCK)
+    report2, _ = _judge(layout, gate, load_params(layout.path(layout.params)), promote=False, git=False)
+    md2 = render(report2, layout)
+    assert "## Data version: same as production" in md2
+    assert "Same data version as production: the metrics compare the same test set." in md2

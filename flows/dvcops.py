@@ -26,16 +26,20 @@ __all__ = [
     "DvcError",
     "Layout",
     "Pipeline",
+    "PushFailed",
+    "PushResult",
     "StageFailed",
     "StageRun",
     "apply_overrides",
     "committed_text",
     "diff_metrics",
+    "default_remote",
     "dvc_argv",
     "is_transient",
     "load_pipeline",
     "lock_hashes",
     "parse_dot",
+    "push_to_remote",
     "run_stage",
     "stream_command",
     "subprocess_env",
@@ -125,6 +129,7 @@ _TRANSIENT = re.compile(
     r"|(?:Read|Connect)?Timeout(?:Error)?\b|timed out"
     r"|Temporary failure in name resolution|Name or service not known|Network is unreachable"
     r"|RemoteDisconnected|IncompleteRead"
+    r"|Could not connect to the endpoint URL"  # botocore, pushing to an S3-compatible remote
     r"|HTTP (?:Error )?(?:429|502|503|504)\b|status(?: code)?:? (?:429|502|503|504)\b"
     r"|\b(?:429 Too Many Requests|502 Bad Gateway|503 Service Unavailable|504 Gateway Time-?out)",
     re.IGNORECASE,
@@ -398,6 +403,74 @@ def has_remote(repo: Path) -> bool:
         if "No default remote set" in str(e):
             return False
         raise
+
+
+def default_remote(repo: Path) -> tuple[str, str] | None:
+    """The default DVC remote as (name, url), or None when none is set. DVC merges .dvc/config
+    with .dvc/config.local, so a ``dvc remote add --local -d`` override wins; a relative local
+    url comes back resolved (DVC reads it relative to the config file's folder)."""
+    if not has_remote(repo):
+        return None
+    name = run_quiet(dvc_argv("remote", "default"), repo).strip()
+    # `dvc config` rather than `dvc remote list`, whose table wraps a long url at 80 columns.
+    return name, run_quiet(dvc_argv("config", f"remote.{name}.url"), repo).strip()
+
+
+class PushFailed(DvcError):
+    """``dvc push`` failed. Nothing local was changed or undone: the workspace, dvc.lock, the
+    DVC cache and a promotion made before the push all stand; only the remote is behind."""
+
+    def __init__(self, message: str, *, remote: str | None, transient: bool = False) -> None:
+        super().__init__(message, transient=transient)
+        self.remote = remote
+
+
+@dataclass(frozen=True)
+class PushResult:
+    remote: str
+    url: str
+    files_pushed: int  # 0: the remote already had everything
+    seconds: float
+
+
+_PUSHED = re.compile(r"(\d+) files? pushed")
+
+
+def push_to_remote(repo: Path, *, run_cache: bool = True, timeout: float = 6 * 3600) -> PushResult:
+    """``dvc push`` every output dvc.yaml and the ``.dvc`` files (``models/production.dvc``)
+    track to the default remote.
+
+    ``run_cache``: push the run cache too, so another machine's ``dvc repro --pull`` restores
+    unchanged stages' outputs before this run's dvc.lock reaches it through git.
+    Raises :class:`PushFailed` naming the remote, saying that nothing local was undone and how
+    to retry; ``transient`` when a retry may help (network, lock).
+    """
+    try:
+        remote = default_remote(repo)
+    except DvcError as e:
+        raise PushFailed(f"dvc push: cannot read the DVC remote configuration: {e}", remote=None) from None
+    if remote is None:
+        raise PushFailed(
+            "dvc push: no default DVC remote is set (.dvc/config core.remote, or "
+            "`dvc remote add --local -d NAME URL`); nothing was pushed",
+            remote=None,
+        )
+    name, url = remote
+    argv = dvc_argv("push", *(["--run-cache"] if run_cache else []))
+    t0 = time.monotonic()
+    try:
+        out = run_quiet(argv, repo, timeout=timeout)
+    except DvcError as e:
+        retry = " --run-cache" if run_cache else ""
+        raise PushFailed(
+            f"dvc push to remote {name!r} ({url}) failed; nothing local was changed or undone (a "
+            f"promotion made before the push stands), only the remote is behind. Once the remote "
+            f"works, run `dvc push{retry}` in {repo}. {e}",
+            remote=name,
+            transient=e.transient,
+        ) from e
+    m = _PUSHED.search(out)
+    return PushResult(name, url, int(m.group(1)) if m else 0, round(time.monotonic() - t0, 1))
 
 
 # --------------------------------------------------------------------------- params.yaml

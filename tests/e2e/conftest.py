@@ -184,3 +184,198 @@ def _deployment(name: str, env: dict[str, str]) -> dict:
     )
     response.raise_for_status()
     return response.json()
+
+
+# --------------------------------------------------------------------------- team-grade operation
+# Fixtures of the fault, PostgreSQL and load tests (tests/e2e/test_faults.py,
+# test_postgres_server.py, test_load.py).
+
+
+def _server_env(home: Path, port: int, database_url: str) -> dict[str, str]:
+    return {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}",
+        "PREFECT_HOME": str(home),
+        "PREFECT_PROFILES_PATH": str(home / "profiles.toml"),
+        "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
+        "PREFECT_SERVER_DATABASE_CONNECTION_URL": database_url,
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_UI_ENABLED": "false",
+        "PREFECT_CLI_PROMPT": "false",
+        "DO_NOT_TRACK": "1",
+    }
+
+
+def _pg_bindir() -> Path | None:
+    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/pg_ctl"), key=lambda p: int(p.parts[-3]))
+    return found[-1].parent if found else None
+
+
+def _install_postgresql() -> Path:
+    """Debian's PostgreSQL server binaries: there already, or installed with apt-get when root."""
+    import shutil
+
+    bindir = _pg_bindir()
+    if bindir is None and os.geteuid() == 0 and shutil.which("apt-get"):
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        for args in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", "postgresql"]):
+            subprocess.run(args, env=env, capture_output=True, timeout=900, check=False)
+        bindir = _pg_bindir()
+    if bindir is None:
+        pytest.skip("PostgreSQL server not installed (as root: apt-get install postgresql)")
+    return bindir
+
+
+@pytest.fixture
+def postgres(tmp_path):
+    """A throwaway PostgreSQL cluster on 127.0.0.1 (a free port, password auth, database
+    ``prefect``): ``initdb`` into a temp folder, ``pg_ctl start``; stopped and removed at the end.
+    PostgreSQL refuses to run as root, so as root the cluster belongs to the ``postgres`` user
+    (Debian's package creates it) or ``nobody``. Yields the SQLAlchemy URL Prefect takes."""
+    import pwd
+    import shutil
+    import tempfile
+
+    bindir = _install_postgresql()
+    # Not under tmp_path: pytest's base folder is 0700 root, which the cluster's user cannot enter.
+    base = Path(tempfile.mkdtemp(prefix="skinlesion-pg-"))
+    data, password = base / "data", "prefect-e2e"
+    (base / "pw").write_text(password + "\n")
+    prefix: list[str] = []
+    if os.geteuid() == 0:
+        user = next((u for u in ("postgres", "nobody") if _has_user(u)), None)
+        if user is None:
+            pytest.skip("running as root and no 'postgres' or 'nobody' user to run PostgreSQL as")
+        entry = pwd.getpwnam(user)
+        os.chown(base, entry.pw_uid, entry.pw_gid)
+        os.chown(base / "pw", entry.pw_uid, entry.pw_gid)
+        prefix = ["runuser", "-u", user, "--"]
+    port = _free_port()
+    log = tmp_path / "postgres.log"
+
+    def pg(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [*prefix, *args], capture_output=True, text=True, timeout=timeout, check=False, cwd=base
+        )
+
+    init = pg(str(bindir / "initdb"), "-D", str(data), "-U", "prefect", "--pwfile", str(base / "pw"),
+              "--auth", "scram-sha-256", "-E", "UTF8", "--locale", "C")  # fmt: skip
+    assert init.returncode == 0, f"initdb failed:\n{init.stdout}\n{init.stderr}"
+    opts = f"-c listen_addresses=127.0.0.1 -p {port} -k {base} -c fsync=off"
+    start = pg(str(bindir / "pg_ctl"), "-D", str(data), "-o", opts, "-l", str(base / "server.log"), "-w",
+               "start")  # fmt: skip
+    try:
+        assert start.returncode == 0, f"pg_ctl start failed:\n{start.stderr}\n" + (
+            (base / "server.log").read_text(errors="replace") if (base / "server.log").exists() else ""
+        )
+        created = subprocess.run(
+            [str(bindir / "createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", "prefect", "prefect"],
+            env={**os.environ, "PGPASSWORD": password}, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert created.returncode == 0, f"createdb failed: {created.stderr}"
+        yield {
+            "url": f"postgresql+asyncpg://prefect:{password}@127.0.0.1:{port}/prefect",
+            "port": port,
+            "password": password,
+            "bindir": bindir,
+        }
+    finally:
+        pg(str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "-w", "stop")
+        with contextlib.suppress(OSError):
+            log.write_text((base / "server.log").read_text(errors="replace"))
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def _has_user(name: str) -> bool:
+    import pwd
+
+    try:
+        pwd.getpwnam(name)
+    except KeyError:
+        return False
+    return True
+
+
+@pytest.fixture
+def prefect_server_postgres(tmp_path, postgres):
+    """``prefect server start`` on a free port with its database in the ``postgres`` cluster."""
+    port = _free_port()
+    home = tmp_path / "prefect-home"
+    home.mkdir()
+    env = _server_env(home, port, postgres["url"])
+    server = Background(
+        "server",
+        [PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        cwd=tmp_path,
+        env=env,
+        logs=tmp_path,
+    )
+    try:
+        url = f"http://127.0.0.1:{port}/api/health"
+        wait_healthy(url, server, 180, "prefect server (PostgreSQL) did not become healthy")
+        yield env, server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def toy_deployable(tmp_path) -> Path:
+    """The toy pipeline (tests/integration/toy_pipeline.py: stages of milliseconds, real ``dvc``)
+    with the project's flows/ and prefect.yaml beside it, committed: ``prefect deploy`` works from
+    it as from the repository, and a run takes seconds (``TOY_TRAIN_SECONDS`` per train stage)."""
+    import shutil
+
+    from tests.integration.toy_pipeline import REPO as PROJECT
+    from tests.integration.toy_pipeline import make_toy_repo
+
+    repo = make_toy_repo(tmp_path / "toy")
+    shutil.copytree(PROJECT / "flows", repo / "flows", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy2(PROJECT / "prefect.yaml", repo / "prefect.yaml")
+    git = ["git", "-c", "user.email=t@t", "-c", "user.name=t"]
+    run_cmd([*git, "add", "-A"], repo)
+    run_cmd([*git, "commit", "-qm", "flows"], repo)
+    return repo
+
+
+def copy_workspace(src: Path, dest: Path) -> Path:
+    """A byte-for-byte copy of a built workspace (git, DVC cache, outputs, dvc.lock); symlinks kept."""
+    import shutil
+
+    shutil.copytree(src, dest, symlinks=True)
+    return dest
+
+
+@pytest.fixture(scope="session")
+def tiny_built(tmp_path_factory) -> Path:
+    """The project copied as ``repo_copy`` does, with the TINY params and ``dvc repro calibrate``
+    done and committed: a workspace with a bundle in models/ensemble. Built once per session
+    (a few minutes on 2 cores); tests work on their own :func:`copy_workspace` of it.
+    ``SKINLESION_TINY_BUILT=DIR`` reuses a workspace an earlier session built (never written)."""
+    import shutil
+
+    from flows.dvcops import set_params
+    from tests.conftest import _NOT_COPIED, REPO
+
+    reuse = os.environ.get("SKINLESION_TINY_BUILT")
+    if reuse:
+        return Path(reuse)
+
+    files = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
+        cwd=REPO, capture_output=True, text=True, check=True,
+    ).stdout.split("\0")  # fmt: skip
+    repo = tmp_path_factory.mktemp("tiny") / "repo"
+    for rel in files:
+        if not rel or rel.startswith(_NOT_COPIED) or not (REPO / rel).is_file():
+            continue
+        (repo / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO / rel, repo / rel)
+    git = ["git", "-c", "user.email=t@t", "-c", "user.name=t"]
+    run_cmd(["git", "init", "-q"], repo)
+    set_params(repo / "params.yaml", TINY)
+    run_cmd([*git, "add", "-A"], repo)
+    run_cmd([*git, "commit", "-qm", "copy, tiny params"], repo)
+    run_cmd([sys.executable, "-m", "dvc", "repro", "calibrate"], repo, timeout=2400)
+    run_cmd([*git, "add", "-A"], repo)
+    run_cmd([*git, "commit", "-qm", "baseline run"], repo)
+    return repo

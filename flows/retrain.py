@@ -56,6 +56,7 @@ from prefect.tasks import exponential_backoff
 from flows.dvcops import (
     DvcError,
     Layout,
+    PushFailed,
     StageFailed,
     apply_overrides,
     committed_text,
@@ -66,6 +67,7 @@ from flows.dvcops import (
     lock_hashes,
     metrics_diff_rev,
     metrics_show,
+    push_to_remote,
     run_quiet,
     run_stage,
     set_params,
@@ -204,11 +206,13 @@ def promote_candidate(root: str, record: dict[str, Any], git_tag: str | None) ->
 
 
 @task(name="dvc-push", **_RETRY)
-def push(root: str) -> None:
+def push(root: str) -> str:
     # --run-cache: another machine's `dvc repro --pull` then restores unchanged stages' outputs
-    # even before this run's dvc.lock reaches it through git.
+    # even before this run's dvc.lock reaches it through git. PushFailed names the remote and
+    # says that nothing local (a promotion included) was undone.
     _logger().info("dvc push --run-cache")
-    run_quiet(dvc_argv("push", "--run-cache"), Path(root), timeout=6 * 3600)
+    done = push_to_remote(Path(root))
+    return f"pushed {done.files_pushed} file(s) to {done.remote} ({done.url})"
 
 
 # --------------------------------------------------------------------------- the flow
@@ -632,9 +636,14 @@ def retrain(
         diff, report.diff_against = _diff_against(layout, production, report.metrics, git)
         _gate_and_promote(layout, report, result, params, production, gate, promote=promote, git=git)
         if remote:  # a remote is configured: share this run's outputs (and production) through it
-            push(root)
+            try:
+                pushed = push(root)
+            except PushFailed as e:
+                if report.promotion:  # the promotion stands; the summary says the remote is behind
+                    report.promotion["pushed"] = f"FAILED: {e}"
+                raise
             if report.promotion:
-                report.promotion["pushed"] = "dvc push done"
+                report.promotion["pushed"] = pushed
         elif report.promotion:
             report.promotion["pushed"] = "no DVC remote configured"
     except Exception as e:

@@ -22,8 +22,11 @@ must start within TensorFlow's collective timeout::
     dvc repro train@efficientnetb0          # with train.strategy: multi_worker in params.yaml
 
 ``train.common.batch_size`` is per replica; the global batch is that times the replica count.
-Each host writes its own (identical) outputs; push them to the DVC remote from the chief
-(index 0). Resume after a kill is per phase here (the custom loop keeps no epoch backup).
+Only the chief (the ``chief`` task, else worker 0) writes the model, metrics and DVCLive files;
+the other workers write into a temp folder they delete, so run ``dvc repro`` (and ``dvc push``)
+on the chief only and start the others with ``python -m stages.train ...`` and the same
+arguments (``dvc repro`` there would fail at the end: its outputs are not on that host).
+Resume after a kill is per phase here (the custom loop keeps no epoch backup).
 """
 
 from __future__ import annotations

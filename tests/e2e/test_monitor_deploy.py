@@ -107,6 +107,9 @@ def test_a_drifted_batch_starts_one_retrain_through_the_trigger(repo_copy, prefe
     repo = repo_copy
     timings: dict[str, float] = {}
     set_params(repo / "params.yaml", {**TINY, "drift.inbox": INBOX})
+    # The retrain gate reads its thresholds from params.yaml at git HEAD: commit the TINY ones.
+    run_cmd(["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "tiny", "params.yaml"],
+            repo)  # fmt: skip
 
     # ---- deploy: monitor/daily on its cron, and the retrain trigger as an automation
     t0 = time.monotonic()

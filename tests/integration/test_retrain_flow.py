@@ -218,8 +218,11 @@ def test_unknown_stage_fails_fast_with_the_stage_list(toy, prefect_api):
     assert "unknown stage 'trian'; dvc.yaml has: download, split, validate, prepare" in state.message
 
 
-def test_with_two_gpus_backbones_train_concurrently_one_gpu_each(toy, prefect_api, monkeypatch):
-    """DVC releases its lock while a stage command runs, so train@a and train@b can overlap."""
+def test_with_two_gpus_each_concurrent_train_stage_is_handed_its_own_device_id(toy, prefect_api, monkeypatch):
+    """What this shows: the flow runs train@a and train@b at once (DVC releases its lock while a
+    stage command runs) and hands each a different CUDA_VISIBLE_DEVICES id. The toy stages touch
+    no GPU; that TensorFlow then sees only that device is the gpu-marked
+    tests/unit/test_train.py::test_each_concurrent_stage_sees_only_its_own_gpu."""
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
     monkeypatch.setenv("TOY_TRAIN_SECONDS", "4")
     state = retrain(stages=["train"], return_state=True)

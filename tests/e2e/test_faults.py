@@ -93,10 +93,10 @@ class Watcher(threading.Thread):
         super().__init__(daemon=True)
         self.root, self.paths, self.interval = root, paths, interval
         self.seen: dict[str, list[tuple | None]] = {p: [signature(root / p)] for p in paths}
-        self._stop = threading.Event()
+        self._halt = threading.Event()  # not _stop: Thread.join calls its own _stop()
 
     def run(self) -> None:
-        while not self._stop.is_set():
+        while not self._halt.is_set():
             for p in self.paths:
                 sig = signature(self.root / p)
                 if sig != self.seen[p][-1]:
@@ -104,7 +104,7 @@ class Watcher(threading.Thread):
             time.sleep(self.interval)
 
     def stop(self) -> None:
-        self._stop.set()
+        self._halt.set()
         self.join(timeout=30)
 
 
@@ -371,6 +371,8 @@ def test_disk_full_while_writing_a_model_keeps_the_previous_one(tiny_built, tmp_
         assert signature(out) == before, "the previous model was touched"
         assert os.listdir(disk) == ["custom_cnn"], f"temp output left on the full disk: {os.listdir(disk)}"
         import keras
+
+        import stages.models  # noqa: F401  (registers the model's custom layers)
 
         keras.models.load_model(out / "model.keras", compile=False)
         assert not (tmp_path / "train.json").exists()

@@ -6,6 +6,8 @@ Look here before writing a helper of your own.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import json
 import logging
 import os
@@ -53,7 +55,17 @@ def _umask() -> int:
 
 def remove_stale_temps(target: Path) -> list[Path]:
     """Remove the temp outputs (``.<name>.tmp-*``, ``.<name>.old-*``) a killed run left beside
-    ``target``. Only this target's own names: DVC's lock keeps two runs of a stage apart."""
+    ``target``. Only this target's own names: DVC's lock keeps two runs of a stage apart.
+
+    One exception: a run killed between the two renames of the fallback swap in
+    :func:`atomic_dir` leaves no ``target`` but its previous version as ``.<name>.old-*``; that
+    copy is put back (the last good output), never deleted."""
+    if not (target.exists() or target.is_symlink()):
+        olds = sorted(target.parent.glob(f".{target.name}.old-*"), key=lambda p: p.stat().st_mtime)
+        if olds:
+            os.replace(olds[-1], target)
+            log.warning("%s was missing after a killed run: restored its previous version from %s",
+                        target, olds[-1].name)  # fmt: skip
     gone = []
     for pattern in (f".{target.name}.tmp-*", f".{target.name}.old-*"):
         for p in target.parent.glob(pattern):
@@ -68,12 +80,36 @@ def remove_stale_temps(target: Path) -> list[Path]:
     return gone
 
 
+_AT_FDCWD = -100
+_RENAME_EXCHANGE = 2
+
+
+def exchange(a: Path, b: Path) -> bool:
+    """Swap two existing paths in one atomic step (Linux ``renameat2(RENAME_EXCHANGE)``).
+
+    Returns False where the platform or filesystem cannot (the caller falls back to two
+    renames, which :func:`remove_stale_temps` repairs after a kill between them)."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):  # not Linux, or a libc without it (glibc < 2.28)
+        return False
+    rc = renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE)
+    if rc == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
 @contextlib.contextmanager
 def atomic_dir(target: str | Path) -> Iterator[Path]:
-    """Yield a fresh temp dir beside ``target``; on success it replaces ``target`` in one rename.
+    """Yield a fresh temp dir beside ``target``; on success it replaces ``target`` atomically.
 
     On any exception the temp dir is removed and ``target`` is left exactly as it was, so a
-    failed or killed stage never leaves half an output (the previous good one stays).
+    failed or killed stage never leaves half an output (the previous good one stays). The swap
+    is one exchange rename where Linux offers it: at every instant ``target`` is the old or the
+    new folder, never missing.
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -82,13 +118,20 @@ def atomic_dir(target: str | Path) -> Iterator[Path]:
     try:
         yield tmp
         tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it 0700; the output is an ordinary folder
-        old = None
-        if target.exists() or target.is_symlink():
+        if not (target.exists() or target.is_symlink()):
+            os.replace(tmp, target)
+        elif exchange(tmp, target):  # tmp now holds the previous output
+            shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() and not tmp.is_symlink() else tmp.unlink()
+        else:
             old = target.with_name(f".{target.name}.old-{os.getpid()}")
             os.replace(target, old)
-        os.replace(tmp, target)
-        if old is not None:
+            os.replace(tmp, target)  # a kill right before this: remove_stale_temps puts old back
             shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if e.filename is None:  # e.g. a full disk inside a library's writer: name the output
+            raise OSError(e.errno, e.strerror, str(target)) from e
+        raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -152,6 +195,15 @@ def run_main(fn: Callable[[], int | None]) -> int:
     except (StageError, ParamsError) as e:
         # One line, no traceback: these are the user's to fix, and the message names what.
         print(f"error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+            raise  # anything else is a bug worth its traceback
+        # The machine's to fix (disk full, quota, read-only): name the file. Every output is
+        # written beside its target and swapped in at the end, so the previous one is intact.
+        where = e.filename or "an output"
+        print(f"error: {where}: {e.strerror} (nothing was replaced: the previous output is intact; "
+              "free space and rerun)", file=sys.stderr)  # fmt: skip
         return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

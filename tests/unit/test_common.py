@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from stages.common import atomic_dir, atomic_file, write_json
 
 REPO = Path(__file__).resolve().parents[2]
@@ -55,3 +57,46 @@ def test_git_ignores_temp_outputs():
         assert proc.returncode == 0, f"{name} is not git-ignored"
     tracked = subprocess.run(["git", "check-ignore", "-q", "metrics/drift.json"], cwd=REPO, check=False)
     assert tracked.returncode == 1
+
+
+def test_atomic_dir_swaps_in_one_exchange_and_repairs_a_kill_between_two_renames(tmp_path):
+    from stages.common import atomic_dir, exchange, remove_stale_temps
+
+    target = tmp_path / "bundle"
+    with atomic_dir(target) as d:
+        (d / "v").write_text("1")
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir(), b.mkdir()
+    (a / "x").write_text("a")
+    (b / "x").write_text("b")
+    if exchange(a, b):  # Linux: both names exist at every instant
+        assert (a / "x").read_text() == "b" and (b / "x").read_text() == "a"
+    with atomic_dir(target) as d:
+        (d / "v").write_text("2")
+    assert (target / "v").read_text() == "2"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b", "bundle"]
+    # the fallback's window: killed after target -> .old-PID, before temp -> target
+    target.rename(tmp_path / ".bundle.old-123")
+    (tmp_path / ".bundle.tmp-xyz").mkdir()
+    remove_stale_temps(target)
+    assert (target / "v").read_text() == "2", "the previous output must be put back, not deleted"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b", "bundle"]
+
+
+def test_a_full_disk_is_one_line_naming_the_output(tmp_path, capsys):
+    import errno
+
+    from stages.common import atomic_dir, run_main
+
+    target = tmp_path / "model"
+
+    def body():
+        with atomic_dir(target):
+            raise OSError(errno.ENOSPC, "No space left on device")  # a writer that names nothing
+
+    assert run_main(body) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: {target}: No space left on device") and "\n" not in err
+    assert not target.exists() and not list(tmp_path.iterdir())
+    with pytest.raises(OSError, match="Permission denied"):  # other OS errors keep their traceback
+        run_main(lambda: (_ for _ in ()).throw(PermissionError(errno.EACCES, "Permission denied")))

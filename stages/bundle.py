@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from stages.common import CLASSES, LOCALIZATIONS, SEXES, StageError, n_workers
+from stages.metadata import read_table
 from stages.metrics import apply_temperature, malignant_score
 
 log = logging.getLogger(__name__)
@@ -239,13 +240,14 @@ def write_drift_reference(
     df = table.with_embeddings()
     # The training rows' metadata, for comparing a labelled batch's population (age, sex, site).
     try:
-        meta = pd.read_csv(Path(raw_dir) / "metadata.csv", dtype=str, keep_default_na=False)
-        meta = meta.drop_duplicates("image_id").set_index("image_id").reindex(df["name"])
+        meta = read_table(Path(raw_dir) / "metadata.csv", required=("image_id", "age", "sex", "localization"),
+                          unique="image_id")  # fmt: skip
+        meta = meta.set_index("image_id").reindex(df["name"])
         df.insert(1, "age", pd.to_numeric(meta["age"].to_numpy(), errors="coerce"))
         for col in ("sex", "localization"):
             values = pd.Series(meta[col].to_numpy()).replace("", "unknown").fillna("unknown")
             df.insert(2, col, values.to_numpy())
-    except (OSError, KeyError, pd.errors.ParserError) as e:
+    except (OSError, KeyError, StageError) as e:
         log.warning("drift reference: no metadata columns (%s); labelled batches compare images only", e)
     df.to_parquet(Path(bundle_dir) / REFERENCE_FILE, index=False)
     entry = {

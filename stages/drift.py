@@ -54,6 +54,7 @@ from stages.imagefeatures import (
     split_embeddings,
 )
 from stages.images import list_images
+from stages.metadata import read_table
 from stages.params import DriftParams, load_params
 
 log = logging.getLogger(__name__)
@@ -100,13 +101,13 @@ def batch_metadata(folder: Path) -> tuple[pd.DataFrame | None, Path | None]:
     """The batch's HAM10000 metadata table (first ``*.csv`` with the HAM columns), if any."""
     for path in sorted(folder.rglob("*.csv")):
         try:
-            df = pd.read_csv(path, dtype=str, keep_default_na=False)
-        except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
+            df = read_table(path)
+        except StageError as e:
             log.warning("%s: not a readable CSV, ignored (%s)", path, e)
             continue
         df.columns = [c.strip() for c in df.columns]
         if set(HAM_COLUMNS) <= set(df.columns):
-            return df[list(HAM_COLUMNS)], path
+            return df[list(HAM_COLUMNS)].reset_index(drop=True), path
         log.info("%s: not a HAM10000 metadata table (columns %s), ignored", path, list(df.columns))
     return None, None
 

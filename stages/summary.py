@@ -127,7 +127,14 @@ def metrics_diff(rev: str) -> dict:
     """``dvc metrics diff --json --all REV`` (REV against the workspace); {} when DVC cannot."""
     import subprocess
 
-    r = subprocess.run(["dvc", "metrics", "diff", "--json", "--all", rev], capture_output=True, text=True)
+    # The venv's dvc beside this interpreter when it is there (python -m stages.summary run
+    # without the venv on PATH), else whatever dvc is on PATH.
+    beside = Path(sys.executable).with_name("dvc")
+    dvc = str(beside) if beside.is_file() else "dvc"
+    try:
+        r = subprocess.run([dvc, "metrics", "diff", "--json", "--all", rev], capture_output=True, text=True)
+    except OSError:
+        return {}
     try:
         return json.loads(r.stdout) if r.returncode == 0 and r.stdout.strip() else {}
     except ValueError:

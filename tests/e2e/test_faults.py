@@ -399,7 +399,12 @@ if point == "copy":  # in the middle of copying the bundle into the temp folder
             die()
         return shutil.copy2(src, dst, **kw)
 
-    shutil.copytree = lambda *a, **kw: real_copytree(*a, **{**kw, "copy_function": counting_copy})
+    def copytree(*a, **kw):
+        # copytree recurses through the module's name with copy_function as 5th positional
+        if len(a) < 5:
+            kw["copy_function"] = counting_copy
+        return real_copytree(*a, **kw)
+    shutil.copytree = copytree
 elif point == "record":  # the bundle copied, its record not yet written
     real_write = Path.write_text
     def write_text(self, *a, **kw):
@@ -407,15 +412,15 @@ elif point == "record":  # the bundle copied, its record not yet written
             die()
         return real_write(self, *a, **kw)
     Path.write_text = write_text
-elif point == "swap":  # the old production moved aside, the new one not yet in its place
-    real_replace, calls = os.replace, []
-    def replace(src, dst, *a, **kw):
-        if Path(dst).name == "production" and calls:
+elif point == "swap":  # killed right after the swap: an exchange rename (Linux) is one step
+    import stages.common as common
+    real_exchange = common.exchange
+    def exchange(a, b):
+        done = real_exchange(a, b)
+        if Path(b).name == "production":
             die()
-        if Path(src).name == "production":
-            calls.append(src)
-        return real_replace(src, dst, *a, **kw)
-    os.replace = replace
+        return done
+    common.exchange = exchange
 
 import flows.promote as promote
 if point == "track":  # production in place, `dvc add models/production` not run

@@ -63,6 +63,24 @@ def write_raw(root: Path, rows: list[dict], *, size=(64, 48)) -> Path:
 _NOT_COPIED = ("data/", "models/", "metrics/", "reports/", "dvc.lock", ".dvc/cache", ".dvc/tmp")
 
 
+def copy_project_files(dest: Path) -> Path:
+    """Copy the project's files as git sees them (tracked and untracked, not ignored) into
+    ``dest``, without data, models, metrics, reports or dvc.lock: what a fresh clone holds."""
+    import shutil
+    import subprocess
+
+    files = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
+        cwd=REPO, capture_output=True, text=True, check=True,
+    ).stdout.split("\0")  # fmt: skip
+    for rel in files:
+        if not rel or rel.startswith(_NOT_COPIED) or not (REPO / rel).is_file():
+            continue
+        (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO / rel, dest / rel)
+    return dest
+
+
 def run_cmd(args: list[str], cwd: Path, *, check: bool = True, timeout: float = 1800, env=None):
     """Run a real command with the venv's bin first on PATH (dvc stages call `python -m ...`)."""
     import subprocess
@@ -85,19 +103,7 @@ def run_cmd(args: list[str], cwd: Path, *, check: bool = True, timeout: float = 
 def repo_copy(tmp_path: Path) -> Path:
     """A fresh git + DVC repository holding the project's files (no data, no cache, no lock),
     as a user's clone would, so e2e tests run the real `dvc` commands without touching ours."""
-    import shutil
-    import subprocess
-
-    files = subprocess.run(
-        ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
-        cwd=REPO, capture_output=True, text=True, check=True,
-    ).stdout.split("\0")
-    dest = tmp_path / "repo"
-    for rel in files:
-        if not rel or rel.startswith(_NOT_COPIED) or not (REPO / rel).is_file():
-            continue
-        (dest / rel).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(REPO / rel, dest / rel)
+    dest = copy_project_files(tmp_path / "repo")
     for args in (
         ["git", "init", "-q"],
         ["git", "-c", "user.email=t@t", "-c", "user.name=t", "add", "-A"],

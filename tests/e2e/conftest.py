@@ -83,24 +83,14 @@ class Background:
         self._fh.close()
 
 
-@pytest.fixture
-def prefect_server(tmp_path):
-    """``prefect server start`` on a free port with its own home and SQLite database."""
+@contextlib.contextmanager
+def _prefect_server(tmp_path: Path, database_url: str | None, timeout: float, failure: str):
+    """``prefect server start`` on a free port with its own home; SQLite in that home unless
+    ``database_url`` says otherwise. Yields (the env that reaches it, the server process)."""
     port = _free_port()
     home = tmp_path / "prefect-home"
     home.mkdir()
-    env = {
-        **os.environ,
-        "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}",
-        "PREFECT_HOME": str(home),
-        "PREFECT_PROFILES_PATH": str(home / "profiles.toml"),
-        "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
-        "PREFECT_SERVER_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{home / 'prefect.db'}",
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        "PREFECT_UI_ENABLED": "false",
-        "PREFECT_CLI_PROMPT": "false",
-        "DO_NOT_TRACK": "1",
-    }
+    env = _server_env(home, port, database_url or f"sqlite+aiosqlite:///{home / 'prefect.db'}")
     server = Background(
         "server",
         [PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
@@ -109,12 +99,17 @@ def prefect_server(tmp_path):
         logs=tmp_path,
     )
     try:
-        wait_healthy(
-            f"http://127.0.0.1:{port}/api/health", server, 120, "prefect server did not become healthy"
-        )
+        wait_healthy(f"http://127.0.0.1:{port}/api/health", server, timeout, failure)
         yield env, server
     finally:
         server.stop()
+
+
+@pytest.fixture
+def prefect_server(tmp_path):
+    """``prefect server start`` on a free port with its own home and SQLite database."""
+    with _prefect_server(tmp_path, None, 120, "prefect server did not become healthy") as served:
+        yield served
 
 
 def wait_healthy(url: str, proc: Background, timeout: float, failure: str) -> None:
@@ -299,23 +294,9 @@ def _has_user(name: str) -> bool:
 @pytest.fixture
 def prefect_server_postgres(tmp_path, postgres):
     """``prefect server start`` on a free port with its database in the ``postgres`` cluster."""
-    port = _free_port()
-    home = tmp_path / "prefect-home"
-    home.mkdir()
-    env = _server_env(home, port, postgres["url"])
-    server = Background(
-        "server",
-        [PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-        cwd=tmp_path,
-        env=env,
-        logs=tmp_path,
-    )
-    try:
-        url = f"http://127.0.0.1:{port}/api/health"
-        wait_healthy(url, server, 180, "prefect server (PostgreSQL) did not become healthy")
-        yield env, server
-    finally:
-        server.stop()
+    failure = "prefect server (PostgreSQL) did not become healthy"
+    with _prefect_server(tmp_path, postgres["url"], 180, failure) as served:
+        yield served
 
 
 @pytest.fixture
@@ -351,25 +332,14 @@ def tiny_built(tmp_path_factory) -> Path:
     done and committed: a workspace with a bundle in models/ensemble. Built once per session
     (a few minutes on 2 cores); tests work on their own :func:`copy_workspace` of it.
     ``SKINLESION_TINY_BUILT=DIR`` reuses a workspace an earlier session built (never written)."""
-    import shutil
-
     from flows.dvcops import set_params
-    from tests.conftest import _NOT_COPIED, REPO
+    from tests.conftest import copy_project_files
 
     reuse = os.environ.get("SKINLESION_TINY_BUILT")
     if reuse:
         return Path(reuse)
 
-    files = subprocess.run(
-        ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
-        cwd=REPO, capture_output=True, text=True, check=True,
-    ).stdout.split("\0")  # fmt: skip
-    repo = tmp_path_factory.mktemp("tiny") / "repo"
-    for rel in files:
-        if not rel or rel.startswith(_NOT_COPIED) or not (REPO / rel).is_file():
-            continue
-        (repo / rel).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(REPO / rel, repo / rel)
+    repo = copy_project_files(tmp_path_factory.mktemp("tiny") / "repo")
     git = ["git", "-c", "user.email=t@t", "-c", "user.name=t"]
     run_cmd(["git", "init", "-q"], repo)
     set_params(repo / "params.yaml", TINY)

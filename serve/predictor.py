@@ -87,6 +87,8 @@ class Prediction:
     malignant_prob: float = math.nan
     refer: bool = False
     risk: str = ""
+    # the bundle's decision (bundle.json "decision"): with "balanced" it can differ from top[0]
+    predicted: str = ""
     error: str | None = None
     overlay: np.ndarray | None = None  # uint8 [D, 2D, 3]: the image | its Grad-CAM overlay
     # No region raised the top class's score (an all-zero map): the class won on the model's
@@ -110,6 +112,7 @@ class Prediction:
             "status": "ok" if self.ok else "error",
             "error": self.error or "",
             "risk": self.risk,
+            "predicted": self.predicted if self.ok else "",
             "refer": self.refer if self.ok else None,
             "malignant_prob": self.malignant_prob if self.ok else None,
             "threshold": threshold,
@@ -240,13 +243,14 @@ class Predictor:
         """A :class:`Prediction` from one row of calibrated probabilities."""
         probabilities = {c: float(p) for c, p in zip(self.classes, probs, strict=True)}
         malignant = float(self.bundle.malignant_score(probs[None, :])[0])
-        top = self.classes[int(np.argmax(probs))]
+        top = self.classes[int(self.bundle.decide(probs[None, :])[0])]
         return Prediction(
             image=name,
             probabilities=probabilities,
             malignant_prob=malignant,
             refer=bool(malignant >= self.threshold),
             risk=self.risk.level(top),
+            predicted=top,
         )
 
     def predict_decoded(
@@ -261,7 +265,7 @@ class Predictor:
         probs = self.probabilities(pixels)
         out = [self.read(n, p) for n, p in zip(names, probs, strict=True)]
         if explain:
-            heat = self.heatmaps(pixels, probs.argmax(axis=1))
+            heat = self.heatmaps(pixels, self.bundle.decide(probs))
             for pred, d, h in zip(out, decoded, heat, strict=True):
                 pred.gradcam_empty = not bool(h.max() > 0)
                 if d.display is not None:

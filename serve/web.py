@@ -182,6 +182,7 @@ def _result_view(pred: Prediction) -> dict[str, Any]:
     return {
         "image": pred.image,
         "risk": pred.risk,
+        "predicted": pred.predicted,
         "refer": pred.refer,
         "malignant_prob": pred.malignant_prob,
         "top": pred.top,

@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +28,7 @@ import numpy as np
 
 from stages.common import CLASSES, LOCALIZATIONS, SEXES, StageError, n_workers
 from stages.metadata import read_table
-from stages.metrics import apply_temperature, malignant_score
+from stages.metrics import apply_calibration, balanced_decision, malignant_score
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +53,17 @@ def read_bundle_json(bundle_dir: str | Path) -> dict[str, Any]:
     for key in ("classes", "members", "temperature", "threshold", "image_size"):
         if key not in meta:
             raise StageError(f"{path}: missing key {key!r}; the bundle is incomplete or from another tool")
+    for key in ("class_bias", "class_prior"):
+        v = meta.get(key)
+        if v is None:
+            continue
+        ok = isinstance(v, list) and len(v) == len(meta["classes"])
+        ok = ok and all(isinstance(x, int | float) and math.isfinite(x) for x in v)
+        if not ok or (key == "class_prior" and min(v) <= 0):
+            raise StageError(
+                f"{path}: {key!r} must be {len(meta['classes'])} finite numbers (one per class"
+                f"{', all > 0' if key == 'class_prior' else ''}), got {v!r:.200}"
+            )
     return meta
 
 
@@ -98,6 +110,22 @@ class Bundle:
     @property
     def threshold(self) -> float:
         return float(self.meta["threshold"])
+
+    @property
+    def class_bias(self) -> list[float] | None:
+        """Per-class logit bias after the temperature (None: temperature only, older bundles)."""
+        bias = self.meta.get("class_bias")
+        return [float(v) for v in bias] if bias is not None else None
+
+    @property
+    def class_prior(self) -> list[float] | None:
+        """The balanced decision's class prior (None: the predicted class is the argmax)."""
+        prior = self.meta.get("class_prior") if self.meta.get("decision") == "balanced" else None
+        return [float(v) for v in prior] if prior is not None else None
+
+    def decide(self, probs: np.ndarray) -> np.ndarray:
+        """Predicted class indices of calibrated probabilities ``[N, K]`` (bundle.json "decision")."""
+        return balanced_decision(probs, self.class_prior)
 
     @classmethod
     def load(cls, bundle_dir: str | Path, *, check_md5: bool = True) -> Bundle:
@@ -168,7 +196,7 @@ class Bundle:
                     p = m.model(x, training=False)
                 probs += np.asarray(p, dtype=np.float64)
             mixed += m.weight * probs / len(views)
-        calibrated = apply_temperature(np.log(np.clip(mixed, 1e-12, 1.0)), self.temperature)
+        calibrated = apply_calibration(np.log(np.clip(mixed, 1e-12, 1.0)), self.temperature, self.class_bias)
         assert emb is not None
         return emb, calibrated
 

@@ -2,10 +2,14 @@
 
 Everything is fitted on the validation split; the test split is only reported on.
 
-1. Temperature scaling of the ensemble's logits (log of the averaged probabilities): the T that
-   minimises validation NLL (never worse than T = 1 there). ECE (15-bin, top-label) before and
-   after, on val and test, and a reliability diagram (``<plots>/reliability.png`` and
-   ``reliability/{before,after}.csv``).
+1. Calibration of the ensemble's logits (log of the averaged probabilities), fitted on val NLL
+   (never worse than T = 1 there): ``calibrate.method`` ``temperature`` (one T) or
+   ``temperature_bias`` (T and a per-class bias: undoes the prior shift of class-weighted
+   training). ECE (15-bin, top-label) before and after, on val and test, and a reliability
+   diagram (``<plots>/reliability.png`` and ``reliability/{before,after}.csv``). The predicted
+   class is ``argmax p`` or, with ``calibrate.decision: balanced``, ``argmax p / prior`` (the
+   validation class shares): calibrated probabilities follow the population, the decision
+   weighs every class alike.
 2. The malignant threshold on the calibrated P(mel) + P(bcc) + P(akiec): on val, the highest
    threshold whose malignant recall reaches ``calibrate.target_recall`` (the point value, or the
    lower end of its lesion-bootstrap CI with ``recall_bound: lower_ci``). Then reported on test
@@ -45,13 +49,16 @@ from stages.common import (
     write_json,
 )
 from stages.metrics import (
-    apply_temperature,
+    apply_calibration,
+    balanced_accuracy,
+    balanced_decision,
     bootstrap_ci,
     expected_calibration_error,
     fit_temperature,
+    fit_temperature_bias,
     malignant_score,
     malignant_truth,
-    nll_with_temperature,
+    nll_with_calibration,
     operating_point,
     recall_first_threshold,
     reliability_table,
@@ -95,6 +102,16 @@ class Calibration:
     val_recall: float
     val_recall_lower: float
     val_specificity: float
+    bias: tuple[float, ...] | None = None  # per-class logit bias (method temperature_bias)
+    prior: tuple[float, ...] | None = None  # the decision's class prior (decision balanced)
+
+    def probs(self, logits: np.ndarray) -> np.ndarray:
+        """Calibrated probabilities of ensemble logits."""
+        return apply_calibration(logits, self.temperature, self.bias)
+
+    def decide(self, probs: np.ndarray) -> np.ndarray:
+        """The predicted class index of each row of calibrated probabilities."""
+        return balanced_decision(probs, self.prior)
 
 
 # --------------------------------------------------------------------------- pure core
@@ -108,9 +125,19 @@ def fit_calibration(
     rng: np.random.Generator,
     classes: Sequence[str] = CLASSES,
 ) -> Calibration:
-    """Temperature, then the recall-first threshold on the temperature-scaled validation scores."""
-    t = fit_temperature(val_logits, y_val)
-    score = malignant_score(apply_temperature(val_logits, t), classes)
+    """Temperature (and bias), then the recall-first threshold on the calibrated validation scores."""
+    bias: tuple[float, ...] | None = None
+    if params.method == "temperature_bias":
+        t, b = fit_temperature_bias(val_logits, y_val)
+        bias = tuple(round(float(v), 6) for v in b)
+    else:
+        t = fit_temperature(val_logits, y_val)
+    prior = None
+    if params.decision == "balanced":
+        counts = np.bincount(np.asarray(y_val, dtype=np.int64), minlength=len(classes))
+        # a class absent from val keeps a small share instead of an infinite boost
+        prior = tuple(round(float(v), 6) for v in (counts + 0.5) / (counts.sum() + 0.5 * len(classes)))
+    score = malignant_score(apply_calibration(val_logits, t, bias), classes)
     is_mal = malignant_truth(y_val, classes)
     if not is_mal.any():
         raise StageError(
@@ -133,7 +160,9 @@ def fit_calibration(
             params.target_recall,
             choice.recall_lower,
         )
-    return Calibration(t, choice.threshold, choice.recall, choice.recall_lower, choice.specificity)
+    return Calibration(
+        t, choice.threshold, choice.recall, choice.recall_lower, choice.specificity, bias=bias, prior=prior
+    )
 
 
 def calibration_metrics(
@@ -157,18 +186,23 @@ def calibration_metrics(
         y = labels(df, classes)
         logits = df[logit_columns(classes)].to_numpy(dtype=np.float64)
         prefix = "" if name == "test" else "val_"
+        calibrated = cal.probs(logits)
         out[f"{prefix}ece_before"] = expected_calibration_error(
-            apply_temperature(logits, 1.0), y, params.ece_bins
+            apply_calibration(logits, 1.0), y, params.ece_bins
         )
-        out[f"{prefix}ece_after"] = expected_calibration_error(
-            apply_temperature(logits, cal.temperature), y, params.ece_bins
+        out[f"{prefix}ece_after"] = expected_calibration_error(calibrated, y, params.ece_bins)
+        out[f"{prefix}nll_before"] = nll_with_calibration(logits, y, 1.0, np.zeros(len(classes)))
+        out[f"{prefix}nll_after"] = nll_with_calibration(
+            logits, y, cal.temperature, cal.bias or np.zeros(len(classes))
         )
-        out[f"{prefix}nll_before"] = nll_with_temperature(logits, y, 1.0)
-        out[f"{prefix}nll_after"] = nll_with_temperature(logits, y, cal.temperature)
+        # the bundle's class decision on calibrated probabilities (calibrate.decision)
+        out[f"{prefix}balanced_accuracy_decision"] = balanced_accuracy(
+            y, cal.decide(calibrated), len(classes)
+        )
 
     y = labels(test, classes)
     logits = test[logit_columns(classes)].to_numpy(dtype=np.float64)
-    score = malignant_score(apply_temperature(logits, cal.temperature), classes)
+    score = malignant_score(cal.probs(logits), classes)
     is_mal = malignant_truth(y, classes)
     groups = test["lesion_id"].to_numpy()
     op = operating_point(is_mal, score, cal.threshold, groups)
@@ -275,7 +309,22 @@ def model_card(
         )
         + ").",
         f"- Input: RGB uint8 images resized to {bundle['image_size']}x{bundle['image_size']}.",
-        f"- Temperature scaling T = {bundle['temperature']:.3f} on the log of the averaged probabilities.",
+        f"- Calibration on the log of the averaged probabilities: temperature T = {bundle['temperature']:.3f}"
+        + (
+            ", then a per-class bias ("
+            + ", ".join(f"{c} {v:+.2f}" for c, v in zip(bundle["classes"], bundle["class_bias"], strict=True))
+            + ")"
+            if bundle.get("class_bias")
+            else ""
+        )
+        + ", fitted on validation NLL.",
+        "- Predicted class: "
+        + (
+            "the highest calibrated probability divided by the class's validation share (balanced: "
+            "every class weighs alike, so it can differ from the most probable class)."
+            if bundle.get("decision") == "balanced"
+            else "the highest calibrated probability."
+        ),
         f"- Malignant flag: P(mel) + P(bcc) + P(akiec) >= {bundle['threshold']:.4f}, chosen on validation "
         f"as the highest threshold with malignant recall >= {bundle['target_recall']:.2f} "
         f"({bundle['recall_bound']} bound).",
@@ -332,7 +381,8 @@ def model_card(
         "## Calibration and the malignant operating point",
         "",
         f"- ECE (15-bin, top-label) on test: {_fmt(cal_metrics.get('ece_before'))} before, "
-        f"{_fmt(cal_metrics.get('ece_after'))} after temperature scaling.",
+        f"{_fmt(cal_metrics.get('ece_after'))} after calibration; balanced accuracy of the predicted "
+        f"class {_fmt(cal_metrics.get('balanced_accuracy_decision'))}.",
         "- On test at the fixed threshold: malignant recall "
         f"{with_ci('test_malignant_recall', cal_metrics)}, "
         f"specificity {with_ci('test_specificity', cal_metrics)}, PPV {with_ci('test_ppv', cal_metrics)}, "
@@ -398,7 +448,7 @@ def reliability_plot(
     ax.set_ylim(0, 1)
     ax.set_xlabel("mean confidence (top label)")
     ax.set_ylabel("accuracy")
-    ax.set_title("reliability on test, temperature scaling fitted on val")
+    ax.set_title("reliability on test, calibration fitted on val")
     ax.legend(loc="upper left")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -488,7 +538,7 @@ def run(
     )
 
     test_logits = test[logit_columns(classes)].to_numpy(dtype=np.float64)
-    cal_probs = apply_temperature(test_logits, cal.temperature)
+    cal_probs = cal.probs(test_logits)
     flags = malignant_score(cal_probs, classes) >= cal.threshold
     eval_p = all_params.get("evaluate", {})
     subgroups = subgroup_table(
@@ -511,12 +561,17 @@ def run(
         "aspect": manifest.get("aspect"),
         "members": [],
         "temperature": cal.temperature,
+        "class_bias": list(cal.bias) if cal.bias is not None else None,
+        "decision": "balanced" if cal.prior is not None else "argmax",
+        "class_prior": list(cal.prior) if cal.prior is not None else None,
         "threshold": cal.threshold,
         "target_recall": params.target_recall,
         "recall_bound": params.recall_bound,
         "recipe": (
-            "p = sum_m weight_m * model_m(image); calibrated = softmax(log(p) / temperature); "
-            "malignant flag = calibrated[mel] + calibrated[bcc] + calibrated[akiec] >= threshold"
+            "p = sum_m weight_m * model_m(image); calibrated = softmax(log(p) / temperature "
+            "+ class_bias); predicted class = argmax calibrated / class_prior (decision balanced) "
+            "or argmax calibrated; malignant flag = calibrated[mel] + calibrated[bcc] "
+            "+ calibrated[akiec] >= threshold"
         ),
         "data_version": {"path": Path(prepared_dir).as_posix(), "md5": data_md5},
         "params": all_params,
@@ -565,7 +620,7 @@ def run(
 
     with atomic_dir(plots_dir) as tmp:
         before = reliability_table(
-            apply_temperature(test_logits, 1.0), labels(test, classes), params.ece_bins
+            apply_calibration(test_logits, 1.0), labels(test, classes), params.ece_bins
         )
         after = reliability_table(cal_probs, labels(test, classes), params.ece_bins)
         (tmp / "reliability").mkdir()
@@ -612,8 +667,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--plots", type=Path, required=True, help="plots folder to write")
     ap.add_argument("--card", type=Path, required=True, help="model card Markdown to write")
     ap.add_argument(
-        "--raw", type=Path, help="raw data folder (images/<image_id>.jpg): with --split, the bundle gets "
-        "the drift reference (features and embeddings of drift.reference.split)"
+        "--raw",
+        type=Path,
+        help="raw data folder (images/<image_id>.jpg): with --split, the bundle gets "
+        "the drift reference (features and embeddings of drift.reference.split)",
     )
     ap.add_argument("--split", type=Path, help="validated split CSV (image_id, split)")
     ap.add_argument("-v", "--verbose", action="store_true")
@@ -638,7 +695,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             data_md5=md5,
             reference=(
                 DriftReference(
-                    args.raw, args.split, params.drift.reference, params.drift.max_pixels,
+                    args.raw,
+                    args.split,
+                    params.drift.reference,
+                    params.drift.max_pixels,
                     params.drift.workers,
                 )  # fmt: skip
                 if args.raw and args.split

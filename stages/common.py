@@ -12,8 +12,10 @@ import json
 import logging
 import os
 import shutil
+import signal
 import sys
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -31,6 +33,30 @@ LOCALIZATIONS: tuple[str, ...] = (
 )  # fmt: skip
 
 log = logging.getLogger(__name__)
+
+
+def failpoint(env: str, point: str, count: int) -> None:
+    """Test hook for fault injection: stop this process at ``point`` once ``count`` reaches N when
+    the environment variable ``env`` reads ``<point>`` or ``<point>@<N>`` (N defaults to 1).
+
+    Plain, the process SIGKILLs itself (a crash inside a window between two writes); with
+    ``:pause`` (``<point>@<N>:pause``) it sleeps until something kills it, so a test can kill the
+    whole ``dvc repro`` process group at a known instant instead of racing a fast stage. An unset
+    variable costs one environment lookup per call.
+    """
+    spec = os.environ.get(env, "")
+    if not spec:
+        return
+    spec, _, action = spec.partition(":")
+    name, _, at = spec.partition("@")
+    if name != point or count < int(at or 1):
+        return
+    if action == "pause":
+        log.warning("%s=%s:pause: paused at %s, count %d, until killed", env, spec, point, count)
+        while True:
+            time.sleep(3600)
+    log.warning("%s=%s: killing this process at %s, count %d", env, spec, point, count)
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 class StageError(RuntimeError):

@@ -69,6 +69,8 @@ class Predictor(Protocol):
 
     def malignant_score(self, probs: np.ndarray) -> np.ndarray: ...
 
+    def decide(self, probs: np.ndarray) -> np.ndarray: ...
+
 
 # --------------------------------------------------------------------------- pure core
 
@@ -275,7 +277,7 @@ def build_table(
         probs = np.concatenate(prob_parts)
         embeddings = np.concatenate(emb_parts)
         classes = list(predictor.classes)
-        frame[PRED_CLASS] = [classes[i] for i in probs.argmax(axis=1)]
+        frame[PRED_CLASS] = [classes[i] for i in predictor.decide(probs)]
         frame["confidence"] = probs.max(axis=1)
         frame["malignant_prob"] = predictor.malignant_score(probs)
     else:

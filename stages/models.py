@@ -17,7 +17,7 @@ import contextlib
 import logging
 import socket
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -216,9 +216,9 @@ def _resnet_small(
             stride = 2 if (i > 1 and j == 1) else 1
             name = f"stage{i}_block{j}"
             shortcut = x
-            y = layers.Conv2D(
-                width, 3, strides=stride, padding="same", use_bias=False, name=f"{name}_conv1"
-            )(x)
+            y = layers.Conv2D(width, 3, strides=stride, padding="same", use_bias=False, name=f"{name}_conv1")(
+                x
+            )
             y = layers.BatchNormalization(name=f"{name}_bn1")(y)
             y = layers.Activation("relu", name=f"{name}_relu1")(y)
             y = layers.Conv2D(width, 3, padding="same", use_bias=False, name=f"{name}_conv2")(y)
@@ -436,6 +436,15 @@ def set_trainable(model: keras.Model, depth: int | None, *, freeze_bn: bool = Tr
     return len(model.trainable_weights)
 
 
+def _nested_layers(model: keras.Model) -> Iterator[layers.Layer]:
+    """Every layer of ``model``, descending into nested models (the backbone)."""
+    for layer in model.layers:
+        if isinstance(layer, keras.Model):
+            yield from _nested_layers(layer)
+        else:
+            yield layer
+
+
 def synchronize_batchnorm(model: keras.Model) -> int:
     """Make every BatchNormalization use global-batch statistics under tf.distribute.
 
@@ -444,15 +453,62 @@ def synchronize_batchnorm(model: keras.Model) -> int:
     agree. Returns the number of layers switched.
     """
     n = 0
-    stack = list(model.layers)
-    while stack:
-        layer = stack.pop()
-        if isinstance(layer, keras.Model):
-            stack.extend(layer.layers)
-        elif isinstance(layer, layers.BatchNormalization):
+    for layer in _nested_layers(model):
+        if isinstance(layer, layers.BatchNormalization):
             layer.synchronized = True
             n += 1
     return n
+
+
+def recalibrate_batchnorm(model: keras.Model, batches: Iterable[Any]) -> int:
+    """Precise BatchNorm: replace the backbone's moving means and variances by the average batch
+    statistics of ``batches`` (uint8 images) under the final weights. Returns the layers updated.
+
+    Why: the moving statistics are an exponential average taken while the weights were still
+    changing, and with augmentation and dropout on. A network trained from scratch in a few
+    hundred steps ends with statistics that no longer match its weights; evaluated with them,
+    the demo's mobilenetv2 predicted one class for every image (val balanced accuracy 0.14, the
+    same weights with recomputed statistics: 0.65; Wu & Johnson, "Rethinking 'Batch' in
+    BatchNorm", 2021). Images go through the model's preprocessing and the backbone only: no
+    augmentation, backbone dropout off, so the statistics are those of the images as inference
+    sees them. Batch statistics normalise each forward pass in training mode, so the result
+    does not depend on the old moving statistics; each batch weighs by its size.
+    """
+    backbone, preprocess = model.get_layer("backbone"), model.get_layer("preprocess")
+    inner = list(_nested_layers(backbone))
+    bns = [layer for layer in inner if isinstance(layer, layers.BatchNormalization)]
+    if not bns:
+        return 0
+    saved = [(layer, layer.momentum, layer.trainable, layer.synchronized) for layer in bns]
+    drops = [(layer, layer.rate) for layer in inner if isinstance(layer, layers.Dropout)]
+    sums = [[np.zeros(layer.moving_mean.shape, np.float64) for _ in range(2)] for layer in bns]
+    seen = 0
+    try:
+        for layer, *_ in saved:
+            # momentum 0: after a call the moving variables hold exactly that batch's statistics.
+            # A frozen (trainable=False) BN would run in inference mode; each worker of a
+            # multi-worker run sees every batch here, so no cross-replica reduction is needed.
+            layer.momentum, layer.trainable, layer.synchronized = 0.0, True, False
+        for layer, _rate in drops:
+            layer.rate = 0.0
+        for images in batches:
+            n = int(images.shape[0])
+            backbone(preprocess(images), training=True)
+            for (mean_sum, var_sum), layer in zip(sums, bns, strict=True):
+                mean_sum += n * np.asarray(layer.moving_mean, np.float64)
+                var_sum += n * np.asarray(layer.moving_variance, np.float64)
+            seen += n
+    finally:
+        for layer, momentum, trainable, synced in saved:
+            layer.momentum, layer.trainable, layer.synchronized = momentum, trainable, synced
+        for layer, rate in drops:
+            layer.rate = rate
+    if seen == 0:
+        raise ValueError("recalibrate_batchnorm: no images")
+    for (mean_sum, var_sum), layer in zip(sums, bns, strict=True):
+        layer.moving_mean.assign((mean_sum / seen).astype(layer.moving_mean.dtype))
+        layer.moving_variance.assign((var_sum / seen).astype(layer.moving_variance.dtype))
+    return len(bns)
 
 
 def load_model(path: str | Path) -> keras.Model:

@@ -247,6 +247,9 @@ class TrainCommonParams:
     shuffle_buffer: int = _f(4096, lo=1, hi=10_000_000)
     cache: bool = True  # keep the decoded training set in memory after the first epoch
     deterministic: bool = True  # tf op determinism (exact reruns on CPU; may be slower on GPU)
+    # precise BatchNorm after training (from-scratch backbones): the saved model's BN statistics
+    # are recomputed over the training images under the final weights (models.recalibrate_batchnorm)
+    recalibrate_bn: bool = True
 
 
 @dataclass(frozen=True)
@@ -357,6 +360,12 @@ class CalibrateParams:
     # point: the validation recall meets the target; lower_ci: the lower end of its lesion
     # bootstrap CI does (a safety margin for small validation sets).
     recall_bound: Literal["point", "lower_ci"] = "point"
+    # temperature: one T; temperature_bias: T and a per-class logit bias, fitted on val NLL (undoes
+    # the prior shift of class-weighted training; see metrics.fit_temperature_bias)
+    method: Literal["temperature", "temperature_bias"] = "temperature_bias"
+    # the predicted class: argmax of the calibrated probabilities, or balanced: argmax p / prior
+    # (val class shares), the decision that maximises balanced accuracy
+    decision: Literal["argmax", "balanced"] = "balanced"
     ece_bins: int = _f(15, lo=2, hi=1000)
     bootstrap_samples: int = _f(1000, lo=10, hi=100_000)  # for recall_bound: lower_ci
     ci_level: float = _f(0.95, lo=0.5, hi=0.999)

@@ -47,6 +47,7 @@ from stages.common import (
     SEXES,
     StageError,
     atomic_dir,
+    failpoint,
     n_workers,
     run_main,
     setup_logging,
@@ -58,6 +59,10 @@ from stages.parallel import in_order
 from stages.params import PrepareParams, load_params
 
 log = logging.getLogger(__name__)
+
+# Test hook (stages.common.failpoint): "shard_open@N[:pause]" stops this stage as it opens its
+# Nth shard inside the temp folder (tests/e2e/test_faults.py kills dvc repro right there).
+FAILPOINT_ENV = "SKINLESION_PREPARE_FAILPOINT"
 
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 CSV_COLUMNS: tuple[str, ...] = ("image_id", "lesion_id", "dx", "label", "age", "sex", "localization")
@@ -226,7 +231,7 @@ def run(
     )  # fmt: skip
     failures: list[str] = []
     with atomic_dir(out_dir) as tmp:
-        fh, open_key = None, None
+        fh, open_key, shards_opened = None, None, 0
         try:
             with tqdm(total=len(df), unit="img", desc="prepare", mininterval=1.0) as bar:
                 for key, (records, bad) in in_order(encode_chunk, tasks(), workers, window=4 * workers):
@@ -238,6 +243,8 @@ def run(
                             split, k = key
                             fh = open(tmp / tfdata.shard_name(split, k, len(bounds[split])), "wb")  # noqa: SIM115
                             open_key = key
+                            shards_opened += 1
+                            failpoint(FAILPOINT_ENV, "shard_open", shards_opened)
                         fh.write(b"".join(records))
                     bar.update(len(records) + len(bad))
         finally:

@@ -50,7 +50,6 @@ import logging
 import math
 import os
 import shutil
-import signal
 import sys
 import tempfile
 import time
@@ -60,8 +59,18 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
+from tqdm import tqdm
 
-from stages.common import CLASSES, StageError, atomic_dir, atomic_file, run_main, setup_logging, write_json
+from stages.common import (
+    CLASSES,
+    StageError,
+    atomic_dir,
+    atomic_file,
+    failpoint,
+    run_main,
+    setup_logging,
+    write_json,
+)
 from stages.metrics import macro_auc
 from stages.params import TrainCommonParams, TrainParams, load_params
 
@@ -219,19 +228,12 @@ def _phase_file(index: int) -> str:
 
 
 def _failpoint(point: str, epoch: int) -> None:
-    """Test hook: SIGKILL this process at ``point`` of the first epoch >= N when the environment
-    sets ``SKINLESION_TRAIN_FAILPOINT=<point>`` or ``<point>@<N>``.
-
-    Points: ``after_best_weights`` (new best weights written, state not yet),
-    ``after_checkpoint`` (epoch checkpoint written, state not yet), ``after_commit``. Tests
-    (tests/unit/test_train_resume.py) kill a real run inside those windows this way; an
-    unset variable costs one environment lookup per epoch.
+    """Test hook (``stages.common.failpoint``): ``SKINLESION_TRAIN_FAILPOINT=<point>[@N]`` kills
+    this process at ``point`` of the first epoch >= N. Points: ``after_best_weights`` (new best
+    weights written, state not yet), ``after_checkpoint`` (epoch checkpoint written, state not
+    yet), ``after_commit``. tests/unit/test_train_resume.py kills a real run inside those windows.
     """
-    spec = os.environ.get(FAILPOINT_ENV, "")
-    name, _, at = spec.partition("@")
-    if name == point and epoch >= int(at or 1):
-        log.warning("%s=%s: killing this process at epoch %d", FAILPOINT_ENV, spec, epoch)
-        os.kill(os.getpid(), signal.SIGKILL)
+    failpoint(FAILPOINT_ENV, point, epoch)
 
 
 class Backup:
@@ -417,14 +419,20 @@ def callback_types() -> CallbackTypes:
         def on_epoch_begin(self, epoch: int, logs: Any = None) -> None:
             self.t0 = time.perf_counter()
 
+        def score(self) -> dict[str, float]:
+            """The model's validation loss, accuracy, macro AUC and macro F1 now."""
+            probs = np.concatenate([self.predict(x) for x, _ in self.val_ds])
+            return {
+                "val_loss": float(self.loss_fn(self.y_val_onehot, probs)),
+                "val_accuracy": float(np.mean(probs.argmax(1) == self.y_val)),
+                "val_macro_auc": macro_auc(self.y_val, probs),
+                "val_macro_f1": macro_f1(self.y_val, probs),
+            }
+
         def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
             logs = logs if logs is not None else {}
             train_s = time.perf_counter() - self.t0
-            probs = np.concatenate([self.predict(x) for x, _ in self.val_ds])
-            logs["val_loss"] = float(self.loss_fn(self.y_val_onehot, probs))
-            logs["val_accuracy"] = float(np.mean(probs.argmax(1) == self.y_val))
-            logs["val_macro_auc"] = macro_auc(self.y_val, probs)
-            logs["val_macro_f1"] = macro_f1(self.y_val, probs)
+            logs.update(self.score())
             logs["lr"] = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
             logs["train_seconds"] = train_s
             logs["images_per_s"] = self.n_train / train_s if train_s > 0 else 0.0
@@ -974,6 +982,8 @@ def _write_outputs(
     if state.best_file is not None:
         model.set_weights(backup.read_weights(state.best_file))
     summary = _summary(job, state, resumed_from, t_start)
+    if job.common.recalibrate_bn and not job.pretrained:
+        summary.update(_recalibrate_bn(job))
     with atomic_dir(where.out) as tmp:
         _export(model, tmp / "model.keras")
         write_json(tmp / "config.json", {**job.config, "fingerprint": job.fingerprint, "result": summary})
@@ -994,6 +1004,30 @@ def _write_outputs(
         summary["seconds"],
     )  # fmt: skip
     return summary
+
+
+def _recalibrate_bn(job: _Job) -> dict[str, Any]:
+    """Precise BN (``models.recalibrate_batchnorm``) over the training split, in file order at
+    the per-replica training batch; returns the validation numbers after it, for the metrics
+    (the ``best_val_*`` keys are the epoch's, measured with the running statistics)."""
+    from stages import models
+    from stages.tfdata import read_split
+
+    t0 = time.perf_counter()
+    per_replica = job.global_batch // job.rt.replicas
+    images = read_split(job.data.path, "train", with_meta=False, ordered=True).map(lambda x, y: x)
+    before = job.evaluator.score()
+    n = models.recalibrate_batchnorm(job.model, tqdm(
+        images.batch(per_replica), total=math.ceil(job.data.n_train / per_replica), unit="batch",
+        desc=f"{job.backbone}: precise BN", mininterval=2.0, leave=False,
+    ))  # fmt: skip
+    after = job.evaluator.score()
+    log.info(
+        "%s: precise BN over %d training images (%d layers, %.0f s): val macro AUC %.4f -> %.4f, "
+        "accuracy %.3f -> %.3f", job.backbone, job.data.n_train, n, time.perf_counter() - t0,
+        before["val_macro_auc"], after["val_macro_auc"], before["val_accuracy"], after["val_accuracy"],
+    )  # fmt: skip
+    return {f"final_{k}": _finite(v) for k, v in after.items()}
 
 
 def _summary(job: _Job, state: TrainState, resumed_from: int, t_start: float) -> dict[str, Any]:

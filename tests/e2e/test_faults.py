@@ -112,8 +112,8 @@ def _env() -> dict[str, str]:
     return {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"}
 
 
-def _repro(work: Path, logs: Path, name: str) -> Background:
-    return Background(name, [*DVC, "repro", TARGET], cwd=work, env=_env(), logs=logs)
+def _repro(work: Path, logs: Path, name: str, **env: str) -> Background:
+    return Background(name, [*DVC, "repro", TARGET], cwd=work, env={**_env(), **env}, logs=logs)
 
 
 def _stage_procs(bg: Background, module: str) -> list:
@@ -213,9 +213,11 @@ def test_sigkill_in_prepare_in_train_mid_epoch_and_in_calibrate_then_repro_compl
     watcher.start()
     timings: dict[str, float] = {}
     try:
-        # 1. prepare: killed while it writes its shards (into its temp folder)
+        # 1. prepare: killed while it writes its shards (into its temp folder). On the TINY set
+        # prepare writes them all in well under a second, faster than the watcher can catch, so
+        # the stage's failpoint holds it after opening its second shard until the kill.
         t0 = time.monotonic()
-        bg = _repro(work, tmp_path, "repro-1")
+        bg = _repro(work, tmp_path, "repro-1", SKINLESION_PREPARE_FAILPOINT="shard_open@2:pause")
         _wait_for(bg, _being_written(bg, "prepare", work / "data", "prepared"), "prepare writing its shards")
         _sigkill(bg)
         assert (

@@ -66,5 +66,3 @@ def test_params_mismatches_names_the_stage_and_key():
         "split: split.hash_radius = 6 in params.yaml, 8 in dvc.lock"
     ]
     assert "no longer in params.yaml" in params_mismatches(lock, {"split": {"hash_radius": 8}})[0]
-
-

@@ -25,13 +25,14 @@ def _model(lambda_layer: bool):
     return keras.Model(inp, out)
 
 
-def _bundle(root: Path, *, lambda_layer: bool = False) -> Path:
+def _bundle(root: Path, *, lambda_layer: bool = False, **extra) -> Path:
     member = root / "members" / "m" / "model.keras"
     member.parent.mkdir(parents=True)
     _model(lambda_layer).save(member)
     meta = {
         "classes": list(CLASSES), "image_size": 8, "aspect": "crop", "temperature": 1.0, "threshold": 0.5,
         "members": [{"name": "m", "weight": 1.0, "path": "members/m/model.keras", "md5": file_md5(member)}],
+        **extra,
     }  # fmt: skip
     (root / "bundle.json").write_text(json.dumps(meta))
     return root
@@ -62,3 +63,36 @@ def test_a_changed_member_file_is_refused_by_its_md5(tmp_path):
 def test_missing_bundle_json_names_the_path(tmp_path):
     with pytest.raises(StageError, match=r"bundle.json: not found; is .* a model bundle"):
         Bundle.load(tmp_path)
+
+
+def test_class_bias_and_the_balanced_decision_are_applied_as_bundle_json_says(tmp_path):
+    x = np.random.default_rng(0).integers(0, 256, (5, 8, 8, 3), dtype=np.uint8)
+    bias = [0.5, -1.0, 0.0, 0.25, 1.0, -0.5, -0.25]
+    prior = [0.03, 0.05, 0.11, 0.01, 0.11, 0.67, 0.02]
+    b = Bundle.load(_bundle(tmp_path / "biased", class_bias=bias, decision="balanced", class_prior=prior))
+    _, probs = b.predict(x)
+    b.meta["class_bias"] = None  # the same members, temperature only
+    _, plain = b.predict(x)
+    assert not np.allclose(plain, probs)
+    expected = plain * np.exp(bias)  # softmax(log p + b) = p e^b / sum
+    np.testing.assert_allclose(probs, expected / expected.sum(1, keepdims=True), rtol=1e-6)
+    np.testing.assert_array_equal(b.decide(probs), (probs / np.array(prior)).argmax(1))
+    # "argmax" (or no decision key: bundles written before it) ignores the prior
+    argmax = Bundle.load(_bundle(tmp_path / "argmax", decision="argmax", class_prior=prior))
+    np.testing.assert_array_equal(argmax.decide(probs), probs.argmax(1))
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [("class_bias", [0.0] * 6), ("class_bias", [0.0] * 6 + ["x"]), ("class_prior", [0.0] + [0.1] * 6),
+     ("class_bias", [float("nan")] * 7)],
+)  # fmt: skip
+def test_a_malformed_bias_or_prior_is_refused_by_name(tmp_path, key, value):
+    root = tmp_path / "bad"
+    root.mkdir()
+    (root / "bundle.json").write_text(json.dumps({
+        "classes": list(CLASSES), "image_size": 8, "temperature": 1.0, "threshold": 0.5, "members": [],
+        key: value,
+    }))  # fmt: skip
+    with pytest.raises(StageError, match=rf"bundle.json: '{key}' must be 7 finite numbers"):
+        Bundle.load(root)

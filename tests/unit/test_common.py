@@ -3,6 +3,8 @@ folder is removed at the next start of that output's writer (and git never sees 
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -100,3 +102,43 @@ def test_a_full_disk_is_one_line_naming_the_output(tmp_path, capsys):
     assert not target.exists() and not list(tmp_path.iterdir())
     with pytest.raises(OSError, match="Permission denied"):  # other OS errors keep their traceback
         run_main(lambda: (_ for _ in ()).throw(PermissionError(errno.EACCES, "Permission denied")))
+
+
+@pytest.mark.parametrize(
+    ("spec", "killed_at"),
+    [("shard_open@3", 3), ("shard_open", 1), ("other_point@1", None), ("", None)],
+)
+def test_failpoint_kills_at_its_point_and_count_only(spec, killed_at):
+    code = (
+        "import sys\nfrom stages.common import failpoint\n"
+        "for n in range(1, 6):\n"
+        "    print(n, flush=True)\n"
+        "    failpoint('SKINLESION_TEST_FAILPOINT', 'shard_open', n)\n"
+    )
+    env = {**os.environ, "SKINLESION_TEST_FAILPOINT": spec}
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True)
+    printed = done.stdout.split()
+    if killed_at is None:
+        assert done.returncode == 0 and printed == ["1", "2", "3", "4", "5"], done.stderr
+    else:
+        assert done.returncode == -signal.SIGKILL, done.stderr
+        assert printed == [str(n) for n in range(1, killed_at + 1)]
+
+
+def test_failpoint_pause_holds_the_process_until_it_is_killed():
+    code = (
+        "from stages.common import failpoint\n"
+        "failpoint('SKINLESION_TEST_FAILPOINT', 'p', 2)\n"
+        "print('passed', flush=True)\n"
+    )
+    env = {**os.environ, "SKINLESION_TEST_FAILPOINT": "p@2:pause"}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code], cwd=REPO, env=env, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        with pytest.raises(subprocess.TimeoutExpired):
+            proc.wait(timeout=5)  # paused, not passed through nor killed
+    finally:
+        proc.kill()
+    out, _ = proc.communicate()
+    assert proc.returncode == -signal.SIGKILL and "passed" not in out

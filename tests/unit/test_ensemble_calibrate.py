@@ -253,7 +253,11 @@ def test_calibrate_meets_target_on_val_and_improves_nll(members, tmp_path):
     assert m["val_nll_after"] <= m["val_nll_before"]  # never worse on the data it was fitted on
     # the threshold reaches the target recall on val, recomputed here from the files
     val = read_predictions(out / "ensemble" / "val.csv")
-    logits = val[[f"logit_{c}" for c in CLASSES]].to_numpy() / res.temperature
+    bundle = json.loads((out / "bundle" / "bundle.json").read_text())
+    assert bundle["temperature"] == res.temperature and len(bundle["class_bias"]) == len(CLASSES)
+    logits = val[[f"logit_{c}" for c in CLASSES]].to_numpy() / res.temperature + np.array(
+        bundle["class_bias"]
+    )
     p = np.exp(logits - logits.max(1, keepdims=True))
     p /= p.sum(1, keepdims=True)
     is_mal = np.isin(labels(val), MAL_IDX)

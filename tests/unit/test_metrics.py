@@ -8,8 +8,10 @@ from sklearn.metrics import balanced_accuracy_score, roc_auc_score
 
 from stages.common import CLASSES
 from stages.metrics import (
+    apply_calibration,
     apply_temperature,
     balanced_accuracy,
+    balanced_decision,
     binary_auc,
     bootstrap_ci,
     classification_metrics,
@@ -17,9 +19,11 @@ from stages.metrics import (
     expected_calibration_error,
     fit_simplex_weights,
     fit_temperature,
+    fit_temperature_bias,
     lesion_bootstrap_indices,
     log_loss,
     malignant_score,
+    nll_with_calibration,
     nll_with_temperature,
     operating_point,
     partial_auc_above_tpr,
@@ -275,3 +279,39 @@ def test_operating_point_referrals_per_100_lesions():
         and op["ppv"] == pytest.approx(1 / 3)
     )
     assert op["referrals_per_100"] == pytest.approx(100 * 2 / 3)
+
+
+def test_temperature_bias_recovers_a_scale_and_a_per_class_shift():
+    # true posteriors softmax(z); the model reports 2 z + shift (over-confident, prior-shifted,
+    # as class-weighted training leaves it): T = 2 and bias = -shift / 2 (mean-centred) undo it
+    rng = np.random.default_rng(4)
+    z = rng.normal(0, 1.5, (20_000, 5))
+    p = np.exp(z) / np.exp(z).sum(1, keepdims=True)
+    y = (p.cumsum(1) > rng.random((len(z), 1))).argmax(1)
+    shift = np.array([1.0, -0.5, 0.0, 0.8, -1.3])
+    logits = 2 * z + shift
+    t, bias = fit_temperature_bias(logits, y)
+    assert t == pytest.approx(2.0, rel=0.05)
+    want = -shift / 2
+    np.testing.assert_allclose(bias, want - want.mean(), atol=0.06)
+    assert abs(bias.mean()) < 1e-9
+    t_only = fit_temperature(logits, y)
+    assert nll_with_calibration(logits, y, t, bias) < nll_with_temperature(logits, y, t_only) - 0.01
+    np.testing.assert_allclose(apply_calibration(logits, t, bias), apply_temperature(logits / t + bias, 1.0))
+
+
+def test_temperature_bias_is_never_worse_than_temperature_alone_and_handles_no_data():
+    rng = np.random.default_rng(1)
+    logits = rng.normal(0, 1, (40, 7))
+    y = rng.integers(0, 7, 40)
+    t, bias = fit_temperature_bias(logits, y)
+    t0 = fit_temperature(logits, y)
+    assert nll_with_calibration(logits, y, t, bias) <= nll_with_temperature(logits, y, t0) + 1e-12
+    assert fit_temperature_bias(np.zeros((0, 3)), np.zeros(0, int))[1].tolist() == [0.0, 0.0, 0.0]
+
+
+def test_balanced_decision_by_hand():
+    probs = np.array([[0.6, 0.3, 0.1], [0.5, 0.1, 0.4]])
+    assert balanced_decision(probs, None).tolist() == [0, 0]
+    # against priors 0.8 / 0.1 / 0.1: 0.75, 3.0, 1.0 and 0.625, 1.0, 4.0
+    assert balanced_decision(probs, [0.8, 0.1, 0.1]).tolist() == [1, 2]

@@ -27,6 +27,7 @@ from stages.models import (  # noqa: E402
     build_model,
     load_model,
     output_bias_from_counts,
+    recalibrate_batchnorm,
     set_trainable,
 )
 from stages.params import BACKBONES  # noqa: E402
@@ -323,3 +324,54 @@ def test_scratch_backbone_bn_momentum_is_limited():
 
     assert momenta(_model("mobilenetv2", pretrained=True)) == {0.999}  # ImageNet weights: as trained
     assert momenta(_model("mobilenetv2")) == {0.99}  # from scratch: statistics that follow a short run
+
+
+def test_recalibrate_batchnorm_gives_the_statistics_of_the_images_under_the_final_weights():
+    model = _model("resnet_small")
+    bb, pre = model.get_layer("backbone"), model.get_layer("preprocess")
+    bns = [layer for layer in bb.layers if isinstance(layer, keras.layers.BatchNormalization)]
+    for layer in bns:  # stale statistics, as a short from-scratch run leaves them
+        layer.moving_mean.assign(np.full(layer.moving_mean.shape, 5.0, np.float32))
+        layer.moving_variance.assign(np.full(layer.moving_variance.shape, 9.0, np.float32))
+    x, _ = _batch(12, seed=3)
+    stale = np.asarray(bb(pre(x), training=False))
+    batch_stats = np.asarray(bb(pre(x), training=True))  # every layer normalised by this batch
+    assert recalibrate_batchnorm(model, [x]) == len(bns) > 10
+    # one batch: the inference-mode forward now equals the batch-statistics forward, layer by
+    # layer through every residual block (resnet_small has no dropout)
+    np.testing.assert_allclose(np.asarray(bb(pre(x), training=False)), batch_stats, rtol=1e-3, atol=1e-4)
+    assert not np.allclose(stale, batch_stats, atol=1e-2)
+    assert {layer.momentum for layer in bns} == {0.99}  # restored (build_model's scratch cap)
+
+
+def test_recalibrate_batchnorm_averages_batches_by_size_without_augmentation_or_dropout():
+    model = _model("custom_cnn", rotation=0.5, zoom=0.2)  # augmentation would move the statistics
+    bb, pre = model.get_layer("backbone"), model.get_layer("preprocess")
+    first = bb.get_layer("block1_bn1")
+    drop_rates = {layer.name: layer.rate for layer in bb.layers if isinstance(layer, keras.layers.Dropout)}
+    assert drop_rates and all(r > 0 for r in drop_rates.values())
+    conv = keras.Model(bb.input, bb.get_layer("block1_conv1").output)
+    batches = [_batch(n, seed=s)[0] for n, s in ((8, 1), (3, 2))]  # unequal: weights 8 and 3
+    feats = [np.asarray(conv(pre(b))).reshape(-1, first.moving_mean.shape[0]) for b in batches]
+    mean = (8 * feats[0].mean(0) + 3 * feats[1].mean(0)) / 11
+    var = (8 * feats[0].var(0) + 3 * feats[1].var(0)) / 11
+    recalibrate_batchnorm(model, iter(batches))
+    np.testing.assert_allclose(np.asarray(first.moving_mean), mean, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(first.moving_variance), var, rtol=1e-4, atol=1e-5)
+    # the model is left as it was found: dropout rates, momentum, frozen layers
+    assert {
+        layer.name: layer.rate for layer in bb.layers if isinstance(layer, keras.layers.Dropout)
+    } == drop_rates
+    assert first.momentum == 0.99
+
+
+def test_recalibrate_batchnorm_of_a_frozen_bn_and_of_no_images():
+    model = _model("custom_cnn")
+    set_trainable(model, -1, freeze_bn=True)
+    first = model.get_layer("backbone").get_layer("block1_bn1")
+    before = np.asarray(first.moving_mean).copy()
+    recalibrate_batchnorm(model, [_batch(6)[0]])
+    assert not np.allclose(np.asarray(first.moving_mean), before)  # frozen BN recalibrated too
+    assert first.trainable is False  # ... and still frozen
+    with pytest.raises(ValueError, match="no images"):
+        recalibrate_batchnorm(model, [])

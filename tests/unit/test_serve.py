@@ -140,9 +140,14 @@ class FakeBundle:
     aspect = "crop"
     root = Path("/nonexistent")
 
-    def __init__(self, table: dict[int, list[float]]):
-        self.table = table
+    def __init__(self, table: dict[int, list[float]], prior: list[float] | None = None):
+        self.table, self.prior = table, prior
         self.calls: list[int] = []
+
+    def decide(self, probs):
+        from stages.metrics import balanced_decision
+
+        return balanced_decision(probs, self.prior)
 
     def predict(self, images):
         self.calls.append(len(images))
@@ -186,6 +191,20 @@ def test_top3_malignant_refer_and_risk_from_the_probabilities():
     # the top class decides the risk level; the malignant flag is read separately
     assert (second.risk, second.refer) == ("Moderate", True)
     assert (third.risk, third.refer) == ("High", True)
+    assert [first.predicted, second.predicted, third.predicted] == ["nv", "akiec", "bcc"]
+
+
+def test_a_balanced_decision_picks_the_class_against_its_prior_and_sets_the_risk():
+    # calibrated probabilities follow the population (nv 55%); against the priors the melanoma
+    # score stands out: 0.25 / 0.10 > 0.55 / 0.70
+    prior = [0.03, 0.05, 0.11, 0.02, 0.10, 0.67, 0.02]
+    fake = FakeBundle({1: _probs(mel=0.25, nv=0.55, bcc=0.08)}, prior=prior)
+    p = Predictor(fake)
+    (pred,) = (p.read("x", row) for row in p.probabilities(np.full((1, 8, 8, 3), 1, np.uint8)))
+    assert pred.top[0][0] == "nv"  # the probabilities are reported as calibrated
+    assert (pred.predicted, pred.risk) == ("mel", "High")
+    row = pred.as_row(CLASSES, fake.threshold, {})
+    assert row["predicted"] == "mel" and row["top1"] == "nv"
 
 
 def test_refer_is_at_or_above_the_threshold():

@@ -240,13 +240,15 @@ def test_run_writes_model_metrics_history_and_plots(trained, prepared):
     assert cfg["preprocessing"] == "unit" and cfg["classes"] == list(CLASSES)
     assert cfg["train"]["backbone"]["head"] == "funnel"
 
-    # the saved model holds the *best* epoch's weights: recomputing its val AUC gives the same
+    # the saved model holds the best epoch's weights with its BN statistics recomputed (precise
+    # BN, from scratch): recomputing its val AUC gives the final_* numbers the metrics report
     val = read_split_numpy(prepared, "val")
     model = load_model(root / "model" / "model.keras")
     probs = model.predict(
         {"image": val.images, "age": val.age, "sex": val.sex, "localization": val.localization}, verbose=0
     )
-    assert macro_auc(val.labels, probs) == pytest.approx(m["best_val_macro_auc"], abs=1e-4)
+    assert macro_auc(val.labels, probs) == pytest.approx(m["final_val_macro_auc"], abs=1e-4)
+    assert np.mean(probs.argmax(1) == val.labels) == pytest.approx(m["final_val_accuracy"], abs=1e-6)
 
     tsv = (root / "live" / "plots" / "metrics" / "val" / "macro_auc.tsv").read_text().splitlines()
     assert tsv[0] == "step\tmacro_auc" and [line.split("\t")[0] for line in tsv[1:]] == ["1", "2", "3"]
@@ -301,6 +303,18 @@ def test_pretrained_weights_file_trains_in_phases_with_bn_frozen(prepared, tmp_p
 
 
 @pytest.mark.slow
+def test_without_precise_bn_the_model_is_the_best_epoch_as_trained(prepared, tmp_path):
+    from stages.models import load_model
+    from stages.tfdata import read_split_numpy
+
+    params = _params(common={"epochs": 2, "recalibrate_bn": False})
+    res = run(params, backbone="custom_cnn", prepared=prepared, seed=3, **_paths(tmp_path))
+    assert not any(k.startswith("final_") for k in res.metrics)
+    val = read_split_numpy(prepared, "val")
+    probs = load_model(tmp_path / "model" / "model.keras").predict(val.images, verbose=0)
+    assert macro_auc(val.labels, probs) == pytest.approx(res.metrics["best_val_macro_auc"], abs=1e-4)
+
+
 def test_same_seed_same_weights_other_seed_differs(prepared, tmp_path):
     params = _params(common={"epochs": 1})
     runs = {}

@@ -134,9 +134,9 @@ def fit_calibration(
         t = fit_temperature(val_logits, y_val)
     prior = None
     if params.decision == "balanced":
-        counts = np.bincount(np.asarray(y_val, dtype=np.int64), minlength=len(classes))
-        # a class absent from val keeps a small share instead of an infinite boost
-        prior = tuple(round(float(v), 6) for v in (counts + 0.5) / (counts.sum() + 0.5 * len(classes)))
+        counts = np.bincount(np.asarray(y_val, dtype=np.int64), minlength=len(classes)).astype(np.float64)
+        # the empirical shares; a class absent from val gets half a case instead of an infinite boost
+        prior = tuple(round(float(v), 6) for v in np.maximum(counts, 0.5) / counts.sum())
     score = malignant_score(apply_calibration(val_logits, t, bias), classes)
     is_mal = malignant_truth(y_val, classes)
     if not is_mal.any():

@@ -10,6 +10,7 @@ its final name. Each test works on its own copy of one built workspace (``tiny_b
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -526,35 +527,31 @@ def test_promotion_killed_at_each_step_leaves_the_old_or_the_new_bundle(promoted
 
 # Prefect 3.8.8 marks nothing Crashed by itself when the process running a flow dies with its
 # worker: the run stays Running. Its documented cure: flow-run heartbeats (workers started with
-# PREFECT_FLOWS_HEARTBEAT_FREQUENCY) and this automation; docs/operations.md has the same.
-ZOMBIE_AUTOMATION = {
-    "name": "crash-zombie-flow-runs",
-    "description": "A flow run whose heartbeats stop (its process or machine died) is marked Crashed.",
-    "enabled": True,
-    "trigger": {
-        "type": "event",
-        "posture": "Proactive",
-        "after": ["prefect.flow-run.heartbeat"],
-        "expect": [
-            "prefect.flow-run.heartbeat",
-            "prefect.flow-run.Completed",
-            "prefect.flow-run.Failed",
-            "prefect.flow-run.Cancelled",
-            "prefect.flow-run.Crashed",
-        ],
-        "match": {"prefect.resource.id": ["prefect.flow-run.*"]},
-        "for_each": ["prefect.resource.id"],
-        "threshold": 1,
-        "within": 90,
-    },
-    "actions": [
-        {
-            "type": "change-flow-run-state",
-            "state": "CRASHED",
-            "message": "Flow run marked as crashed: no heartbeat for 90 s (its process or machine died)",
-        }
-    ],
-}
+# PREFECT_FLOWS_HEARTBEAT_FREQUENCY) and the automation committed in flows/automations/ (docs/operations.md).
+ZOMBIE_AUTOMATION = PROJECT / "flows" / "automations" / "crash-zombies.json"
+
+
+def _kill_tree(pid: int) -> list[str]:
+    """SIGKILL ``pid`` and every process below it at once, as a machine or container dying would.
+
+    Killing the worker's process group is not enough: Prefect's process worker starts each flow
+    run in a session of its own (so a signal meant for the worker cannot reach the run), and a
+    run whose process survives keeps running and sending heartbeats. Returns what was killed.
+    """
+    import psutil
+
+    root = psutil.Process(pid)
+    procs = [root, *root.children(recursive=True)]
+    for p in procs:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.suspend()  # first stop them all: none can notice the others dying and react
+    names = []
+    for p in procs:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            names.append(" ".join(p.cmdline()[:4]))
+            p.kill()
+    psutil.wait_procs(procs, timeout=30)
+    return names
 
 
 def test_worker_killed_mid_run_crashes_the_run_and_the_next_run_completes(
@@ -566,9 +563,7 @@ def test_worker_killed_mid_run_crashes_the_run_and_the_next_run_completes(
     for pool in ("cpu-pool", "gpu-pool"):
         _prefect(["work-pool", "create", pool, "--type", "process"], env, repo)
     _prefect(["deploy", "--all"], env, repo)
-    spec = tmp_path / "zombies.json"
-    spec.write_text(json.dumps(ZOMBIE_AUTOMATION))
-    _prefect(["automation", "create", "--from-file", str(spec)], env, repo)
+    _prefect(["automation", "create", "--from-file", str(ZOMBIE_AUTOMATION)], env, repo)
     worker_env = {**env, "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": "30", "PREFECT_WORKER_QUERY_SECONDS": "2"}
 
     def start_worker(name: str) -> Background:
@@ -596,8 +591,9 @@ def test_worker_killed_mid_run_crashes_the_run_and_the_next_run_completes(
             assert time.monotonic() < deadline, worker.tail()
             time.sleep(1)
         t0 = time.monotonic()
-        os.killpg(worker.proc.pid, signal.SIGKILL)  # the worker, its flow run, dvc and the stage
+        killed = _kill_tree(worker.proc.pid)  # the worker, its flow run, dvc and the stage
         worker.stop()
+        assert len(killed) >= 3, f"only {killed} were running under the worker"
         crashed = _wait_run(run_id, env, repo, worker, timeout=600)
         timings["killed -> Crashed"] = time.monotonic() - t0
         assert crashed["state_type"] == "CRASHED", crashed["state"]

@@ -42,7 +42,7 @@ demo: setup  ## set up, then run the whole pipeline on the embedded synthetic se
 DATA ?= ../shared/data/ham10000
 PROFILE ?= profiles/real-cpu.yaml
 
-real: setup  ## the whole pipeline on real HAM10000 (DATA=folder) with the CPU profile, as a DVC experiment (~70 min on 2 cores)
+real: setup  ## the whole pipeline on real HAM10000 (DATA=folder) with the CPU profile, as a DVC experiment (~40-50 min on 2 cores)
 	@test -e "$(DATA)" || { echo "error: DATA=$(DATA): not found; give a HAM10000 folder: make real DATA=/path/to/ham10000" >&2; exit 1; }
 	$(BIN)/python -m stages.profile $(PROFILE) --set download.source=local:$(DATA) --record results/$(notdir $(basename $(PROFILE))).json
 	@echo; $(BIN)/python -m stages.summary --metrics metrics

@@ -60,8 +60,10 @@ def test_kill_between_best_weights_and_state_resumes_consistently(prepared, tmp_
     the state left on disk names weights that are its best epoch's, and the resumed run continues
     early stopping's count instead of starting it over."""
     epochs, patience = 8, 3
+    # recalibrate_bn off: the saved model must be exactly the best epoch's weights (precise BN
+    # would replace its BN statistics; tests/unit/test_train.py covers that path)
     raw = _raw_params(common={"epochs": epochs, "schedule": "plateau", "plateau_patience": 1,
-                              "early_stopping_patience": patience})  # fmt: skip
+                              "early_stopping_patience": patience, "recalibrate_bn": False})  # fmt: skip
     raw["base"] = {"seed": 1}  # a seed whose run gains again after epochs without gain (the CPU run is exact)
     pfile = _write_params(tmp_path / "params.yaml", raw)
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")

@@ -163,7 +163,7 @@ def _child_naive(bundle: Path, n: int) -> dict[str, Any]:
     from PIL import Image
 
     from stages.bundle import read_bundle_json
-    from stages.metrics import apply_temperature
+    from stages.metrics import apply_calibration
     from stages.models import load_model
 
     meta = read_bundle_json(bundle)
@@ -177,7 +177,7 @@ def _child_naive(bundle: Path, n: int) -> dict[str, Any]:
         s = time.perf_counter()
         x = np.asarray(Image.open(p).convert("RGB").resize((size, size)))[None]
         mixed = sum(w * model.predict(x, verbose=0) for model, w in members)
-        probs = apply_temperature(np.log(np.clip(mixed, 1e-12, 1.0)), temperature)
+        probs = apply_calibration(np.log(np.clip(mixed, 1e-12, 1.0)), temperature)
         assert abs(float(probs.sum()) - 1.0) < 1e-6
         if i:
             times.append(time.perf_counter() - s)

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from flows.dvcops import DvcError, Layout, dvc_argv, run_quiet
-from stages.common import atomic_dir
+from stages.common import atomic_dir, failpoint
 
 __all__ = ["GATE_AUC_KEYS", "Check", "Decision", "decide", "promote_bundle", "read_production"]
 
@@ -34,6 +34,11 @@ GATE_AUC_KEYS = ("malignant_auc", "macro_auc")
 RECORD = "production.json"
 # Float noise must not flip a decision taken on metrics rounded nowhere.
 _EPS = 1e-9
+# Test hook (stages.common.failpoint): "<point>[@N][:pause]" stops a promotion at one of its steps:
+# copy@N (about to copy the bundle's Nth file into the temp folder), record (the bundle copied,
+# production.json not written), track (production swapped in, `dvc add` not run), tag (the record
+# committed, not tagged). The swap itself: SKINLESION_ATOMIC_FAILPOINT=swapped-production.
+FAILPOINT_ENV = "SKINLESION_PROMOTE_FAILPOINT"
 
 
 @dataclass(frozen=True)
@@ -151,8 +156,17 @@ def promote_bundle(layout: Layout, record: Mapping[str, Any]) -> Path:
     if not src.is_dir() or not any(src.iterdir()):
         raise DvcError(f"{layout.bundle}: no candidate bundle to promote")
     dest = layout.path(layout.production)
+    copied = 0
+
+    def copy(src_file: str, dst_file: str) -> object:
+        nonlocal copied
+        copied += 1
+        failpoint(FAILPOINT_ENV, "copy", copied)
+        return shutil.copy2(src_file, dst_file)
+
     with atomic_dir(dest) as tmp:
-        shutil.copytree(src, tmp, dirs_exist_ok=True, symlinks=False)
+        shutil.copytree(src, tmp, dirs_exist_ok=True, symlinks=False, copy_function=copy)
+        failpoint(FAILPOINT_ENV, "record", 1)
         (tmp / RECORD).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     return dest
 
@@ -160,6 +174,7 @@ def promote_bundle(layout: Layout, record: Mapping[str, Any]) -> Path:
 def dvc_track(layout: Layout) -> None:
     """``dvc add models/production``: the pointer file git keeps; the content goes to the cache
     (and to the remote with ``dvc push``)."""
+    failpoint(FAILPOINT_ENV, "track", 1)
     run_quiet(dvc_argv("add", layout.production), layout.root)
 
 
@@ -218,5 +233,6 @@ def commit_and_tag(layout: Layout, tag: str, message: str) -> str:
     _git(repo, "add", "-A", "--", *paths)
     _git(repo, *ident, "commit", "--quiet", "--allow-empty", "--only", "-m", message, "--", *paths)
     sha = _git(repo, "rev-parse", "HEAD").stdout.strip()
+    failpoint(FAILPOINT_ENV, "tag", 1)
     _git(repo, "tag", tag, sha)
     return sha

@@ -191,10 +191,8 @@ def calibration_metrics(
             apply_calibration(logits, 1.0), y, params.ece_bins
         )
         out[f"{prefix}ece_after"] = expected_calibration_error(calibrated, y, params.ece_bins)
-        out[f"{prefix}nll_before"] = nll_with_calibration(logits, y, 1.0, np.zeros(len(classes)))
-        out[f"{prefix}nll_after"] = nll_with_calibration(
-            logits, y, cal.temperature, cal.bias or np.zeros(len(classes))
-        )
+        out[f"{prefix}nll_before"] = nll_with_calibration(logits, y, 1.0)
+        out[f"{prefix}nll_after"] = nll_with_calibration(logits, y, cal.temperature, cal.bias)
         # the bundle's class decision on calibrated probabilities (calibrate.decision)
         out[f"{prefix}balanced_accuracy_decision"] = balanced_accuracy(
             y, cal.decide(calibrated), len(classes)

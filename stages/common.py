@@ -35,6 +35,11 @@ LOCALIZATIONS: tuple[str, ...] = (
 log = logging.getLogger(__name__)
 
 
+# Test hook (failpoint): "swapped-<target name>" kills the process right after atomic_dir swapped
+# the new folder in, before it removed the previous one (e.g. swapped-production for a promotion).
+ATOMIC_FAILPOINT_ENV = "SKINLESION_ATOMIC_FAILPOINT"
+
+
 def failpoint(env: str, point: str, count: int) -> None:
     """Test hook for fault injection: stop this process at ``point`` once ``count`` reaches N when
     the environment variable ``env`` reads ``<point>`` or ``<point>@<N>`` (N defaults to 1).
@@ -147,11 +152,13 @@ def atomic_dir(target: str | Path) -> Iterator[Path]:
         if not (target.exists() or target.is_symlink()):
             os.replace(tmp, target)
         elif exchange(tmp, target):  # tmp now holds the previous output
+            failpoint(ATOMIC_FAILPOINT_ENV, f"swapped-{target.name}", 1)
             shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() and not tmp.is_symlink() else tmp.unlink()
         else:
             old = target.with_name(f".{target.name}.old-{os.getpid()}")
             os.replace(target, old)
             os.replace(tmp, target)  # a kill right before this: remove_stale_temps puts old back
+            failpoint(ATOMIC_FAILPOINT_ENV, f"swapped-{target.name}", 1)
             shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)

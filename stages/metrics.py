@@ -22,23 +22,22 @@ from scipy.stats import rankdata
 from stages.common import CLASSES, MALIGNANT
 
 __all__ = [
+    "apply_calibration",
     "balanced_accuracy",
+    "balanced_decision",
     "binary_auc",
-    "macro_auc",
     "bootstrap_ci",
     "classification_metrics",
     "confusion_matrix",
     "expected_calibration_error",
     "fit_simplex_weights",
-    "apply_calibration",
-    "balanced_decision",
     "fit_temperature",
     "fit_temperature_bias",
-    "nll_with_calibration",
     "lesion_bootstrap_indices",
     "log_loss",
+    "macro_auc",
     "malignant_score",
-    "nll_with_temperature",
+    "nll_with_calibration",
     "operating_point",
     "partial_auc_above_tpr",
     "per_class_prf",
@@ -242,12 +241,6 @@ def expected_calibration_error(probs: np.ndarray, y: np.ndarray, n_bins: int = 1
     return float(np.sum(t["count"][used] / n * np.abs(t["accuracy"][used] - t["confidence"][used])))
 
 
-def nll_with_temperature(logits: np.ndarray, y: np.ndarray, temperature: float) -> float:
-    """Mean NLL of ``softmax(logits / T)`` at the true class."""
-    lp = log_softmax(np.asarray(logits, dtype=np.float64) / temperature, axis=1)
-    return float(-np.mean(lp[np.arange(len(y)), np.asarray(y, dtype=np.int64)]))
-
-
 def fit_temperature(
     logits: np.ndarray, y: np.ndarray, *, bounds: tuple[float, float] = (0.05, 20.0)
 ) -> float:
@@ -261,33 +254,40 @@ def fit_temperature(
     if len(y) == 0:
         return 1.0
     res = optimize.minimize_scalar(
-        lambda log_t: nll_with_temperature(logits, y, float(np.exp(log_t))),
+        lambda log_t: nll_with_calibration(logits, y, float(np.exp(log_t))),
         bounds=(np.log(bounds[0]), np.log(bounds[1])),
         method="bounded",
         options={"xatol": 1e-6},
     )
     t = float(np.exp(res.x))
-    return t if nll_with_temperature(logits, y, t) < nll_with_temperature(logits, y, 1.0) else 1.0
+    return t if nll_with_calibration(logits, y, t) < nll_with_calibration(logits, y, 1.0) else 1.0
 
 
-def apply_temperature(logits: np.ndarray, temperature: float) -> np.ndarray:
-    return softmax(np.asarray(logits, dtype=np.float64) / temperature, axis=1)
+def _calibrated_logits(
+    logits: np.ndarray, temperature: float, bias: Sequence[float] | None
+) -> np.ndarray:
+    z = np.asarray(logits, dtype=np.float64) / temperature
+    if bias is not None:
+        z = z + np.asarray(bias, dtype=np.float64)[None, :]
+    return z
 
 
 def apply_calibration(
     logits: np.ndarray, temperature: float, bias: Sequence[float] | None = None
 ) -> np.ndarray:
     """``softmax(logits / T + b)``: temperature scaling, with a per-class bias when ``bias`` is given."""
-    z = np.asarray(logits, dtype=np.float64) / temperature
-    if bias is not None:
-        z = z + np.asarray(bias, dtype=np.float64)[None, :]
-    return softmax(z, axis=1)
+    return softmax(_calibrated_logits(logits, temperature, bias), axis=1)
 
 
 def nll_with_calibration(
-    logits: np.ndarray, y: np.ndarray, temperature: float, bias: Sequence[float]
+    logits: np.ndarray, y: np.ndarray, temperature: float, bias: Sequence[float] | None = None
 ) -> float:
-    lp = np.log(np.clip(apply_calibration(logits, temperature, bias), 1e-300, 1.0))
+    """Mean NLL at the true class of ``softmax(logits / T + b)`` (``b`` = 0 when ``bias`` is None).
+
+    Computed with log-softmax rather than log(softmax): exact for confident wrong answers, whose
+    probability underflows to 0 in float64 long before their log-probability does.
+    """
+    lp = log_softmax(_calibrated_logits(logits, temperature, bias), axis=1)
     return float(-np.mean(lp[np.arange(len(y)), np.asarray(y, dtype=np.int64)]))
 
 
@@ -327,7 +327,7 @@ def fit_temperature_bias(
         objective, start, jac=True, method="L-BFGS-B", bounds=[(lo, hi)] + [(-20.0, 20.0)] * k
     )
     t, bias = float(np.exp(res.x[0])), res.x[1:] - res.x[1:].mean()  # softmax ignores a common shift
-    if nll_with_calibration(logits, y, t, bias) < nll_with_calibration(logits, y, t0, np.zeros(k)):
+    if nll_with_calibration(logits, y, t, bias) < nll_with_calibration(logits, y, t0):
         return t, bias
     return t0, np.zeros(k)
 

@@ -983,7 +983,7 @@ def _write_outputs(
         model.set_weights(backup.read_weights(state.best_file))
     summary = _summary(job, state, resumed_from, t_start)
     if job.common.recalibrate_bn and not job.pretrained:
-        summary.update(_recalibrate_bn(job))
+        summary.update(_recalibrate_bn(job, summary))
     with atomic_dir(where.out) as tmp:
         _export(model, tmp / "model.keras")
         write_json(tmp / "config.json", {**job.config, "fingerprint": job.fingerprint, "result": summary})
@@ -1006,26 +1006,31 @@ def _write_outputs(
     return summary
 
 
-def _recalibrate_bn(job: _Job) -> dict[str, Any]:
+def _recalibrate_bn(job: _Job, summary: dict[str, Any]) -> dict[str, Any]:
     """Precise BN (``models.recalibrate_batchnorm``) over the training split, in file order at
     the per-replica training batch; returns the validation numbers after it, for the metrics
-    (the ``best_val_*`` keys are the epoch's, measured with the running statistics)."""
+    (the ``best_val_*`` keys in ``summary`` are the epoch's, measured with the running statistics
+    on these same weights: the "before" of the log line, without another validation pass)."""
     from stages import models
     from stages.tfdata import read_split
 
     t0 = time.perf_counter()
     per_replica = job.global_batch // job.rt.replicas
     images = read_split(job.data.path, "train", with_meta=False, ordered=True).map(lambda x, y: x)
-    before = job.evaluator.score()
     n = models.recalibrate_batchnorm(job.model, tqdm(
         images.batch(per_replica), total=math.ceil(job.data.n_train / per_replica), unit="batch",
         desc=f"{job.backbone}: precise BN", mininterval=2.0, leave=False,
     ))  # fmt: skip
     after = job.evaluator.score()
+
+    def show(v: float | None, digits: int) -> str:  # the summary's keys are None when not finite
+        return "n/a" if v is None or not math.isfinite(v) else f"{v:.{digits}f}"
+
     log.info(
-        "%s: precise BN over %d training images (%d layers, %.0f s): val macro AUC %.4f -> %.4f, "
-        "accuracy %.3f -> %.3f", job.backbone, job.data.n_train, n, time.perf_counter() - t0,
-        before["val_macro_auc"], after["val_macro_auc"], before["val_accuracy"], after["val_accuracy"],
+        "%s: precise BN over %d training images (%d layers, %.0f s): val macro AUC %s -> %s, "
+        "accuracy %s -> %s", job.backbone, job.data.n_train, n, time.perf_counter() - t0,
+        show(summary["best_val_macro_auc"], 4), show(after["val_macro_auc"], 4),
+        show(summary["best_val_accuracy"], 3), show(after["val_accuracy"], 3),
     )  # fmt: skip
     return {f"final_{k}": _finite(v) for k, v in after.items()}
 

@@ -28,6 +28,8 @@ import pytest
 import yaml
 
 from flows.dvcops import set_params
+from flows.promote import FAILPOINT_ENV as PROMOTE_FAILPOINT
+from stages.common import ATOMIC_FAILPOINT_ENV as ATOMIC_FAILPOINT
 from tests.conftest import run_cmd
 from tests.e2e.conftest import (
     PREFECT,
@@ -379,64 +381,24 @@ def test_disk_full_while_writing_a_model_keeps_the_previous_one(tiny_built, tmp_
 # --------------------------------------------------------------------------- an interrupted promotion
 
 # The promotion (flows.retrain.promote_candidate: flows.promote.promote_bundle's copy into a temp
-# folder, the record, the swap; `dvc add`; git commit and tag) run in a child process that
-# SIGKILLs itself at one point. The project has no failpoint there, so the child wraps the
-# library calls each step makes.
+# folder, the record, the swap; `dvc add`; git commit and tag) runs in a child process that its
+# failpoints (flows.promote.FAILPOINT_ENV, stages.common.ATOMIC_FAILPOINT_ENV) SIGKILL at one step.
 PROMOTE_CHILD = r"""
-import json, os, shutil, signal, sys
-from pathlib import Path
-
-point = os.environ.get("KILL_AT", "")
-
-
-def die():
-    os.kill(os.getpid(), signal.SIGKILL)
-
-
-if point == "copy":  # in the middle of copying the bundle into the temp folder
-    real_copytree, copied = shutil.copytree, []
-
-    def counting_copy(src, dst, **kw):
-        copied.append(src)
-        if len(copied) == 3:
-            die()
-        return shutil.copy2(src, dst, **kw)
-
-    def copytree(*a, **kw):
-        # copytree recurses through the module's name with copy_function as 5th positional
-        if len(a) < 5:
-            kw["copy_function"] = counting_copy
-        return real_copytree(*a, **kw)
-    shutil.copytree = copytree
-elif point == "record":  # the bundle copied, its record not yet written
-    real_write = Path.write_text
-    def write_text(self, *a, **kw):
-        if self.name == "production.json":
-            die()
-        return real_write(self, *a, **kw)
-    Path.write_text = write_text
-elif point == "swap":  # killed right after the swap: an exchange rename (Linux) is one step
-    import stages.common as common
-    real_exchange = common.exchange
-    def exchange(a, b):
-        done = real_exchange(a, b)
-        if Path(b).name == "production":
-            die()
-        return done
-    common.exchange = exchange
-
-import flows.promote as promote
-if point == "track":  # production in place, `dvc add models/production` not run
-    promote.run_quiet = lambda *a, **kw: die()
-elif point == "tag":  # committed, not tagged
-    real_git = promote._git
-    promote._git = lambda repo, *args, **kw: die() if args[0] == "tag" else real_git(repo, *args, **kw)
+import json, os, sys
 
 from flows.retrain import promote_candidate
 
 record, tag = json.loads(sys.argv[1]), sys.argv[2]
 print(json.dumps(promote_candidate.fn(os.getcwd(), record, tag)))
 """
+# where each kill happens: the environment that stops the promotion there
+KILL_AT = {
+    "copy": {PROMOTE_FAILPOINT: "copy@3"},  # in the middle of copying the bundle into the temp folder
+    "record": {PROMOTE_FAILPOINT: "record"},  # the bundle copied, its record not yet written
+    "swap": {ATOMIC_FAILPOINT: "swapped-production"},  # swapped in, the previous one not removed
+    "track": {PROMOTE_FAILPOINT: "track"},  # production in place, `dvc add models/production` not run
+    "tag": {PROMOTE_FAILPOINT: "tag"},  # committed, not tagged
+}
 
 PERTURB_CHILD = r"""
 import json, sys
@@ -471,7 +433,7 @@ def _hashes(folder: Path) -> dict[str, str]:
 def _promote(work: Path, record: dict, tag: str, kill_at: str = "") -> subprocess.CompletedProcess:
     return run_cmd(
         [sys.executable, "-c", PROMOTE_CHILD, json.dumps(record), tag], work, check=False,
-        env={"KILL_AT": kill_at, "PYTHONPATH": str(PROJECT)}, timeout=600,
+        env={**KILL_AT.get(kill_at, {}), "PYTHONPATH": str(PROJECT)}, timeout=600,
     )  # fmt: skip
 
 

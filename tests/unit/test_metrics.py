@@ -9,7 +9,6 @@ from sklearn.metrics import balanced_accuracy_score, roc_auc_score
 from stages.common import CLASSES
 from stages.metrics import (
     apply_calibration,
-    apply_temperature,
     balanced_accuracy,
     balanced_decision,
     binary_auc,
@@ -24,7 +23,6 @@ from stages.metrics import (
     log_loss,
     malignant_score,
     nll_with_calibration,
-    nll_with_temperature,
     operating_point,
     partial_auc_above_tpr,
     per_class_prf,
@@ -159,15 +157,15 @@ def test_temperature_fixes_overconfidence_and_never_worsens_nll():
     over = logits * 4.0  # same ranking, far too confident
     t = fit_temperature(over, y)
     assert 2.5 < t < 6.0
-    assert nll_with_temperature(over, y, t) < nll_with_temperature(over, y, 1.0)
-    assert expected_calibration_error(apply_temperature(over, t), y) < expected_calibration_error(
-        apply_temperature(over, 1.0), y
+    assert nll_with_calibration(over, y, t) < nll_with_calibration(over, y, 1.0)
+    assert expected_calibration_error(apply_calibration(over, t), y) < expected_calibration_error(
+        apply_calibration(over, 1.0), y
     )
     for seed in range(15):
         r = np.random.default_rng(seed)
         lg = r.normal(size=(50, k)) * r.uniform(0.1, 5)
         yy = r.integers(0, k, 50)
-        assert nll_with_temperature(lg, yy, fit_temperature(lg, yy)) <= nll_with_temperature(lg, yy, 1.0)
+        assert nll_with_calibration(lg, yy, fit_temperature(lg, yy)) <= nll_with_calibration(lg, yy, 1.0)
 
 
 # ---------------------------------------------------------------- ensembling
@@ -296,8 +294,8 @@ def test_temperature_bias_recovers_a_scale_and_a_per_class_shift():
     np.testing.assert_allclose(bias, want - want.mean(), atol=0.06)
     assert abs(bias.mean()) < 1e-9
     t_only = fit_temperature(logits, y)
-    assert nll_with_calibration(logits, y, t, bias) < nll_with_temperature(logits, y, t_only) - 0.01
-    np.testing.assert_allclose(apply_calibration(logits, t, bias), apply_temperature(logits / t + bias, 1.0))
+    assert nll_with_calibration(logits, y, t, bias) < nll_with_calibration(logits, y, t_only) - 0.01
+    np.testing.assert_allclose(apply_calibration(logits, t, bias), apply_calibration(logits / t + bias, 1.0))
 
 
 def test_temperature_bias_is_never_worse_than_temperature_alone_and_handles_no_data():
@@ -306,7 +304,7 @@ def test_temperature_bias_is_never_worse_than_temperature_alone_and_handles_no_d
     y = rng.integers(0, 7, 40)
     t, bias = fit_temperature_bias(logits, y)
     t0 = fit_temperature(logits, y)
-    assert nll_with_calibration(logits, y, t, bias) <= nll_with_temperature(logits, y, t0) + 1e-12
+    assert nll_with_calibration(logits, y, t, bias) <= nll_with_calibration(logits, y, t0) + 1e-12
     assert fit_temperature_bias(np.zeros((0, 3)), np.zeros(0, int))[1].tolist() == [0.0, 0.0, 0.0]
 
 
@@ -315,3 +313,13 @@ def test_balanced_decision_by_hand():
     assert balanced_decision(probs, None).tolist() == [0, 0]
     # against priors 0.8 / 0.1 / 0.1: 0.75, 3.0, 1.0 and 0.625, 1.0, 4.0
     assert balanced_decision(probs, [0.8, 0.1, 0.1]).tolist() == [1, 2]
+
+
+def test_nll_is_exact_for_a_confident_wrong_answer():
+    # p(true class) = exp(-800) underflows to 0 in float64; the NLL is still 800, not a clipped 690
+    logits = np.array([[0.0, 800.0], [3.0, 0.0]])
+    y = np.array([0, 0])
+    expected = (800.0 + np.log1p(np.exp(-800.0))) / 2 + np.log1p(np.exp(-3.0)) / 2
+    assert nll_with_calibration(logits, y, 1.0) == pytest.approx(expected, rel=1e-12)
+    # a bias of +800 on class 0 undoes it
+    assert nll_with_calibration(logits, y, 1.0, [800.0, 0.0]) < 1.0

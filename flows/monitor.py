@@ -16,6 +16,14 @@ in its payload's ``extra_sources``; the retrain appends them to ``download.extra
 they join the next data version. ``drift.trigger_retrain: false`` (or the flow parameter)
 labels the event so that the trigger ignores it.
 
+A labelled batch (its metadata table has a ``dx`` column: the drift check says ``labelled``) is
+also scored against its labels, as an external validation of the bundle: ``python -m
+serve.evaluate`` (a subprocess, so TensorFlow stays out of this process) writes
+``batches/<batch>/evaluation.json``, whose headline metrics, per input mode ("with metadata",
+"image only"), go into the batch's artifact and, with a workspace, into the Evidently project
+``<drift.project>: external validation``. That check is an extra: when it fails the monitor logs
+a warning and carries on; the drift verdict, the event and the ledger never wait on it.
+
 Run it once, locally, with no server (ephemeral API; an event then starts nothing)::
 
     python -m flows.monitor --help
@@ -29,6 +37,7 @@ import argparse
 import hashlib
 import json
 import logging
+import math
 import os
 import re
 import stat
@@ -49,19 +58,23 @@ from prefect.runtime import flow_run
 from prefect.settings import get_current_settings
 
 from flows.dvcops import Layout, stream_command, subprocess_env
-from flows.report import _table, fmt
+from flows.report import _table, fmt, mode_label, with_ci
 from stages.common import write_json
 from stages.params import load_params
+from stages.scoring import IMAGE_ONLY, METADATA
 
 __all__ = [
     "EVENT",
     "Batch",
     "drift_event",
+    "evaluation_values",
     "fingerprint",
     "load_ledger",
     "main",
     "monitor",
     "plan_checks",
+    "read_evaluation",
+    "render_evaluation",
     "scan_inbox",
     "slug",
 ]
@@ -77,18 +90,41 @@ LEDGER_VERSION = 1
 BATCHES = "batches"
 BUNDLE_FILE = "bundle.json"
 MAX_LISTED = 30
+EVALUATION_FILE = "evaluation.json"  # beside drift.json: serve.evaluate's output for a labelled batch
+# The metrics of serve.evaluate shown per input mode (artifact) and recorded (Evidently), in order.
+EVALUATION_KEYS = (
+    "n_images",
+    "macro_auc",
+    "lesion_macro_auc",
+    "malignant_auc",
+    "test_malignant_recall",
+    "test_specificity",
+    "test_ppv",
+    "referrals_per_100",
+    "balanced_accuracy_decision",
+    "ece_after",
+)
+# The Evidently dashboard's panels: one line per input mode over the evaluated batches.
+EVALUATION_PANELS = (
+    ("Malignant recall on labelled batches", "test_malignant_recall"),
+    ("Specificity on labelled batches", "test_specificity"),
+    ("Macro AUC on labelled batches", "macro_auc"),
+    ("Balanced accuracy of the decisions on labelled batches", "balanced_accuracy_decision"),
+)
 
 
 class MonitorFailed(RuntimeError):
     """The monitor could not run, or a batch check failed (the summary artifact says which)."""
 
 
-class DriftCheckFailed(RuntimeError):
-    """``stages.drift`` exited non-zero for a batch; ``error`` is the line it printed."""
+class BatchCommandFailed(RuntimeError):
+    """A command run on one batch exited non-zero; ``error`` is the line it printed."""
+
+    what = "command"
 
     def __init__(self, batch: str, returncode: int, tail: Sequence[str]) -> None:
         errors = [ln for ln in tail if ln.startswith("error: ")]
-        # `error: ...` is the stage's one-line verdict on a bad batch (missing/empty folder, no
+        # `error: ...` is the command's one-line verdict on a bad batch (missing/empty folder, no
         # readable image, a bundle without a drift reference); anything else is a crash.
         self.expected = returncode == 1 and bool(errors)
         last = (errors or [ln for ln in tail if ln.strip()] or [f"exit {returncode}"])[-1]
@@ -96,7 +132,19 @@ class DriftCheckFailed(RuntimeError):
         self.batch = batch
         self.returncode = returncode
         self.tail = "\n".join(tail)
-        super().__init__(f"drift check of {batch!r} failed (exit {returncode}): {self.error}")
+        super().__init__(f"{self.what} of {batch!r} failed (exit {returncode}): {self.error}")
+
+
+class DriftCheckFailed(BatchCommandFailed):
+    """``stages.drift`` exited non-zero for a batch."""
+
+    what = "drift check"
+
+
+class EvaluationFailed(BatchCommandFailed):
+    """``serve.evaluate`` exited non-zero for a labelled batch (or wrote no usable result)."""
+
+    what = "external validation"
 
 
 # --------------------------------------------------------------------------- pure core
@@ -316,6 +364,80 @@ def file_link(path: Path) -> str:
     return f"[{path.name}]({path.resolve().as_uri()}) (`{path}`)"
 
 
+def read_evaluation(path: Path) -> dict[str, Any]:
+    """``serve.evaluate``'s result (``{"bundle", "folder", "n_images", "n_skipped", "skipped",
+    "modes": {mode: metrics}}``), checked for what the monitor reads; ValueError names the file."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: unreadable evaluation result ({e})") from None
+    modes = data.get("modes") if isinstance(data, dict) else None
+    if not isinstance(modes, dict) or not modes or not all(isinstance(m, dict) for m in modes.values()):
+        raise ValueError(f"{path}: not an evaluation result (no 'modes' mapping of metrics)")
+    return data
+
+
+def _number(v: Any) -> float | None:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        return None
+    return float(v)
+
+
+def evaluation_values(evaluation: Mapping[str, Any]) -> dict[str, float]:
+    """The headline numbers of an evaluation, flat: ``<metric>_<mode>`` (``macro_auc_image_only``);
+    what is missing or not a finite number is left out."""
+    out: dict[str, float] = {}
+    for mode, m in evaluation["modes"].items():
+        for key in EVALUATION_KEYS:
+            v = _number(m.get(key))
+            if v is not None:
+                out[f"{key}_{mode}"] = v
+    return out
+
+
+def evaluation_note(evaluation: Mapping[str, Any] | None, error: str | None = None) -> str:
+    """One line on a labelled batch's external validation: the malignant recall per mode."""
+    if error is not None:
+        return f"FAILED ({error[:200]})"
+    if evaluation is None:
+        return "—"
+    parts = [
+        f"{fmt(m.get('test_malignant_recall'))} {mode_label(mode)}" for mode, m in evaluation["modes"].items()
+    ]
+    return "malignant recall " + ", ".join(parts)
+
+
+def render_evaluation(evaluation: Mapping[str, Any] | None, error: str | None = None) -> list[str]:
+    """The artifact's section on a labelled batch scored by ``serve.evaluate``: its headline
+    metrics, one column per input mode ([95% CI] where the result has one)."""
+    lines = ["## External validation: the labelled batch scored by the bundle (`serve.evaluate`)", ""]
+    if error is not None:
+        return lines + [f"**Failed**, the drift check above stands: {error}", ""]
+    assert evaluation is not None
+    modes = list(evaluation["modes"].items())
+    skipped = [str(x) if not isinstance(x, dict) else ": ".join(map(str, x.values()))
+               for x in evaluation.get("skipped") or []]  # fmt: skip
+    bundle = evaluation.get("bundle") or {}
+    facts = [
+        ("bundle", ", ".join(f"{k} `{v}`" for k, v in bundle.items() if isinstance(v, (str, int, float)))
+         or "—"),
+        ("images", f"{fmt(evaluation.get('n_images'))} scored, {fmt(evaluation.get('n_skipped'))} skipped"),
+    ]  # fmt: skip
+    lines += _table(["", ""], facts) + [""]
+    keys = [k for k in EVALUATION_KEYS if any(k in m for _, m in modes)]
+    rows = [[k, *(with_ci(m, k) for _, m in modes)] for k in keys]
+    lines += _table(["metric", *(mode_label(mode) for mode, _ in modes)], rows) + [""]
+    if len(modes) > 1:
+        lines += [
+            "With metadata: each image with its own age, sex and localization where all three are "
+            "known, else image only; image only: every image without.",
+            "",
+        ]
+    if skipped:
+        lines += [f"Skipped: {_names(skipped)}.", ""]
+    return lines
+
+
 def render_batch(
     batch: Batch,
     why: str,
@@ -324,6 +446,8 @@ def render_batch(
     failure: DriftCheckFailed | None = None,
     report: Path | None = None,
     retrain_note: str | None = None,
+    evaluation: Mapping[str, Any] | None = None,
+    evaluation_error: str | None = None,
 ) -> str:
     """The markdown artifact of one batch's check."""
     if failure is not None:
@@ -352,9 +476,14 @@ def render_batch(
         ("predicted class mix", mix),
         ("report", file_link(report) if report else "—"),
     ]  # fmt: skip
+    evaluated = evaluation is not None or evaluation_error is not None
+    if evaluated:
+        rows.append(("external validation", evaluation_note(evaluation, evaluation_error)))
     if retrain_note:
         rows.append(("retrain", retrain_note))
     lines = [f"# Drift check `{batch.name}`: {verdict}", ""] + _table(["", ""], rows) + [""]
+    if evaluated:
+        lines += render_evaluation(evaluation, evaluation_error)
     unreadable = m.get("unreadable") or []
     if unreadable:
         reasons = m.get("unreadable_reasons") or {}
@@ -428,6 +557,75 @@ def check_batch(
     return json.loads(metrics.read_text(encoding="utf-8"))
 
 
+@task(name="external-validation", task_run_name="evaluate {name}", cache_policy=NONE)
+def evaluate_batch(root: str, name: str, images: str, bundle: str, out_path: str) -> dict[str, Any]:
+    """``python -m serve.evaluate`` on one labelled batch, its output lines in the run log; its
+    result (:func:`read_evaluation`). Not retried. Raises :class:`EvaluationFailed`."""
+    logger = _logger()
+    out = Path(out_path)
+    out.unlink(missing_ok=True)  # a failed re-check must not leave the last one's numbers
+    argv = [
+        sys.executable, "-m", "serve.evaluate", images, "--bundle", bundle, "--out", out_path,
+        "--no-progress",
+    ]  # fmt: skip
+    logger.info("python -m serve.evaluate %s --bundle %s", images, bundle)
+    returncode, tail = stream_command(argv, Path(root), on_line=logger.info, env=subprocess_env())
+    if returncode != 0:
+        raise EvaluationFailed(name, returncode, tail)
+    try:
+        return read_evaluation(out)
+    except ValueError as e:
+        raise EvaluationFailed(name, 1, [f"error: {e}"]) from None
+
+
+def add_evaluation_to_workspace(
+    evaluation: Mapping[str, Any], workspace: Path, project_name: str, run_name: str
+) -> str:
+    """One snapshot of the headline numbers (:func:`evaluation_values`, each an Evidently
+    ``MeanValue`` of a one-row table) in the workspace's project ``project_name``, created with a
+    dashboard plotting them per input mode over the batches. Returns the project's id."""
+    import pandas as pd
+    from evidently import DataDefinition, Dataset, Report
+    from evidently.metrics import MeanValue
+    from evidently.sdk.models import PanelMetric
+    from evidently.sdk.panels import line_plot_panel
+    from evidently.ui.workspace import Workspace
+
+    values = evaluation_values(evaluation)
+    if not values:
+        raise ValueError("no headline metric in the evaluation result")
+    columns = list(values)
+    data = Dataset.from_pandas(
+        pd.DataFrame([values]), data_definition=DataDefinition(numerical_columns=columns)
+    )
+    snapshot = Report(
+        [MeanValue(column=c) for c in columns], metadata={"batch": run_name, "kind": "external validation"}
+    ).run(data, None)
+    ws = Workspace(str(workspace))
+    found = ws.search_project(project_name)
+    if found:
+        project = found[0]
+    else:
+        project = ws.create_project(project_name, description="Labelled batches scored by the bundle")
+        for title, key in EVALUATION_PANELS:
+            project.dashboard.add_panel(
+                line_plot_panel(
+                    title=title,
+                    values=[
+                        PanelMetric(
+                            legend=mode_label(mode),
+                            metric="MeanValue",
+                            metric_labels={"column": f"{key}_{mode}"},
+                        )
+                        for mode in (METADATA, IMAGE_ONLY)
+                    ],  # fmt: skip
+                ),
+                tab="External validation",
+            )
+    ref = ws.add_run(project.id, snapshot, include_data=False, name=run_name)
+    return str(project.id) if ref is None else str(getattr(ref, "project_id", project.id))
+
+
 @task(name="publish", task_run_name="publish {key}", cache_policy=NONE)
 def publish(key: str, markdown: str, description: str) -> None:
     """One markdown artifact; an artifact error is logged, never the run's outcome."""
@@ -481,6 +679,36 @@ class _Run:
     ledger_path: Path
     name: str
     summary: dict[str, Any]
+    project: str = ""  # the Evidently project of the drift checks (drift.project)
+
+
+def evaluation_project(drift_project: str) -> str:
+    """The Evidently project of the external validations, beside the drift checks' own."""
+    return f"{drift_project}: external validation"
+
+
+def _evaluate(run: _Run, batch: Batch, out: Path) -> tuple[dict[str, Any] | None, str | None]:
+    """Score a labelled batch with ``serve.evaluate`` (and record it in the Evidently workspace).
+    Never raises: a failure is logged as a warning and returned as the error line."""
+    logger = _logger()
+    try:
+        evaluation = evaluate_batch(str(run.root), batch.name, str(batch.path), str(run.bundle), str(out))
+    except Exception as e:  # the drift check stands whatever happens here
+        error = e.error if isinstance(e, EvaluationFailed) else f"{type(e).__name__}: {e}"
+        logger.warning("%s: external validation failed, the drift check stands: %s", batch.name, error)
+        return None, error
+    logger.info("%s: external validation: %s", batch.name, evaluation_note(evaluation))
+    if run.workspace and run.project:
+        try:
+            project_id = add_evaluation_to_workspace(
+                evaluation, Path(run.workspace), evaluation_project(run.project), batch.name
+            )
+            logger.info("%s: external validation added to the Evidently workspace (project %s)",
+                        batch.name, project_id)  # fmt: skip
+        except Exception as e:  # the time series misses one point; the artifact has the numbers
+            logger.warning("%s: could not add the external validation to the Evidently workspace %s: %s",
+                           batch.name, run.workspace, e)  # fmt: skip
+    return evaluation, None
 
 
 def _check_one(run: _Run, batch: Batch, why: str) -> tuple[str, ...]:
@@ -505,10 +733,15 @@ def _check_one(run: _Run, batch: Batch, why: str) -> tuple[str, ...]:
         raise
 
     run.summary["checked"].append(batch.name)
-    record_check(
+    entry = record_check(
         run.ledger, batch, at=_now(), flow_run_name=run.name, metrics=metrics,
         metrics_path=metrics_path, report=report,
     )  # fmt: skip
+    evaluation, evaluation_error = None, None
+    if metrics.get("labelled"):
+        evaluation, evaluation_error = _evaluate(run, batch, out_dir / EVALUATION_FILE)
+        entry["evaluation"] = str(out_dir / EVALUATION_FILE) if evaluation is not None else None
+        entry["evaluation_error"] = evaluation_error
     drift = bool(metrics.get("drift_detected"))
     note, event_cell = None, "—"
     if drift:
@@ -519,12 +752,18 @@ def _check_one(run: _Run, batch: Batch, why: str) -> tuple[str, ...]:
     save_ledger(run.ledger_path, run.ledger)
     publish(
         key,
-        render_batch(batch, why, metrics=metrics, report=report, retrain_note=note),
+        render_batch(
+            batch, why, metrics=metrics, report=report, retrain_note=note, evaluation=evaluation,
+            evaluation_error=evaluation_error,
+        ),
         f"drift check {batch.name}: {'DRIFT' if drift else 'no drift'}",
-    )
+    )  # fmt: skip
+    labelled = fmt(bool(metrics.get("labelled")))
+    if evaluation is not None or evaluation_error is not None:
+        labelled += f"; {evaluation_note(evaluation, evaluation_error)}"
     return (
         f"`{batch.name}`", "DRIFT" if drift else "no drift", fmt(metrics.get("drift_share")),
-        fmt(metrics.get("embedding_drift_score")), fmt(bool(metrics.get("labelled"))), event_cell,
+        fmt(metrics.get("embedding_drift_score")), labelled, event_cell,
     )  # fmt: skip
 
 
@@ -598,6 +837,7 @@ def monitor(
             ledger_path=ledger_path,
             name=run_name,
             summary=summary,
+            project=params.project,
         )
         summary["bundle"] = str(run.bundle)
         logger.info("bundle: %s", run.bundle)

@@ -2,10 +2,13 @@
 
 A candidate bundle (``models/ensemble``) replaces production (``models/production``) only if
 
-* its ``test_malignant_recall`` reaches ``calibrate.target_recall``, and
+* its ``test_malignant_recall`` reaches ``calibrate.target_recall`` in every input mode it has
+  (a bundle fusing metadata has two: ``test_malignant_recall``, each test image with its own
+  metadata, and ``test_malignant_recall_image_only``, every image without; a bundle without
+  fusion has the first only), and
 * its ``malignant_auc`` and ``macro_auc`` drop by at most ``promote.max_auc_drop`` against the
-  production model's (a negative tolerance demands an improvement; with no production model
-  yet the AUCs are not compared).
+  production model's, mode by mode where both have the mode's numbers (a negative tolerance
+  demands an improvement; with no production model yet the AUCs are not compared).
 
 Promotion copies the bundle atomically (temp folder, one rename) with a ``production.json``
 record, tracks it with ``dvc add``, and in a git repository commits the pipeline record and tags
@@ -25,9 +28,19 @@ from pathlib import Path
 from typing import Any
 
 from flows.dvcops import DvcError, Layout, dvc_argv, run_quiet
+from flows.report import IMAGE_ONLY_SUFFIX, mode_label
 from stages.common import atomic_dir, failpoint
+from stages.scoring import IMAGE_ONLY, METADATA, MODES, mode_suffix
 
-__all__ = ["GATE_AUC_KEYS", "Check", "Decision", "decide", "promote_bundle", "read_production"]
+__all__ = [
+    "GATE_AUC_KEYS",
+    "Check",
+    "Decision",
+    "decide",
+    "gate_modes",
+    "promote_bundle",
+    "read_production",
+]
 
 RECALL_KEY = "test_malignant_recall"
 GATE_AUC_KEYS = ("malignant_auc", "macro_auc")
@@ -64,6 +77,51 @@ def _num(v: Any) -> float | None:
     return float(v)
 
 
+def gate_modes(metrics: Mapping[str, Any]) -> tuple[str, ...]:
+    """The input modes a flat gate dict has numbers for: both when it holds any image-only key
+    (a bundle fusing metadata), else the one mode of a bundle without fusion."""
+    if any(k + IMAGE_ONLY_SUFFIX in metrics for k in (RECALL_KEY, *GATE_AUC_KEYS)):
+        return MODES
+    return (IMAGE_ONLY,)
+
+
+def _recall_check(candidate: Mapping[str, Any], key: str, name: str, target_recall: float) -> Check:
+    recall = _num(candidate.get(key))
+    if recall is None:
+        return Check(key, False, f"{name} missing or not a number in the candidate")
+    ok = recall >= target_recall - _EPS
+    op = ">=" if ok else "<"
+    return Check(key, ok, f"{name} {recall:.3f} {op} target {target_recall:.3f}")
+
+
+def _auc_check(
+    candidate: Mapping[str, Any],
+    production: Mapping[str, Any] | None,
+    key: str,
+    name: str,
+    max_auc_drop: float,
+    *,
+    prod_key: str | None,
+) -> Check:
+    """``prod_key``: production's number to compare with; None when production has none for
+    this mode (the candidate's number is shown, not compared)."""
+    cand = _num(candidate.get(key))
+    if cand is None:
+        return Check(key, False, f"{name} missing or not a number in the candidate")
+    if production is None:
+        return Check(key, True, f"{name} {cand:.3f} (no production model yet)")
+    if prod_key is None:
+        return Check(key, True, f"{name} {cand:.3f} (not compared: production has no image-only numbers)")
+    prod = _num(production.get(prod_key))
+    if prod is None:
+        return Check(key, True, f"{name} {cand:.3f} (production has no {prod_key} to compare)")
+    delta = cand - prod
+    ok = delta >= -max_auc_drop - _EPS
+    rule = f"drop allowed {max_auc_drop:.3f}" if max_auc_drop >= 0 else f"gain required {-max_auc_drop:.3f}"
+    verdict = "ok" if ok else "too low"
+    return Check(key, ok, f"{name} {cand:.3f} vs production {prod:.3f} ({delta:+.3f}; {rule}): {verdict}")
+
+
 def decide(
     candidate: Mapping[str, Any],
     production: Mapping[str, Any] | None,
@@ -71,48 +129,53 @@ def decide(
     target_recall: float,
     max_auc_drop: float,
 ) -> Decision:
-    """The gate, on flat metric dicts (``test_malignant_recall``, ``malignant_auc``, ``macro_auc``).
+    """The gate, on flat metric dicts (``test_malignant_recall``, ``malignant_auc``, ``macro_auc``,
+    and for a bundle fusing metadata the same keys again with ``_image_only``: :func:`gate_metrics`).
 
-    ``production`` is None when no model has been promoted yet.
+    The recall must reach the target in every mode the candidate has: a fusion bundle that finds
+    melanomas only when it is given age, sex and site would miss them in every request without.
+    The AUCs are compared mode with mode where production has the mode's numbers too; what is
+    not compared (production is older than input modes, or the candidate has one mode and
+    production two) is said in the reason. ``production`` is None when no model has been
+    promoted yet.
     """
+    modes = gate_modes(candidate)
+    fusion = len(modes) > 1
+    prod_fusion = production is not None and len(gate_modes(production)) > 1
     checks: list[Check] = []
-    recall = _num(candidate.get(RECALL_KEY))
-    if recall is None:
-        checks.append(Check(RECALL_KEY, False, f"{RECALL_KEY} missing or not a number in the candidate"))
-    else:
-        ok = recall >= target_recall - _EPS
-        op = ">=" if ok else "<"
-        checks.append(Check(RECALL_KEY, ok, f"{RECALL_KEY} {recall:.3f} {op} target {target_recall:.3f}"))
-
-    for key in GATE_AUC_KEYS:
-        cand = _num(candidate.get(key))
-        if cand is None:
-            checks.append(Check(key, False, f"{key} missing or not a number in the candidate"))
-            continue
-        if production is None:
-            checks.append(Check(key, True, f"{key} {cand:.3f} (no production model yet)"))
-            continue
-        prod = _num(production.get(key))
-        if prod is None:
-            checks.append(Check(key, True, f"{key} {cand:.3f} (production has no {key} to compare)"))
-            continue
-        delta = cand - prod
-        ok = delta >= -max_auc_drop - _EPS
-        if max_auc_drop >= 0:
-            rule = f"drop allowed {max_auc_drop:.3f}"
-        else:
-            rule = f"gain required {-max_auc_drop:.3f}"
-        verdict = "ok" if ok else "too low"
-        checks.append(
-            Check(key, ok, f"{key} {cand:.3f} vs production {prod:.3f} ({delta:+.3f}; {rule}): {verdict}")
+    notes: list[str] = []
+    for mode in modes:
+        key = RECALL_KEY + mode_suffix(mode, modes)
+        name = f"{key} ({mode_label(mode)})" if fusion else key
+        checks.append(_recall_check(candidate, key, name, target_recall))
+    n_recall = len(checks)
+    for mode in modes:
+        sfx = mode_suffix(mode, modes)
+        for base in GATE_AUC_KEYS:
+            key = base + sfx
+            name = f"{key} ({mode_label(mode)})" if fusion else key
+            # production's number for this mode: its own key when it has the mode; a one-mode
+            # production has no image-only numbers to set beside a fusion candidate's
+            prod_key = key if (not sfx or prod_fusion) else None
+            checks.append(_auc_check(candidate, production, key, name, max_auc_drop, prod_key=prod_key))
+    if production is not None and fusion and not prod_fusion:
+        notes.append(
+            "production has no image-only metrics (a one-mode bundle): only the AUCs "
+            f"{mode_label(METADATA)} are compared, the image-only ones are not"
+        )
+    if production is not None and not fusion and prod_fusion:
+        notes.append(
+            "the candidate has one input mode, production two: its AUCs are compared with "
+            f"production's {mode_label(METADATA)}, production's image-only ones are not"
         )
 
     failed = [c.detail for c in checks if not c.passed]
     if failed:
-        return Decision(False, "; ".join(failed), tuple(checks))
+        return Decision(False, "; ".join(failed + notes), tuple(checks))
     if production is None:
-        return Decision(True, f"no production model yet; {checks[0].detail}", tuple(checks))
-    return Decision(True, "; ".join(c.detail for c in checks), tuple(checks))
+        recalls = "; ".join(c.detail for c in checks[:n_recall])
+        return Decision(True, f"no production model yet; {recalls}", tuple(checks))
+    return Decision(True, "; ".join([c.detail for c in checks] + notes), tuple(checks))
 
 
 # --------------------------------------------------------------------------- reading
@@ -134,10 +197,16 @@ def read_production(layout: Layout) -> dict[str, Any] | None:
 
 
 def gate_metrics(snapshot: Mapping[str, Mapping[str, Any]], layout: Layout) -> dict[str, Any]:
-    """The gate's flat inputs from a metrics snapshot ({file: {key: value}})."""
+    """The gate's flat inputs from a metrics snapshot ({file: {key: value}}): the recall from
+    the calibration metrics, the AUCs from the ensemble's; each ``_image_only`` key too where the
+    file has it (a bundle fusing metadata), so :func:`decide` judges every mode."""
     calibration = snapshot.get(layout.calibration_metrics) or {}
     ensemble = snapshot.get(layout.ensemble_metrics) or {}
-    return {RECALL_KEY: calibration.get(RECALL_KEY), **{k: ensemble.get(k) for k in GATE_AUC_KEYS}}
+    out = {RECALL_KEY: calibration.get(RECALL_KEY), **{k: ensemble.get(k) for k in GATE_AUC_KEYS}}
+    for source, keys in ((calibration, (RECALL_KEY,)), (ensemble, GATE_AUC_KEYS)):
+        out.update({k + IMAGE_ONLY_SUFFIX: source[k + IMAGE_ONLY_SUFFIX] for k in keys
+                    if k + IMAGE_ONLY_SUFFIX in source})  # fmt: skip
+    return out
 
 
 # --------------------------------------------------------------------------- promoting

@@ -3,6 +3,11 @@
 Pure functions on plain values (no Prefect, no I/O), so they are tested on small dicts; the flow
 publishes their output as Prefect artifacts. Numbers are rounded here: ``dvc metrics diff
 --json`` prints them unrounded.
+
+A bundle fusing metadata reports every metric in two input modes (``stages.scoring``): the key
+as is, each test image with its own metadata ("with metadata"), and the key with the suffix
+``_image_only``, every image without ("image only"). Each table shows both, labelled; the
+metrics of a bundle without fusion (one mode) are shown as they always were.
 """
 
 from __future__ import annotations
@@ -13,8 +18,21 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from flows.dvcops import Layout
+from stages.scoring import IMAGE_ONLY, METADATA, MODES, mode_suffix
 
-__all__ = ["RunReport", "diff_table", "fmt", "render_summary"]
+__all__ = [
+    "IMAGE_ONLY_SUFFIX",
+    "RunReport",
+    "diff_table",
+    "fmt",
+    "metric_modes",
+    "mode_label",
+    "render_summary",
+]
+
+MODE_LABELS = {METADATA: "with metadata", IMAGE_ONLY: "image only"}
+# A fusion bundle's metric files hold every key twice: as is (metadata mode) and with this suffix.
+IMAGE_ONLY_SUFFIX = mode_suffix(IMAGE_ONLY, MODES)
 
 MODEL_KEYS = (
     "accuracy",
@@ -65,6 +83,19 @@ def fmt(v: Any, digits: int = 3) -> str:
     return str(v)
 
 
+def mode_label(mode: str) -> str:
+    """An input mode for people: ``with metadata``, ``image only``."""
+    return MODE_LABELS.get(mode, mode.replace("_", " "))
+
+
+def metric_modes(metrics: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """``(label, key suffix)`` of each input mode a metrics file reports: with metadata and image
+    only for a bundle fusing metadata (it has ``_image_only`` keys), ``[("", "")]`` otherwise."""
+    if any(k.endswith(IMAGE_ONLY_SUFFIX) for k in metrics):
+        return [(mode_label(METADATA), ""), (mode_label(IMAGE_ONLY), IMAGE_ONLY_SUFFIX)]
+    return [("", "")]
+
+
 def _round(v: Any, digits: int = 4) -> Any:
     if isinstance(v, float) and math.isfinite(v):
         return round(v, digits)
@@ -80,9 +111,10 @@ def _table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> list[str]:
     return out
 
 
-def with_ci(metrics: Mapping[str, Any], key: str) -> str:
-    v = metrics.get(key)
-    lo, hi = metrics.get(key + _CI[0]), metrics.get(key + _CI[1])
+def with_ci(metrics: Mapping[str, Any], key: str, suffix: str = "") -> str:
+    """``key`` with its CI; ``suffix`` is the mode's (it follows the CI's: ``x_ci_low_image_only``)."""
+    v = metrics.get(key + suffix)
+    lo, hi = metrics.get(key + _CI[0] + suffix), metrics.get(key + _CI[1] + suffix)
     if v is None:
         return "—"
     if isinstance(lo, (int, float)) and isinstance(hi, (int, float)):
@@ -163,26 +195,37 @@ def render_summary(r: RunReport, layout: Layout) -> str:
         for path, mm in model_rows:
             name = path.rsplit("/", 1)[-1].removesuffix(".json")
             name = "ensemble" if path == layout.ensemble_metrics else name
-            body.append([f"**{name}**" if name == "ensemble" else name, *(with_ci(mm, k) for k in cols)])
+            for label, sfx in metric_modes(mm):
+                shown = f"{name} ({label})" if label else name
+                shown = f"**{shown}**" if name == "ensemble" else shown
+                body.append([shown, *(with_ci(mm, k, sfx) for k in cols)])
         lines += ["## Models (test set; [95% CI] from the lesion bootstrap)", ""]
         lines += _table(["model", *cols], body) + [""]
         ens = m.get(layout.ensemble_metrics) or {}
         weights = {k.removeprefix("weight_"): v for k, v in ens.items() if k.startswith("weight_")}
         if weights:
             lines += ["Ensemble weights: " + ", ".join(f"{k} {fmt(v)}" for k, v in weights.items()) + "."]
-        if "worst_subgroup" in ens:
-            lines += [
-                f"Worst subgroup (malignant recall): {ens['worst_subgroup']} "
-                f"({fmt(ens.get('worst_subgroup_malignant_recall'))}, "
-                f"{fmt(ens.get('worst_subgroup_n_malignant'))} malignant)."
-            ]
+        for label, sfx in metric_modes(ens):
+            if "worst_subgroup" + sfx in ens:
+                lines += [
+                    "Worst subgroup (malignant recall" + (f", {label}" if label else "") + "): "
+                    f"{ens['worst_subgroup' + sfx]} "
+                    f"({fmt(ens.get('worst_subgroup_malignant_recall' + sfx))}, "
+                    f"{fmt(ens.get('worst_subgroup_n_malignant' + sfx))} malignant)."
+                ]
         lines += [""]
 
     cal = m.get(layout.calibration_metrics)
     if cal:
-        cols = [k for k in CALIBRATION_KEYS if k in cal]
+        modes = metric_modes(cal)
         lines += ["## Calibration (threshold tuned on val, reported on test)", ""]
-        lines += _table(cols, [[with_ci(cal, k) for k in cols]]) + [""]
+        if len(modes) == 1:
+            cols = [k for k in CALIBRATION_KEYS if k in cal]
+            lines += _table(cols, [[with_ci(cal, k) for k in cols]]) + [""]
+        else:  # one operating point per input mode, each tuned on val in that mode
+            cols = [k for k in CALIBRATION_KEYS if any(k + sfx in cal for _, sfx in modes)]
+            rows = [[label, *(with_ci(cal, k, sfx) for k in cols)] for label, sfx in modes]
+            lines += _table(["input mode", *cols], rows) + [""]
 
     if r.gate:
         lines += ["## Promotion gate", ""]
@@ -245,19 +288,29 @@ def diff_table(diff: Mapping[str, Mapping[str, Mapping[str, Any]]], *, with_ci: 
     """Rows of the metrics-diff table artifact from ``dvc metrics diff --json`` (rounded).
 
     Confidence-interval bounds are left out unless ``with_ci``: they double the rows and the
-    summary shows them next to their metric.
+    summary shows them next to their metric. When either side has image-only metrics (a bundle
+    fusing metadata), every row also says its input ``mode``: ``image only`` for a
+    ``_image_only`` key, ``with metadata`` for a key that has an image-only twin in its file,
+    ``—`` for a key that does not depend on the mode.
     """
+    modal = any(k.endswith(IMAGE_ONLY_SUFFIX) for keys in diff.values() for k in keys)
     rows = []
     for path, keys in diff.items():
         for key, d in keys.items():
-            if not with_ci and key.endswith(_CI):
+            base = key.removesuffix(IMAGE_ONLY_SUFFIX)
+            if not with_ci and base.endswith(_CI):
                 continue
             old, new = d.get("old"), d.get("new")
             change = d.get("diff")
+            row = {"file": path, "metric": key}
+            if modal:
+                if key != base:
+                    row["mode"] = mode_label(IMAGE_ONLY)
+                else:
+                    row["mode"] = mode_label(METADATA) if key + IMAGE_ONLY_SUFFIX in keys else "—"
             rows.append(
                 {
-                    "file": path,
-                    "metric": key,
+                    **row,
                     "production": _round(old) if old is not None else "—",
                     "candidate": _round(new) if new is not None else "—",
                     "change": _round(change) if isinstance(change, (int, float)) and old is not None else "—",

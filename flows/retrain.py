@@ -11,8 +11,9 @@ validation or a crashed stage. Stages that do not depend on each other (``train@
 ``train@b``) run concurrently when more than one GPU is visible, one GPU each.
 
 Every run publishes a markdown summary (artifact ``retrain-summary``) and the metrics diff
-against production (table ``retrain-metrics-diff``). The gate and the promotion live in
-:mod:`flows.promote`.
+against production (table ``retrain-metrics-diff``); for a bundle fusing metadata both show each
+metric "with metadata" and "image only". The gate and the promotion live in :mod:`flows.promote`
+(a fusion candidate must reach the recall target in both input modes).
 
 The gate judges with the committed thresholds (``promote.*`` and ``calibrate.target_recall`` in
 params.yaml at git HEAD), never with this run's ``params_overrides``: the run under judgement
@@ -438,7 +439,8 @@ def gate_markdown(gate: Mapping[str, Any], layout: Layout) -> list[str]:
         lines += _table(
             ["threshold", "committed", "this run's gate"],
             [
-                ("test malignant recall (`promote.min_test_recall`, null: `calibrate.target_recall`)",
+                ("test malignant recall, in every input mode of the bundle (`promote.min_test_recall`, "
+                 "null: `calibrate.target_recall`)",
                  fmt(_recall_bar(committed)), fmt(th["target_recall"])),
                 ("AUC drop allowed (`promote.max_auc_drop`)", fmt(committed["promote.max_auc_drop"]),
                  fmt(th["max_auc_drop"])),
@@ -697,7 +699,7 @@ def _log_gate(gate: Gate) -> None:
             {k: gate.committed[k] for k in gate.ignored},
         )
     logger.info(
-        "gate: test malignant recall >= %.3f, AUC drop <= %.3f (%s)",
+        "gate: test malignant recall >= %.3f in every input mode, AUC drop <= %.3f (%s)",
         gate.target_recall,
         gate.max_auc_drop,
         gate.source,

@@ -5,7 +5,11 @@
 
 PATH may be image files, folders (searched recursively for .jpg, .jpeg, .png, .bmp, .tif,
 .tiff, .webp) or CSV files with a ``path`` column (relative paths are relative to the CSV's own
-folder). The bundle (default ``models/production`` once a model was promoted, else
+folder) and optional ``age``, ``sex`` and ``localization`` columns in HAM10000's vocabulary
+(empty = unknown). A bundle whose members use metadata scores an image with its metadata only
+when all three are known, with the operating point calibrated for that; any other image is
+scored image-only, with the image-only operating point (each row says which: ``mode``).
+The bundle (default ``models/production`` once a model was promoted, else
 ``models/ensemble``) is loaded once; images stream through it in batches. A file that cannot be
 used (missing, truncated, not an image, over the pixel limit) gets an error row naming it and
 the others are still predicted; the exit code is then 1.
@@ -31,6 +35,7 @@ from typing import IO, Any
 from serve.predictor import (
     DEFAULT_RISK,
     DISCLAIMER,
+    Item,
     Prediction,
     Predictor,
     RiskLevels,
@@ -39,15 +44,16 @@ from serve.predictor import (
 )
 from stages.common import StageError, atomic_file, run_main, setup_logging
 from stages.images import IMAGE_SUFFIXES, list_images
+from stages.scoring import META_FIELDS, MODE_RULE, parse_metadata
 
 log = logging.getLogger(__name__)
 
 PATH_COLUMN = "path"
 
 
-def collect(args: Sequence[str], *, column: str = PATH_COLUMN) -> list[tuple[str, str, str | None]]:
-    """``(name, path, known error)`` for every image named by ``args``, in the order given."""
-    items: list[tuple[str, str, str | None]] = []
+def collect(args: Sequence[str], *, column: str = PATH_COLUMN) -> list[Item]:
+    """``(name, path, known error[, metadata])`` for every image named by ``args``, in order."""
+    items: list[Item] = []
     for arg in args:
         p = Path(arg)
         if p.is_dir():
@@ -62,20 +68,31 @@ def collect(args: Sequence[str], *, column: str = PATH_COLUMN) -> list[tuple[str
     return items
 
 
-def _from_csv(path: Path, column: str) -> list[tuple[str, str, str | None]]:
+def _from_csv(path: Path, column: str) -> list[Item]:
     try:
         with open(path, newline="", encoding="utf-8-sig") as fh:
             reader = csv.DictReader(fh)
-            if column not in (reader.fieldnames or []):
-                return [(str(path), str(path), f"no {column!r} column (columns: {reader.fieldnames})")]
-            out: list[tuple[str, str, str | None]] = []
+            fields = [f.strip() for f in reader.fieldnames or []]
+            reader.fieldnames = fields
+            if column not in fields:
+                return [(str(path), str(path), f"no {column!r} column (columns: {fields})")]
+            given = [f for f in META_FIELDS if f in fields]
+            out: list[Item] = []
             for line, row in enumerate(reader, start=2):
                 value = (row.get(column) or "").strip()
                 if not value:
                     out.append((f"{path}:{line}", str(path), f"line {line}: empty {column!r}"))
                     continue
                 target = Path(value) if Path(value).is_absolute() else path.parent / value
-                out.append((value, str(target), None))
+                if not given:
+                    out.append((value, str(target), None))
+                    continue
+                try:
+                    meta = parse_metadata(*(row.get(f) for f in META_FIELDS))
+                except StageError as e:  # this row only: the others are still predicted
+                    out.append((value, str(target), f"{path} line {line}: {e}"))
+                    continue
+                out.append((value, str(target), None, meta))
             return out
     except (OSError, UnicodeDecodeError, csv.Error) as e:
         return [(str(path), str(path), f"unreadable CSV ({e})")]
@@ -90,8 +107,8 @@ def format_line(pred: Prediction, version_label: str) -> str:
         return f"{pred.image}\tERROR\t{pred.error}"
     top = ", ".join(f"{c} {p:.3f}" for c, p in pred.top)
     refer = "REFER" if pred.refer else "no"
-    malignant = f"malignant={pred.malignant_prob:.3f}"
-    return "\t".join([pred.image, pred.risk, f"refer={refer}", malignant, top, version_label])
+    malignant = f"malignant={pred.malignant_prob:.3f}/{pred.threshold:.3f}"
+    return "\t".join([pred.image, pred.risk, f"refer={refer}", malignant, top, pred.mode, version_label])
 
 
 class _Writer:
@@ -169,19 +186,28 @@ def run(
     predictor = Predictor.load(bundle)
     predictor.risk = RiskLevels.parse(risk, predictor.classes)
     version = predictor.version
+    thresholds = predictor.thresholds
     header = {
         "path": str(bundle),
         **version,
-        "threshold": predictor.threshold,
+        "modes": list(predictor.modes),
+        "mode_rule": MODE_RULE
+        if len(predictor.modes) > 1
+        else "image_only: this bundle does not use metadata",
+        "thresholds": thresholds,
         "classes": predictor.classes,
         "disclaimer": DISCLAIMER,
     }
+    refer = ", ".join(f"{t:.3f} ({m})" for m, t in thresholds.items())
     print(
-        f"# bundle {bundle} ({version['label']}); refer when malignant >= {predictor.threshold:.3f}. "
-        + DISCLAIMER,
-        file=stdout,
+        f"# bundle {bundle} ({version['label']}); refer when malignant >= {refer}. " + DISCLAIMER, file=stdout
     )
-    print("# image\trisk\trefer\tmalignant\ttop-3\tbundle", file=stdout)
+    if len(predictor.modes) > 1:
+        print(f"# modes: {MODE_RULE}", file=stdout)
+    else:
+        print("# mode: image_only (this bundle's members do not use metadata; age/sex/site are ignored)",
+              file=stdout)  # fmt: skip
+    print("# image\trisk\trefer\tmalignant/threshold\ttop-3\tmode\tbundle", file=stdout)
     if explain is not None:
         explain.mkdir(parents=True, exist_ok=True)
     used: set[str] = set()
@@ -212,7 +238,7 @@ def run(
                 n_bad += 1
             tqdm.write(format_line(pred, version["label"]), file=stdout)
             if writer is not None:
-                writer.write(pred.as_row(predictor.classes, predictor.threshold, version))
+                writer.write(pred.as_row(predictor.classes, version))
         if writer is not None:
             writer.close()
     log.info("%d image(s) predicted, %d failed%s", n_ok, n_bad, f"; rows in {out}" if out else "")
@@ -226,8 +252,10 @@ def main(argv: list[str] | None = None) -> int:
         epilog=DISCLAIMER,
     )
     ap.add_argument(
-        "paths", nargs="+", metavar="PATH", help="image files, folders, or CSV files with a path column"
-    )
+        "paths", nargs="+", metavar="PATH",
+        help="image files, folders, or CSV files with a path column and optional age, sex, localization "
+        "columns (HAM10000 vocabulary; empty = unknown)",
+    )  # fmt: skip
     ap.add_argument(
         "--bundle", type=Path, help="model bundle (default: models/production, else models/ensemble)"
     )

@@ -33,6 +33,7 @@ from serve.decode import Decoded, DecodeSpec, decode_chunk
 from stages.common import StageError, n_workers
 from stages.images import DEFAULT_MAX_PIXELS
 from stages.parallel import in_order
+from stages.scoring import IMAGE_ONLY, METADATA, UNKNOWN_LOCALIZATION, UNKNOWN_SEX, MetaArrays, mode_inputs
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +44,9 @@ TOP_K = 3
 # Side of the display square the Grad-CAM overlay is drawn on (the model input can be 32 px).
 DISPLAY_SIZE = 256
 PRODUCTION_RECORD = "production.json"
+# What :meth:`Predictor.predict_paths` takes per image: ``(name, path, known error or None)``,
+# optionally with the image's metadata ``(age, sex index, localization index)`` as a 4th element.
+Item = tuple[Any, ...]
 DISCLAIMER = (
     "Research software, not a medical device: this result is not a diagnosis and must not be used to "
     "rule out skin cancer. A clinician examines the lesion and decides; anyone worried about a skin "
@@ -89,6 +93,9 @@ class Prediction:
     risk: str = ""
     # the bundle's decision (bundle.json "decision"): with "balanced" it can differ from top[0]
     predicted: str = ""
+    # the bundle's input mode this row was scored in (stages.scoring: metadata | image_only)
+    mode: str = ""
+    threshold: float = math.nan  # the malignant threshold of that mode
     error: str | None = None
     overlay: np.ndarray | None = None  # uint8 [D, 2D, 3]: the image | its Grad-CAM overlay
     # No region raised the top class's score (an all-zero map): the class won on the model's
@@ -105,17 +112,18 @@ class Prediction:
         ranked = sorted(self.probabilities.items(), key=lambda kv: (-kv[1], kv[0]))
         return ranked[:TOP_K]
 
-    def as_row(self, classes: Sequence[str], threshold: float, version: Mapping[str, Any]) -> dict[str, Any]:
+    def as_row(self, classes: Sequence[str], version: Mapping[str, Any]) -> dict[str, Any]:
         """A flat record (CSV / JSON): every probability unrounded, so the 7 sum to 1."""
         row: dict[str, Any] = {
             "image": self.image,
             "status": "ok" if self.ok else "error",
             "error": self.error or "",
+            "mode": self.mode if self.ok else "",
             "risk": self.risk,
             "predicted": self.predicted if self.ok else "",
             "refer": self.refer if self.ok else None,
             "malignant_prob": self.malignant_prob if self.ok else None,
-            "threshold": threshold,
+            "threshold": self.threshold if self.ok else None,
         }
         top = self.top
         for k in range(TOP_K):
@@ -159,7 +167,6 @@ class Predictor:
         self._best_model = next(
             (m.model for m in getattr(bundle, "members", []) if m.name == bundle.best), None
         )
-        _run_as_graphs(bundle)
         self._lock = threading.Lock()  # one model call at a time: Keras layers keep call state
 
     @classmethod
@@ -171,8 +178,14 @@ class Predictor:
     # ------------------------------------------------------------------ facts about the bundle
 
     @property
-    def threshold(self) -> float:
-        return self.bundle.threshold
+    def modes(self) -> tuple[str, ...]:
+        """The input modes the bundle has an operating point for (``image_only`` always)."""
+        return tuple(self.bundle.modes)
+
+    @property
+    def thresholds(self) -> dict[str, float]:
+        """The malignant threshold of each mode."""
+        return {m: self.bundle.threshold(m) for m in self.modes}
 
     @cached_property
     def version(self) -> dict[str, Any]:
@@ -202,10 +215,23 @@ class Predictor:
 
     # ------------------------------------------------------------------ the core
 
-    def probabilities(self, pixels: np.ndarray) -> np.ndarray:
-        """Calibrated probabilities ``[N, C]`` of uint8 model inputs ``[N, S, S, 3]``."""
+    def probabilities(
+        self, pixels: np.ndarray, meta: MetaArrays | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Calibrated probabilities ``[N, C]`` of uint8 model inputs ``[N, S, S, 3]`` (and their
+        metadata), and the mode each row was scored in."""
         pixels = np.ascontiguousarray(pixels, dtype=np.uint8)
-        keys = [hashlib.blake2b(p.tobytes(), digest_size=16).digest() for p in pixels]
+        modes = self.bundle.row_modes(len(pixels), meta)
+        fed = mode_inputs(meta, modes)
+
+        def key(i: int) -> bytes:
+            h = hashlib.blake2b(pixels[i].tobytes(), digest_size=16)
+            if modes[i] == METADATA:  # the same image with other metadata is another model input
+                assert fed is not None
+                h.update(np.array([fed.age[i], fed.sex[i], fed.localization[i]], np.float64).tobytes())
+            return h.digest()
+
+        keys = [key(i) for i in range(len(pixels))]
         out = np.empty((len(pixels), len(self.classes)), dtype=np.float64)
         with self._lock:
             todo: dict[bytes, list[int]] = {}
@@ -218,16 +244,18 @@ class Predictor:
                     todo.setdefault(k, []).append(i)
             if todo:
                 first = [rows[0] for rows in todo.values()]
-                _emb, probs = self.bundle.predict(pixels[first])
+                probs = self.bundle.score(pixels[first], fed.take(first) if fed is not None else None).probs
                 for (k, rows), p in zip(todo.items(), np.asarray(probs, dtype=np.float64), strict=True):
                     out[rows] = p
                     if self.cache_size > 0:
                         self._cache[k] = p
                 while len(self._cache) > self.cache_size:
                     self._cache.popitem(last=False)
-        return out
+        return out, modes
 
-    def heatmaps(self, pixels: np.ndarray, class_index: np.ndarray) -> np.ndarray:
+    def heatmaps(
+        self, pixels: np.ndarray, class_index: np.ndarray, meta: MetaArrays | None = None
+    ) -> np.ndarray:
         """Grad-CAM maps ``[N, h, w]`` of the best member for ``class_index``."""
         from serve.gradcam import GradCam
 
@@ -236,36 +264,49 @@ class Predictor:
             if self._gradcam is None:
                 self._gradcam = GradCam(self._best_model)
             # The bundle's own input convention (image-only: unknown metadata for a fusion member).
-            inputs = self.bundle.model_inputs(np.ascontiguousarray(pixels, dtype=np.uint8), best.takes_meta)
+            inputs = self.bundle.model_inputs(
+                np.ascontiguousarray(pixels, dtype=np.uint8), best.takes_meta, meta
+            )
             return self._gradcam.heatmaps(inputs, class_index)
 
-    def read(self, name: str, probs: np.ndarray) -> Prediction:
-        """A :class:`Prediction` from one row of calibrated probabilities."""
+    def read(self, name: str, probs: np.ndarray, mode: str = IMAGE_ONLY) -> Prediction:
+        """A :class:`Prediction` from one row of calibrated probabilities scored in ``mode``."""
         probabilities = {c: float(p) for c, p in zip(self.classes, probs, strict=True)}
         malignant = float(self.bundle.malignant_score(probs[None, :])[0])
-        top = self.classes[int(self.bundle.decide(probs[None, :])[0])]
+        top = self.classes[int(self.bundle.decide(probs[None, :], np.array([mode], dtype=object))[0])]
+        threshold = self.bundle.threshold(mode)
         return Prediction(
             image=name,
             probabilities=probabilities,
             malignant_prob=malignant,
-            refer=bool(malignant >= self.threshold),
+            refer=bool(malignant >= threshold),
             risk=self.risk.level(top),
             predicted=top,
+            mode=mode,
+            threshold=threshold,
         )
 
     def predict_decoded(
-        self, names: Sequence[str], decoded: Sequence[Decoded], *, explain: bool = False
+        self,
+        names: Sequence[str],
+        decoded: Sequence[Decoded],
+        *,
+        meta: MetaArrays | None = None,
+        explain: bool = False,
     ) -> list[Prediction]:
-        """Predictions for already decoded images (one model call), with overlays if ``explain``."""
+        """Predictions for already decoded images (one model call), with overlays if ``explain``.
+
+        ``meta``: the images' metadata (None: none known); each row's mode follows the bundle's rule.
+        """
         if not decoded:
             return []
         from serve.gradcam import overlay
 
         pixels = np.stack([d.pixels for d in decoded])
-        probs = self.probabilities(pixels)
-        out = [self.read(n, p) for n, p in zip(names, probs, strict=True)]
+        probs, modes = self.probabilities(pixels, meta)
+        out = [self.read(n, p, str(m)) for n, p, m in zip(names, probs, modes, strict=True)]
         if explain:
-            heat = self.heatmaps(pixels, self.bundle.decide(probs))
+            heat = self.heatmaps(pixels, self.bundle.decide(probs, modes), mode_inputs(meta, modes))
             for pred, d, h in zip(out, decoded, heat, strict=True):
                 pred.gradcam_empty = not bool(h.max() > 0)
                 if d.display is not None:
@@ -274,7 +315,7 @@ class Predictor:
 
     def predict_paths(
         self,
-        items: Iterable[tuple[str, str, str | None]],
+        items: Iterable[Item],
         *,
         batch_size: int = 32,
         workers: int = 1,
@@ -282,7 +323,7 @@ class Predictor:
         progress: bool = True,
         total: int | None = None,
     ) -> Iterator[Prediction]:
-        """Stream predictions for ``(name, path, known error or None)`` items, in input order.
+        """Stream predictions for :data:`Item` s, in input order.
 
         Decoding runs on ``workers`` processes (a bounded window of chunks in flight), the model
         here on batches of ``batch_size``: memory stays flat in the number of images. A bad file
@@ -292,11 +333,14 @@ class Predictor:
         workers = max(1, workers)
         chunk = 8 if workers > 1 else batch_size
         names: list[str] = []
+        metas: list[tuple[float, int, int] | None] = []
 
         def tasks() -> Iterator[tuple[int, tuple[Any, ...]]]:
             part: list[tuple[int, str, str | None]] = []
-            for name, path, known in items:
+            for item in items:
+                name, path, known = item[:3]
                 names.append(name)
+                metas.append(item[3] if len(item) > 3 else None)
                 part.append((len(names) - 1, path, known))
                 if len(part) >= chunk:
                     yield part[0][0], (part, spec)
@@ -308,7 +352,14 @@ class Predictor:
 
         def flush() -> list[Prediction]:
             good = [(i, d) for i, d, _ in buffer if d is not None]
-            preds = self.predict_decoded([names[i] for i, _ in good], [d for _, d in good], explain=explain)
+            given = [metas[i] for i, _ in good]
+            meta = None
+            if any(g is not None for g in given):
+                unknown = (math.nan, UNKNOWN_SEX, UNKNOWN_LOCALIZATION)
+                meta = MetaArrays.of([g if g is not None else unknown for g in given])
+            preds = self.predict_decoded(
+                [names[i] for i, _ in good], [d for _, d in good], meta=meta, explain=explain
+            )
             by_index = dict(zip((i for i, _ in good), preds, strict=True))
             rows = [by_index[i] if d is not None else Prediction(names[i], error=why) for i, d, why in buffer]
             buffer.clear()
@@ -322,29 +373,6 @@ class Predictor:
                     yield from flush()
             if buffer:
                 yield from flush()
-
-
-def _run_as_graphs(bundle: Any) -> None:
-    """Make the bundle's members and embedder run as traced graphs (``tf.function``), in place.
-
-    Called eagerly, a Keras model runs its layers one by one from Python: one image through the
-    demo's two members (MobileNetV2 + the custom CNN at 64 px) took 277 ms here, 13 ms as a graph,
-    with identical probabilities (measured max difference 0). ``reduce_retracing``: one trace per
-    batch shape at first, then one for any batch size. :meth:`Bundle.predict` calls them as before.
-    """
-    members = getattr(bundle, "members", None)
-    if not members:
-        return
-    import tensorflow as tf
-
-    def graph(model: Any) -> Any:
-        if isinstance(model, tf.types.experimental.GenericFunction):  # a second Predictor of the bundle
-            return model
-        return tf.function(model, reduce_retracing=True)
-
-    for m in members:
-        m.model = graph(m.model)
-    bundle.embedder = graph(bundle.embedder)
 
 
 def pick_workers(requested: int, n_items: int, batch_size: int) -> int:

@@ -1,4 +1,4 @@
-"""The web app: upload dermoscopic images, read risk level, top-3, malignant flag and Grad-CAM.
+"""The web app: upload dermoscopic images (optional age, sex, site); read risk, top-3, flag, Grad-CAM.
 
     python -m serve.web [--bundle DIR] [--metrics DIR] [--host 127.0.0.1] [--port 8000]
 
@@ -6,6 +6,15 @@ A thin FastAPI face over :class:`serve.predictor.Predictor`, loaded once per pro
 server starts (not at import). Pages: ``/`` (upload form and results, every result with the
 medical disclaimer), ``/model`` (the bundle's model card and the evaluation plots); JSON:
 ``POST /api/predict``; ``/healthz``.
+
+Metadata: each image may come with ``age`` (years, 0-120), ``sex`` and ``localization`` (HAM10000's
+vocabulary, ``stages.common.SEXES`` / ``LOCALIZATIONS``), sent as form fields repeated once per
+file in the order of ``files`` (an empty value or "unknown" means unknown). A field sent another
+number of times, with a value in it, is refused (400) rather than paired by guess. A value that does
+not parse gives that image an error result naming the field and the value; the other images are
+still analysed. Each result says the input mode it was scored in (``stages.scoring``: metadata
+only when all three are known and the bundle fuses metadata, else image_only) and that mode's
+threshold.
 
 Limits are enforced at the edge, before any decoding, each refusal with an HTTP 4xx status and a
 message the page shows: the request must state its size (411) and stay under the total limit
@@ -42,8 +51,18 @@ from starlette.exceptions import HTTPException
 
 from serve.decode import ALLOWED_FORMATS, Decoded, decode, describe_error
 from serve.predictor import DISCLAIMER, Prediction, Predictor, default_bundle
-from stages.common import run_main, setup_logging
+from stages.common import LOCALIZATIONS, SEXES, StageError, run_main, setup_logging
 from stages.images import IMAGE_SUFFIXES, ImageRejected
+from stages.scoring import (
+    IMAGE_ONLY,
+    META_FIELDS,
+    METADATA,
+    MODE_RULE,
+    UNKNOWN_LOCALIZATION,
+    UNKNOWN_SEX,
+    MetaArrays,
+    parse_metadata,
+)
 
 log = logging.getLogger(__name__)
 
@@ -57,8 +76,12 @@ CLASS_NAMES = {
     "nv": "Melanocytic nevus",
     "vasc": "Vascular lesion",
 }
-# Multipart framing (boundaries, part headers) on top of the files themselves.
+MODE_LABELS = {METADATA: "image with age, sex and site", IMAGE_ONLY: "image only"}
+# Multipart framing (boundaries, part headers, the metadata fields) on top of the files themselves.
 FORM_OVERHEAD_BYTES = 64 * 1024
+# Text fields a form may carry besides the metadata (none today; room for a browser's extras).
+SPARE_FIELDS = 8
+UNKNOWN_ROW = (float("nan"), UNKNOWN_SEX, UNKNOWN_LOCALIZATION)
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
@@ -86,6 +109,29 @@ class Refusal(Exception):
     status: int
     summary: str
     items: list[tuple[str, str]] = field(default_factory=list)
+
+
+# (age, sex, localization) as sent with one file; None: the field was not sent.
+MetaTexts = tuple[str | None, str | None, str | None]
+# (age, sex index, localization index) as stages.scoring.parse_metadata returns it.
+MetaRow = tuple[float, int, int]
+
+
+@dataclass(frozen=True)
+class Upload:
+    """One uploaded file and the metadata texts sent with it."""
+
+    name: str
+    data: bytes
+    texts: MetaTexts = (None, None, None)
+
+
+@dataclass(frozen=True)
+class Answer:
+    """One image's prediction (or its error) and the metadata given with it (None: none)."""
+
+    prediction: Prediction
+    metadata: MetaRow | None = None
 
 
 def name_problem(name: str) -> str | None:
@@ -132,8 +178,66 @@ def decode_uploads(uploads: list[tuple[str, bytes]], predictor: Predictor, *, ex
     return decoded
 
 
-async def read_uploads(request: Request, settings: WebSettings) -> list[tuple[str, bytes]]:
-    """``(file name, bytes)`` of the form's ``files``, or a :class:`Refusal` (limits first)."""
+def _informative(text: str | None) -> bool:
+    return text is not None and text.strip().lower() not in ("", "unknown")
+
+
+def metadata_texts(fields: dict[str, list[Any]], n_files: int) -> list[MetaTexts]:
+    """Per file, the ``age``, ``sex`` and ``localization`` texts sent with it, by position.
+
+    ``fields``: each metadata field's values in the order sent. A field is sent once per file or
+    not at all; sent another number of times it is refused (400) rather than paired by guess,
+    unless none of its values says anything (all empty or "unknown": a form without JavaScript
+    sends one blank set however many files were chosen).
+    """
+    columns: list[list[str | None]] = []
+    for name in META_FIELDS:
+        values = fields.get(name, [])
+        if any(not isinstance(v, str) for v in values):
+            raise Refusal(400, f"the field {name!r} must be text (one value per file), not a file")
+        if len(values) != n_files and any(_informative(v) for v in values):
+            raise Refusal(
+                400,
+                f"{n_files} file(s) but {len(values)} value(s) of {name!r}: send each of "
+                f"{', '.join(META_FIELDS)} once per file, in the order of the files "
+                "(empty means unknown), or leave it out",
+            )
+        columns.append(list(values) if len(values) == n_files else [None] * n_files)
+    return [(a, s, loc) for a, s, loc in zip(*columns, strict=True)]
+
+
+def parse_texts(texts: MetaTexts) -> tuple[MetaRow | None, str | None]:
+    """``(metadata, None)``, ``(None, None)`` when nothing was given, or ``(None, why)``."""
+    if not any(_informative(t) for t in texts):
+        return None, None
+    try:
+        return parse_metadata(*texts), None
+    except StageError as e:  # the message names the field and the value
+        return None, str(e)
+
+
+def predict_uploads(
+    predictor: Predictor, uploads: list[Upload], decoded: list[Decoded], *, explain: bool
+) -> list[Answer]:
+    """One :class:`Answer` per upload, in order: an image whose metadata does not parse gets an
+    error naming the field and the value, the others are predicted (in one model call)."""
+    parsed = [parse_texts(u.texts) for u in uploads]
+    ok = [i for i, (_, why) in enumerate(parsed) if why is None]
+    rows = [parsed[i][0] for i in ok]
+    # None when no image came with metadata: the same model input as the CLI's for a plain image.
+    meta = MetaArrays.of([r or UNKNOWN_ROW for r in rows]) if any(r is not None for r in rows) else None
+    preds = predictor.predict_decoded(
+        [uploads[i].name for i in ok], [decoded[i] for i in ok], meta=meta, explain=explain
+    )
+    by_index = dict(zip(ok, preds, strict=True))
+    return [
+        Answer(by_index[i], row) if i in by_index else Answer(Prediction(u.name, error=why))
+        for i, (u, (row, why)) in enumerate(zip(uploads, parsed, strict=True))
+    ]
+
+
+async def read_uploads(request: Request, settings: WebSettings) -> list[Upload]:
+    """The form's ``files`` with the metadata sent for each, or a :class:`Refusal` (limits first)."""
     length = request.headers.get("content-length")
     if length is None:
         raise Refusal(411, "the upload must state its size (Content-Length)")
@@ -144,19 +248,25 @@ async def read_uploads(request: Request, settings: WebSettings) -> list[tuple[st
             f"({settings.max_files} files of at most {settings.max_file_mb:g} MB)",
         )
     try:
-        form = await request.form(max_files=settings.max_files, max_fields=8)
+        form = await request.form(
+            max_files=settings.max_files, max_fields=len(META_FIELDS) * settings.max_files + SPARE_FIELDS
+        )
     except HTTPException as e:  # too many files or fields, malformed multipart
         raise Refusal(
             400, f"the upload was refused: {e.detail} (at most {settings.max_files} files)"
         ) from None
-    files = [f for f in form.getlist("files") if isinstance(f, UploadFile)]
-    files = [f for f in files if f.filename or f.size]  # an empty file input sends one nameless part
-    if not files:
+    parts = [f for f in form.getlist("files") if isinstance(f, UploadFile)]
+    # An empty file input sends one nameless part: not a file the user chose.
+    chosen = [i for i, f in enumerate(parts) if f.filename or f.size]
+    if not chosen:
         raise Refusal(400, "choose one or more image files first")
+    # Paired by position among the parts sent, as the form lists them.
+    texts = metadata_texts({k: form.getlist(k) for k in META_FIELDS}, len(parts))
+    files = [parts[i] for i in chosen]
     refused: list[tuple[str, str]] = []
-    out: list[tuple[str, bytes]] = []
+    out: list[Upload] = []
     status = 0
-    for f in files:
+    for i, f in zip(chosen, files, strict=True):
         name = f.filename or ""
         problem = name_problem(name)
         if problem is None:
@@ -164,7 +274,7 @@ async def read_uploads(request: Request, settings: WebSettings) -> list[tuple[st
             if len(data) > settings.max_file_bytes:
                 problem, code = f"larger than the limit of {settings.max_file_mb:g} MB", 413
             else:
-                out.append((name, data))
+                out.append(Upload(name, data, texts[i]))
         else:
             code = 400
         if problem is not None:
@@ -178,9 +288,31 @@ async def read_uploads(request: Request, settings: WebSettings) -> list[tuple[st
     return out
 
 
-def _result_view(pred: Prediction) -> dict[str, Any]:
+def metadata_json(row: MetaRow | None) -> dict[str, Any] | None:
+    """The metadata given with an image, in the vocabulary (age None when unknown)."""
+    if row is None:
+        return None
+    age, sex, loc = row
+    return {"age": age if age == age else None, "sex": SEXES[sex], "localization": LOCALIZATIONS[loc]}
+
+
+def _given_text(row: MetaRow | None) -> str:
+    """``"age 45, female, back"``: the known fields of what was given ("" for none)."""
+    d = metadata_json(row) or {}
+    parts = [f"age {d['age']:g}" if d.get("age") is not None else ""]
+    parts += [d[k] if d.get(k) not in (None, "unknown") else "" for k in ("sex", "localization")]
+    return ", ".join(p for p in parts if p)
+
+
+def _result_view(answer: Answer) -> dict[str, Any]:
+    pred = answer.prediction
     return {
         "image": pred.image,
+        "error": pred.error,
+        "mode": pred.mode,
+        "mode_label": MODE_LABELS.get(pred.mode, pred.mode),
+        "threshold": pred.threshold,
+        "given": _given_text(answer.metadata),
         "risk": pred.risk,
         "predicted": pred.predicted,
         "refer": pred.refer,
@@ -221,7 +353,10 @@ def create_app(settings: WebSettings, predictor: Predictor | None = None) -> Fas
         base = {
             "disclaimer": DISCLAIMER,
             "version": p.version,
-            "threshold": p.threshold,
+            "thresholds": [(MODE_LABELS.get(m, m), t) for m, t in p.thresholds.items()],
+            "uses_metadata": METADATA in p.modes,
+            "sexes": SEXES,
+            "localizations": LOCALIZATIONS,
             "best": p.bundle.best,
             "class_names": CLASS_NAMES,
             "max_files": settings.max_files,
@@ -233,12 +368,13 @@ def create_app(settings: WebSettings, predictor: Predictor | None = None) -> Fas
         }
         return templates.TemplateResponse(request, name, {**base, **ctx}, status_code=status)
 
-    async def analyse(request: Request, explain: bool) -> list[Prediction]:
+    async def analyse(request: Request, explain: bool) -> list[Answer]:
         p: Predictor = request.app.state.predictor
         uploads = await read_uploads(request, settings)
-        decoded = await run_in_threadpool(decode_uploads, uploads, p, explain=explain)
-        names = [n for n, _ in uploads]
-        return await run_in_threadpool(p.predict_decoded, names, decoded, explain=explain)
+        decoded = await run_in_threadpool(
+            decode_uploads, [(u.name, u.data) for u in uploads], p, explain=explain
+        )
+        return await run_in_threadpool(predict_uploads, p, uploads, decoded, explain=explain)
 
     @app.get("/", response_class=HTMLResponse)
     async def index(request: Request) -> HTMLResponse:
@@ -247,28 +383,38 @@ def create_app(settings: WebSettings, predictor: Predictor | None = None) -> Fas
     @app.post("/predict", response_class=HTMLResponse)
     async def predict_page(request: Request) -> HTMLResponse:
         try:
-            preds = await analyse(request, settings.explain)
+            answers = await analyse(request, settings.explain)
         except Refusal as r:
             log.info("refused upload (%d): %s %s", r.status, r.summary, r.items)
             return page(request, "index.html", status=r.status, refusal=r)
-        return page(request, "index.html", results=[_result_view(x) for x in preds])
+        return page(request, "index.html", results=[_result_view(a) for a in answers])
 
     @app.post("/api/predict")
     async def predict_api(request: Request, explain: bool = False) -> JSONResponse:
         p: Predictor = request.app.state.predictor
         try:
-            preds = await analyse(request, explain)
+            answers = await analyse(request, explain)
         except Refusal as r:
             refused = [{"file": n, "reason": why} for n, why in r.items]
             return JSONResponse({"detail": r.summary, "refused": refused}, status_code=r.status)
         results = []
-        for x in preds:
-            row = x.as_row(p.classes, p.threshold, p.version)
+        for a in answers:
+            x = a.prediction
+            row = x.as_row(p.classes, p.version)
+            row["metadata"] = metadata_json(a.metadata)
             row["top"] = [{"class": c, "probability": v} for c, v in x.top]
             if x.overlay is not None:
                 row["gradcam_png_base64"] = base64.b64encode(_png(x.overlay)).decode("ascii")
             results.append(row)
-        return JSONResponse({"bundle": p.version, "disclaimer": DISCLAIMER, "results": results})
+        return JSONResponse(
+            {
+                "bundle": p.version,
+                "thresholds": p.thresholds,
+                "mode_rule": MODE_RULE,
+                "disclaimer": DISCLAIMER,
+                "results": results,
+            }
+        )
 
     @app.get("/model", response_class=HTMLResponse)
     async def model_page(request: Request) -> HTMLResponse:
@@ -282,8 +428,16 @@ def create_app(settings: WebSettings, predictor: Predictor | None = None) -> Fas
         sections: dict[str, list[Any]] = {}
         for f in request.app.state.figures.values():
             sections.setdefault(f.section, []).append(f)
+        all_points = p.bundle.points
+        points = [(m, MODE_LABELS.get(m, m), all_points[m].to_json()) for m in p.modes]
         return page(
-            request, "model.html", card=card, figures=list(sections.items()), metrics_dir=settings.metrics
+            request,
+            "model.html",
+            card=card,
+            points=points,
+            mode_rule=MODE_RULE,
+            figures=list(sections.items()),
+            metrics_dir=settings.metrics,
         )
 
     @app.get("/plots/{key}.png")
@@ -296,7 +450,12 @@ def create_app(settings: WebSettings, predictor: Predictor | None = None) -> Fas
     @app.get("/healthz")
     async def healthz(request: Request) -> dict[str, Any]:
         p: Predictor = request.app.state.predictor
-        return {"status": "ok", "bundle": p.version, "members": [m.name for m in p.bundle.members]}
+        return {
+            "status": "ok",
+            "bundle": p.version,
+            "members": [m.name for m in p.bundle.members],
+            "modes": list(p.modes),
+        }
 
     return app
 

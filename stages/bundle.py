@@ -1,10 +1,13 @@
 """Reading and running the model bundle that ``calibrate`` writes (``models/ensemble/``).
 
-A bundle is ``bundle.json`` (members, weights, temperature, malignant threshold, classes, input
-size, params) plus one ``members/<name>/model.keras`` per member. :class:`Bundle` loads it once
-(each member with ``safe_mode=True``, its md5 checked against ``bundle.json``) and applies the
-recipe the bundle states: ``p = sum_m w_m model_m(x)``; ``calibrated = softmax(log p / T)``;
-``malignant = P(mel) + P(bcc) + P(akiec) >= threshold``. It also gives the *embedding* of the
+A bundle is ``bundle.json`` (members, weights, one operating point per input mode: temperature,
+class bias, decision prior and malignant threshold; classes, input size, params) plus one
+``members/<name>/model.keras`` per member. This module owns that format (``format_version``
+checked on read). :class:`Bundle` loads it once (each member with ``safe_mode=True``, its md5
+checked against ``bundle.json``) and applies the recipe of :mod:`stages.scoring`:
+``p = sum_m w_m model_m(x, metadata of the row's mode)``; ``calibrated = softmax(log p / T + b)``
+with the row's mode's operating point; ``malignant = P(mel) + P(bcc) + P(akiec) >= threshold``
+of that mode. It also gives the *embedding* of the
 best member (the highest weight): the input of its final softmax layer, the vector a drift check
 compares between batches.
 
@@ -18,7 +21,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,13 +28,29 @@ from typing import Any
 
 import numpy as np
 
-from stages.common import CLASSES, LOCALIZATIONS, SEXES, StageError, n_workers
+from stages.common import CLASSES, StageError, n_workers
 from stages.metadata import read_table
-from stages.metrics import apply_calibration, balanced_decision, malignant_score
+from stages.metrics import malignant_score
+from stages.scoring import (
+    IMAGE_ONLY,
+    METADATA,
+    MODES,
+    MetaArrays,
+    OperatingPoint,
+    calibrated,
+    decisions,
+    member_probabilities,
+    mix,
+    mode_inputs,
+    model_inputs,
+    row_modes,
+)
 
 log = logging.getLogger(__name__)
 
 BUNDLE_JSON = "bundle.json"
+# 2: one operating point per input mode ("operating_points"); 1: one at the top level.
+BUNDLE_FORMAT_VERSION = 2
 # The drift reference table ``calibrate`` stores in the bundle (features + embeddings of the
 # training split) and its description in bundle.json.
 REFERENCE_FILE = "drift_reference.parquet"
@@ -40,31 +58,60 @@ REFERENCE_KEY = "drift_reference"
 
 
 def read_bundle_json(bundle_dir: str | Path) -> dict[str, Any]:
-    """``bundle.json`` of a bundle folder; a clear error when it is missing or unreadable."""
+    """``bundle.json`` of a bundle folder, checked; a clear error when it is missing or unusable.
+
+    Format 2 holds one operating point per input mode (``operating_points``); a format-1 bundle
+    (one temperature/threshold at the top level) is read as a bundle with ``image_only`` only.
+    """
     path = Path(bundle_dir) / BUNDLE_JSON
+    if not Path(bundle_dir).is_dir():
+        raise StageError(f"{bundle_dir}: no such folder (give a model bundle folder, e.g. models/ensemble)")
     try:
         meta = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise StageError(
-            f"{path}: not found; is {bundle_dir} a model bundle? (run `dvc repro calibrate`)"
+            f"{path}: not found; {bundle_dir} is not a model bundle (the calibrate stage writes one: "
+            "`dvc repro calibrate`)"
         ) from None
     except (OSError, ValueError) as e:
         raise StageError(f"{path}: unreadable bundle description ({e})") from None
-    for key in ("classes", "members", "temperature", "threshold", "image_size"):
+    if not isinstance(meta, dict):
+        raise StageError(f"{path}: not a bundle description (a JSON object)")
+    version = meta.get("format_version", 1)
+    if version not in (1, BUNDLE_FORMAT_VERSION):
+        raise StageError(
+            f"{path}: format_version {version!r}; this code reads 1 and {BUNDLE_FORMAT_VERSION} "
+            "(a bundle from a newer version of the project?)"
+        )
+    for key in ("classes", "members", "image_size"):
         if key not in meta:
             raise StageError(f"{path}: missing key {key!r}; the bundle is incomplete or from another tool")
-    for key in ("class_bias", "class_prior"):
-        v = meta.get(key)
-        if v is None:
-            continue
-        ok = isinstance(v, list) and len(v) == len(meta["classes"])
-        ok = ok and all(isinstance(x, int | float) and math.isfinite(x) for x in v)
-        if not ok or (key == "class_prior" and min(v) <= 0):
-            raise StageError(
-                f"{path}: {key!r} must be {len(meta['classes'])} finite numbers (one per class"
-                f"{', all > 0' if key == 'class_prior' else ''}), got {v!r:.200}"
-            )
+    size = meta["image_size"]
+    if not isinstance(size, int) or isinstance(size, bool) or not 8 <= size <= 2048:
+        raise StageError(
+            f"{path}: 'image_size' must be a whole number of pixels in 8..2048, got {size!r:.50}"
+        )
+    if version == 1:
+        for key in ("temperature", "threshold"):
+            if key not in meta:
+                raise StageError(
+                    f"{path}: missing key {key!r}; the bundle is incomplete or from another tool"
+                )
+        meta["operating_points"] = {IMAGE_ONLY: {k: meta.get(k) for k in _POINT_KEYS}}
+    points = meta.get("operating_points")
+    if not isinstance(points, dict) or IMAGE_ONLY not in points or set(points) - set(MODES):
+        raise StageError(
+            f"{path}: 'operating_points' must map {IMAGE_ONLY!r} (and optionally {METADATA!r}) to an "
+            f"operating point, got {points!r:.200}"
+        )
+    for mode, point in points.items():
+        if not isinstance(point, dict):
+            raise StageError(f"{path}: operating point {mode!r} is not an object")
+        OperatingPoint.from_json(point, len(meta["classes"]), f"{path}: {mode}")
     return meta
+
+
+_POINT_KEYS = ("temperature", "threshold", "class_bias", "class_prior", "decision")
 
 
 def file_md5(path: Path) -> str:
@@ -79,21 +126,34 @@ def file_md5(path: Path) -> str:
 class Member:
     name: str
     weight: float
-    model: Any  # keras.Model
+    model: Any  # keras.Model (Grad-CAM needs its layers)
     takes_meta: bool
+    call: Any = None  # the same model as a graph: inputs -> probabilities (stages.models.as_graph)
+
+
+@dataclass
+class Scored:
+    """What the bundle says about a batch: one row per image."""
+
+    probs: np.ndarray  # calibrated probabilities [N, K], float64
+    modes: np.ndarray  # the input mode each row was scored in (stages.scoring.MODES)
+    # float32 [N, D]: the best member's penultimate features of the first view, as fed (drift
+    # scores image-only, so its reference and its batches are compared like with like)
+    embeddings: np.ndarray
 
 
 @dataclass
 class Bundle:
-    """A loaded bundle: call :meth:`predict` on uint8 images ``[N, S, S, 3]``."""
+    """A loaded bundle: :meth:`score` uint8 images ``[N, S, S, 3]`` (and their metadata)."""
 
     root: Path
     meta: dict[str, Any]
     members: list[Member]
-    embedder: Any  # keras.Model: inputs -> (penultimate features, probabilities) of the best member
+    embedder: Any  # graph: inputs -> (penultimate features, probabilities) of the best member
     best: str
     tta: bool = False
     classes: Sequence[str] = field(default_factory=lambda: list(CLASSES))
+    batch_size: int = 64  # rows per model call (evaluate.batch_size, as the stages score)
 
     @property
     def image_size(self) -> int:
@@ -104,35 +164,33 @@ class Bundle:
         return str(self.meta.get("aspect") or "crop")
 
     @property
-    def temperature(self) -> float:
-        return float(self.meta["temperature"])
+    def points(self) -> dict[str, OperatingPoint]:
+        """The operating point of each input mode this bundle has (``image_only`` always)."""
+        n = len(self.classes)
+        where = str(self.root / BUNDLE_JSON)
+        return {
+            m: OperatingPoint.from_json(p, n, f"{where}: {m}")
+            for m, p in self.meta["operating_points"].items()
+        }
 
     @property
-    def threshold(self) -> float:
-        return float(self.meta["threshold"])
+    def modes(self) -> tuple[str, ...]:
+        return tuple(m for m in MODES if m in self.meta["operating_points"])
 
-    @property
-    def class_bias(self) -> list[float] | None:
-        """Per-class logit bias after the temperature (None: temperature only, older bundles)."""
-        bias = self.meta.get("class_bias")
-        return [float(v) for v in bias] if bias is not None else None
+    def threshold(self, mode: str = IMAGE_ONLY) -> float:
+        return self.points[mode].threshold
 
-    @property
-    def class_prior(self) -> list[float] | None:
-        """The balanced decision's class prior (None: the predicted class is the argmax)."""
-        prior = self.meta.get("class_prior") if self.meta.get("decision") == "balanced" else None
-        return [float(v) for v in prior] if prior is not None else None
-
-    def decide(self, probs: np.ndarray) -> np.ndarray:
-        """Predicted class indices of calibrated probabilities ``[N, K]`` (bundle.json "decision")."""
-        return balanced_decision(probs, self.class_prior)
+    def decide(self, probs: np.ndarray, modes: np.ndarray | None = None) -> np.ndarray:
+        """Predicted class indices of calibrated probabilities ``[N, K]`` (each row by its mode)."""
+        modes = np.full(len(probs), IMAGE_ONLY, dtype=object) if modes is None else modes
+        return decisions(probs, modes, self.points)
 
     @classmethod
     def load(cls, bundle_dir: str | Path, *, check_md5: bool = True) -> Bundle:
         """Load every member once (``safe_mode=True``); md5 mismatches are refused by name."""
         root = Path(bundle_dir)
         meta = read_bundle_json(root)
-        from stages.models import load_model  # TensorFlow from here on
+        from stages.models import as_graph, load_model  # TensorFlow from here on
 
         members: list[Member] = []
         for m in meta["members"]:
@@ -140,7 +198,12 @@ class Bundle:
                 # A member the ensemble gave no weight changes no prediction: not worth loading.
                 log.info("bundle %s: member %s has weight 0, not loaded", root, m["name"])
                 continue
-            path = root / m["path"]
+            rel = Path(str(m["path"]))
+            path = root / rel
+            if rel.is_absolute() or ".." in rel.parts:
+                raise StageError(
+                    f"{root / BUNDLE_JSON}: member {m['name']!r} path {m['path']!r} leaves the bundle folder"
+                )
             if not path.is_file():
                 raise StageError(f"{path}: member {m['name']!r} listed in {root / BUNDLE_JSON} is missing")
             if check_md5 and m.get("md5") and file_md5(path) != m["md5"]:
@@ -150,58 +213,85 @@ class Bundle:
             except Exception as e:  # a Lambda layer (refused by safe mode), a truncated file ...
                 raise StageError(f"{path}: cannot load member {m['name']!r}: {type(e).__name__}: {e}") from e
             takes_meta = len(model.inputs) > 1
-            members.append(Member(m["name"], float(m["weight"]), model, takes_meta))
+            members.append(Member(m["name"], float(m["weight"]), model, takes_meta, as_graph(model)))
         if not members:
             raise StageError(f"{root / BUNDLE_JSON}: the bundle has no members")
+        if METADATA in meta["operating_points"] and not any(m.takes_meta for m in members):
+            raise StageError(
+                f"{root / BUNDLE_JSON}: a {METADATA!r} operating point but no member takes metadata"
+            )
         best = max(members, key=lambda m: m.weight)  # first of equals: the file's order
-        embedder = _embedding_model(best.model)
-        tta = bool(meta.get("params", {}).get("evaluate", {}).get("tta", False))
+        embedder = as_graph(_embedding_model(best.model))
+        evaluate = meta.get("params", {}).get("evaluate", {})
+        tta = bool(evaluate.get("tta", False))
+        batch_size = int(evaluate.get("batch_size", 64) or 64)
         log.info(
-            "bundle %s: members %s, embedding from %s (%d dims)",
-            root, ", ".join(f"{m.name} ({m.weight:.2f})" for m in members), best.name,
-            int(embedder.outputs[0].shape[-1]),
+            "bundle %s: members %s, modes %s, embedding from %s (%d dims)",
+            root, ", ".join(f"{m.name} ({m.weight:.2f})" for m in members),
+            "/".join(m for m in MODES if m in meta["operating_points"]), best.name,
+            int(_embedding_dim(best.model)),
         )  # fmt: skip
-        return cls(root, meta, members, embedder, best.name, tta, list(meta["classes"]))
+        return cls(root, meta, members, embedder, best.name, tta, list(meta["classes"]), batch_size)
 
-    def model_inputs(self, images: np.ndarray, takes_meta: bool) -> Any:
-        """What a member is called with: the images, plus unknown metadata for a fusion member."""
-        if not takes_meta:
-            return images
-        # Drift checks and reference both run image-only: unknown metadata for a fusion member
-        # (NaN age, "unknown" sex and site), so the two are always compared like with like.
+    def model_inputs(self, images: np.ndarray, takes_meta: bool, meta: MetaArrays | None = None) -> Any:
+        """What a member is called with (``meta`` None: every field unknown)."""
+        return model_inputs(images, meta, takes_meta)
+
+    def row_modes(self, n: int, meta: MetaArrays | None) -> np.ndarray:
+        return row_modes(meta, n, self.modes)
+
+    def score(self, images: np.ndarray, meta: MetaArrays | None = None) -> Scored:
+        """The bundle's answer for uint8 images and (optionally) their metadata.
+
+        The recipe in :mod:`stages.scoring`: each row's mode by the rule; each member scored
+        with what that mode feeds it; mixed with the weights; calibrated with the row's mode's
+        operating point.
+        """
+        images = np.ascontiguousarray(images, dtype=np.uint8)
         n = len(images)
-        return {
-            "image": images,
-            "age": np.full(n, np.nan, dtype=np.float32),
-            "sex": np.full(n, SEXES.index("unknown"), dtype=np.int32),
-            "localization": np.full(n, LOCALIZATIONS.index("unknown"), dtype=np.int32),
-        }
+        modes = self.row_modes(n, meta)
+        fed = mode_inputs(meta, modes)
+        feats: list[np.ndarray] = []
+        per_member = []
+        for m in self.members:
+            hook = None
+            model = m.call
+
+            if m.name == self.best:
+                model = self.embedder
+
+                def hook(k: int, _x: Any, out: Any) -> Any:
+                    f, p = out
+                    if k == 0:
+                        feats.append(np.asarray(f, dtype=np.float32))
+                    return p
+
+            per_member.append(
+                member_probabilities(
+                    model, images, fed,
+                    takes_meta=m.takes_meta, tta=self.tta, batch_size=self.batch_size, on_view=hook,
+                )
+            )  # fmt: skip
+        mixed = mix(per_member, [m.weight for m in self.members])
+        probs = calibrated(mixed, modes, self.points)
+        emb = np.concatenate(feats) if feats else np.zeros((n, 0), dtype=np.float32)
+        return Scored(probs, modes, emb)
 
     def predict(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """``(embeddings of the best member, calibrated probabilities)`` of uint8 images."""
-        images = np.ascontiguousarray(images, dtype=np.uint8)
-        views = [images]
-        if self.tta:
-            views += [images[:, :, ::-1], images[:, ::-1], images[:, ::-1, ::-1]]
-        emb = None
-        mixed = np.zeros((len(images), len(self.classes)), dtype=np.float64)
-        for m in self.members:
-            probs = np.zeros_like(mixed)
-            for k, v in enumerate(views):
-                x = self.model_inputs(np.ascontiguousarray(v), m.takes_meta)
-                if m.name == self.best and k == 0:
-                    feats, p = self.embedder(x, training=False)
-                    emb = np.asarray(feats, dtype=np.float32)
-                else:
-                    p = m.model(x, training=False)
-                probs += np.asarray(p, dtype=np.float64)
-            mixed += m.weight * probs / len(views)
-        calibrated = apply_calibration(np.log(np.clip(mixed, 1e-12, 1.0)), self.temperature, self.class_bias)
-        assert emb is not None
-        return emb, calibrated
+        """``(embeddings of the best member, calibrated probabilities)`` of images, image-only."""
+        s = self.score(images)
+        return s.embeddings, s.probs
 
     def malignant_score(self, probs: np.ndarray) -> np.ndarray:
         return malignant_score(probs, list(self.classes))
+
+
+def _embedding_dim(model: Any) -> int:
+    try:
+        head = model.get_layer("probs")
+    except ValueError:
+        head = model.layers[-1]
+    return int(head.input.shape[-1])
 
 
 def _embedding_model(model: Any) -> Any:

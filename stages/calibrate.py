@@ -37,7 +37,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from stages.bundle import REFERENCE_KEY, file_md5, write_drift_reference
+from stages.bundle import BUNDLE_FORMAT_VERSION, BUNDLE_JSON, REFERENCE_KEY, file_md5, write_drift_reference
 from stages.common import (
     CLASSES,
     MALIGNANT,
@@ -52,31 +52,39 @@ from stages.metrics import (
     apply_calibration,
     balanced_accuracy,
     balanced_decision,
-    bootstrap_ci,
     expected_calibration_error,
     fit_temperature,
     fit_temperature_bias,
     malignant_score,
     malignant_truth,
     nll_with_calibration,
-    operating_point,
     recall_first_threshold,
     reliability_table,
 )
-from stages.params import CalibrateParams, DriftReferenceParams, load_params
+from stages.params import CalibrateParams, DriftReferenceParams, EvaluateParams, load_params
 from stages.predictions import (
+    Served,
+    complete_metadata,
     json_value,
     labels,
-    lesion_probabilities,
     logit_columns,
+    prob_columns,
     read_predictions,
-    subgroup_table,
-    worst_subgroup,
+    served_report,
+    write_predictions,
+)
+from stages.scoring import (
+    IMAGE_ONLY,
+    METADATA,
+    MODE_RULE,
+    MetaArrays,
+    OperatingPoint,
+    malignant_flags,
+    mode_suffix,
 )
 
 log = logging.getLogger(__name__)
 
-BUNDLE_FORMAT_VERSION = 1
 DISCLAIMER = (
     "**Medical disclaimer.** This model is research software. It is not a medical device, has not "
     "been cleared or approved by any regulator, and must not be used to diagnose, treat or rule out "
@@ -112,6 +120,10 @@ class Calibration:
     def decide(self, probs: np.ndarray) -> np.ndarray:
         """The predicted class index of each row of calibrated probabilities."""
         return balanced_decision(probs, self.prior)
+
+    def point(self) -> OperatingPoint:
+        """What the bundle stores for this mode."""
+        return OperatingPoint(self.temperature, self.threshold, self.bias, self.prior)
 
 
 # --------------------------------------------------------------------------- pure core
@@ -169,12 +181,19 @@ def calibration_metrics(
     cal: Calibration,
     val: pd.DataFrame,
     test: pd.DataFrame,
+    served: Served,
     params: CalibrateParams,
+    eval_params: EvaluateParams,
     rng: np.random.Generator,
     classes: Sequence[str] = CLASSES,
-) -> dict[str, float]:
-    """ECE/NLL before and after, and the operating point on test (fixed threshold, with CIs)."""
-    out: dict[str, float] = {
+) -> tuple[dict[str, Any], pd.DataFrame]:
+    """The fitted calibration on val, and the served test report (:func:`served_report`).
+
+    Validation numbers come from the fitted calibration; every test number comes from
+    ``served``, the bundle's own answers for the test images (:func:`served_predictions`), and
+    ``test`` (the ensemble's uncalibrated predictions) gives only the "before" values.
+    """
+    out: dict[str, Any] = {
         "temperature": cal.temperature,
         "threshold": cal.threshold,
         "target_recall": params.target_recall,
@@ -182,66 +201,23 @@ def calibration_metrics(
         "val_malignant_recall_bound": cal.val_recall_lower,
         "val_specificity": cal.val_specificity,
     }
-    for name, df in (("val", val), ("test", test)):
-        y = labels(df, classes)
-        logits = df[logit_columns(classes)].to_numpy(dtype=np.float64)
-        prefix = "" if name == "test" else "val_"
-        calibrated = cal.probs(logits)
-        out[f"{prefix}ece_before"] = expected_calibration_error(
-            apply_calibration(logits, 1.0), y, params.ece_bins
-        )
-        out[f"{prefix}ece_after"] = expected_calibration_error(calibrated, y, params.ece_bins)
-        out[f"{prefix}nll_before"] = nll_with_calibration(logits, y, 1.0)
-        out[f"{prefix}nll_after"] = nll_with_calibration(logits, y, cal.temperature, cal.bias)
-        # the bundle's class decision on calibrated probabilities (calibrate.decision)
-        out[f"{prefix}balanced_accuracy_decision"] = balanced_accuracy(
-            y, cal.decide(calibrated), len(classes)
-        )
+    y = labels(val, classes)
+    logits = val[logit_columns(classes)].to_numpy(dtype=np.float64)
+    calibrated = cal.probs(logits)
+    out["val_ece_before"] = expected_calibration_error(apply_calibration(logits, 1.0), y, params.ece_bins)
+    out["val_ece_after"] = expected_calibration_error(calibrated, y, params.ece_bins)
+    out["val_nll_before"] = nll_with_calibration(logits, y, 1.0)
+    out["val_nll_after"] = nll_with_calibration(logits, y, cal.temperature, cal.bias)
+    # the bundle's class decision on calibrated probabilities (calibrate.decision)
+    out["val_balanced_accuracy_decision"] = balanced_accuracy(y, cal.decide(calibrated), len(classes))
 
     y = labels(test, classes)
-    logits = test[logit_columns(classes)].to_numpy(dtype=np.float64)
-    score = malignant_score(cal.probs(logits), classes)
-    is_mal = malignant_truth(y, classes)
-    groups = test["lesion_id"].to_numpy()
-    op = operating_point(is_mal, score, cal.threshold, groups)
-    out.update(
-        {
-            "test_malignant_recall": op["recall"],
-            "test_specificity": op["specificity"],
-            "test_ppv": op["ppv"],
-            "referrals_per_100": op["referrals_per_100"],
-            "test_n_malignant": float(is_mal.sum()),
-            "test_n_lesions": float(len(np.unique(groups))),
-        }
-    )
-    # Lesion level: the lesion's mean calibrated malignant probability against the same threshold.
-    lesion_keys, lesion_score, _ = lesion_probabilities(groups, score[:, None])
-    lesion_mal = np.bincount(np.unique(groups, return_inverse=True)[1], weights=is_mal) > 0
-    lop = operating_point(lesion_mal, lesion_score[:, 0], cal.threshold)
-    out["lesion_test_malignant_recall"] = lop["recall"]
-    out["lesion_test_specificity"] = lop["specificity"]
-    out["lesion_test_n_malignant"] = float(lesion_mal.sum())
-    # Referrals are per lesion: a lesion drawn twice by the bootstrap counts twice, so weight each
-    # lesion's referral by how often it was drawn (its image count in the replicate / its size).
-    _, lesion_of = np.unique(groups, return_inverse=True)
-    size = np.bincount(lesion_of)
-    referred = np.bincount(lesion_of, weights=(score >= cal.threshold).astype(np.float64)) > 0
-
-    def stat(idx: np.ndarray) -> dict[str, float]:
-        o = operating_point(is_mal[idx], score[idx], cal.threshold)
-        drawn = np.bincount(lesion_of[idx], minlength=size.size) / size
-        o["referrals_per_100"] = 100.0 * float(drawn @ referred) / float(drawn.sum())
-        return o
-
-    ci = bootstrap_ci(stat, groups, params.bootstrap_samples, rng, level=params.ci_level)
-    for key, name in (
-        ("recall", "test_malignant_recall"),
-        ("specificity", "test_specificity"),
-        ("ppv", "test_ppv"),
-        ("referrals_per_100", "referrals_per_100"),
-    ):
-        out[f"{name}_ci_low"], out[f"{name}_ci_high"] = ci.get(key, (np.nan, np.nan))
-    return out
+    before = test[logit_columns(classes)].to_numpy(dtype=np.float64)
+    out["ece_before"] = expected_calibration_error(apply_calibration(before, 1.0), y, params.ece_bins)
+    out["nll_before"] = nll_with_calibration(before, y, 1.0)
+    served_m, table = served_report(test, served, eval_params, rng, ece_bins=params.ece_bins, classes=classes)
+    out.update(served_m)
+    return out, table
 
 
 def data_version(lock_path: Path, prepared: str) -> str | None:
@@ -266,24 +242,42 @@ def model_card(
     *,
     bundle: dict[str, Any],
     ens_metrics: dict[str, Any],
-    cal_metrics: dict[str, Any],
+    per_mode: dict[str, dict[str, Any]],
     subgroups: pd.DataFrame,
     split_counts: dict[str, dict[str, int]],
 ) -> str:
-    """The model card as Markdown (pure: everything it shows is passed in)."""
+    """The model card as Markdown (pure: everything it shows is passed in).
+
+    Every test number is the bundle's own answer for the test images (``per_mode``: the served
+    metrics of each input mode), never the ensemble's uncalibrated predictions.
+    """
     members = ", ".join(f"{m['name']} (weight {m['weight']:.3f})" for m in bundle["members"])
     level = int(round(100 * bundle["params"]["evaluate"]["ci_level"]))
+    modes = list(per_mode)
+    points = bundle["operating_points"]
+    synthetic = bundle["params"].get("download", {}).get("source") == "synthetic"
 
     def with_ci(key: str, src: dict[str, Any]) -> str:
         lo, hi = src.get(f"{key}_ci_low"), src.get(f"{key}_ci_high")
         ci = f" ({_fmt(lo)} to {_fmt(hi)})" if lo is not None and hi is not None else ""
         return f"{_fmt(src.get(key))}{ci}"
 
+    mode_names = {METADATA: "with age, sex and site", IMAGE_ONLY: "image only"}
+    title_data = "the embedded SYNTHETIC demo set" if synthetic else "HAM10000, 7 classes"
     lines = [
-        "# Model card: skin-lesion ensemble (HAM10000, 7 classes)",
+        f"# Model card: skin-lesion ensemble ({title_data})",
         "",
         DISCLAIMER,
         "",
+    ]
+    if synthetic:
+        lines += [
+            "> **Trained on synthetic images drawn by the project's demo generator, not on real "
+            "lesions.** It exists to exercise the pipeline; its predictions on real dermoscopy "
+            "images mean nothing.",
+            "",
+        ]
+    lines += [
         f"Generated {bundle['created']} by the `calibrate` stage. Data version (DVC hash of "
         f"`{bundle['data_version']['path']}`): `{bundle['data_version']['md5'] or 'unknown'}`.",
         "",
@@ -307,24 +301,40 @@ def model_card(
         )
         + ").",
         f"- Input: RGB uint8 images resized to {bundle['image_size']}x{bundle['image_size']}.",
-        f"- Calibration on the log of the averaged probabilities: temperature T = {bundle['temperature']:.3f}"
+        "- Input modes: "
         + (
-            ", then a per-class bias ("
-            + ", ".join(f"{c} {v:+.2f}" for c, v in zip(bundle["classes"], bundle["class_bias"], strict=True))
-            + ")"
-            if bundle.get("class_bias")
-            else ""
+            "**with metadata** (age, sex and anatomical site all known) and **image only** (anything "
+            "else: the image alone, every field treated as unknown). The members were trained with "
+            "metadata dropout so an image without metadata is in distribution; each mode has its own "
+            "calibration and malignant threshold, fitted on validation images scored that way, and a "
+            "prediction says which mode it used."
+            if len(modes) > 1
+            else "**image only** (the members do not use metadata)."
+        ),
+        "",
+        "| mode | temperature | class bias | decision | malignant threshold |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for mode in modes:
+        pt = points[mode]
+        bias = ", ".join(f"{c} {v:+.2f}" for c, v in zip(bundle["classes"], pt["class_bias"], strict=True)) \
+            if pt.get("class_bias") else "none"  # fmt: skip
+        lines.append(
+            f"| {mode_names[mode]} | {pt['temperature']:.3f} | {bias} | {pt['decision']} "
+            f"| {pt['threshold']:.4f} |"
         )
-        + ", fitted on validation NLL.",
-        "- Predicted class: "
+    lines += [
+        "",
+        "Calibration works on the log of the averaged probabilities (temperature, then the class bias), "
+        "fitted on validation NLL. Predicted class: "
         + (
             "the highest calibrated probability divided by the class's validation share (balanced: "
             "every class weighs alike, so it can differ from the most probable class)."
-            if bundle.get("decision") == "balanced"
+            if points[modes[0]].get("decision") == "balanced"
             else "the highest calibrated probability."
-        ),
-        f"- Malignant flag: P(mel) + P(bcc) + P(akiec) >= {bundle['threshold']:.4f}, chosen on validation "
-        f"as the highest threshold with malignant recall >= {bundle['target_recall']:.2f} "
+        )
+        + f" Malignant flag: P(mel) + P(bcc) + P(akiec) >= the mode's threshold, chosen on validation as "
+        f"the highest threshold with malignant recall >= {bundle['target_recall']:.2f} "
         f"({bundle['recall_bound']} bound).",
         "",
         "## Data and split protocol",
@@ -345,49 +355,59 @@ def model_card(
             + " | ".join(str(counts.get(c, 0)) for c in CLASSES)
             + " |"
         )
+    header = " | ".join(mode_names[m] for m in modes)
     lines += [
         "",
-        f"## Test metrics ({level}% CIs from a lesion-level bootstrap)",
+        f"## Test metrics, as served ({level}% CIs from a lesion-level bootstrap)",
         "",
-        "| metric | value (CI) |",
-        "| --- | --- |",
+        "The bundle itself scored the test images, exactly as `serve.predict` does"
+        + (
+            " (with metadata: each image with its own age, sex and site, by the mode rule)."
+            if len(modes) > 1
+            else "."
+        ),
+        "",
+        f"| metric | {header} |",
+        "| --- | " + " | ".join("---" for _ in modes) + " |",
     ]
     for key in (
         "accuracy",
         "balanced_accuracy",
+        "balanced_accuracy_decision",
         "macro_f1",
         "macro_auc",
+        "lesion_macro_auc",
         "malignant_auc",
         "malignant_pauc_tpr80",
         "mel_recall",
+        "test_malignant_recall",
+        "test_specificity",
+        "test_ppv",
+        "referrals_per_100",
+        "lesion_test_malignant_recall",
+        "ece_after",
     ):
-        lines.append(f"| {key} | {with_ci(key, ens_metrics)} |")
+        lines.append(f"| {key} | " + " | ".join(with_ci(key, per_mode[m]) for m in modes) + " |")
+    first = per_mode[modes[0]]
     lines += [
-        f"| best single member ({ens_metrics.get('best_member')}) macro_auc | "
-        f"{_fmt(ens_metrics.get('best_member_macro_auc'))} |",
         "",
-        "| class | precision | recall | F1 | AUC |",
+        f"Malignant recall and specificity are at the mode's fixed threshold "
+        f"({int(first.get('test_n_malignant') or 0)} malignant test images); ECE (15-bin, top-label) "
+        f"{_fmt(first.get('ece_before'))} before calibration.",
+        f"Best single member ({ens_metrics.get('best_member')}), uncalibrated, macro AUC "
+        f"{_fmt(ens_metrics.get('best_member_macro_auc'))}.",
+        "",
+        f"| class ({mode_names[modes[0]]}) | precision | recall | F1 | AUC |",
         "| --- | --- | --- | --- | --- |",
     ]
     for c in CLASSES:
         lines.append(
-            f"| {c} | {_fmt(ens_metrics.get(f'precision_{c}'))} | {with_ci(f'recall_{c}', ens_metrics)} | "
-            f"{_fmt(ens_metrics.get(f'f1_{c}'))} | {with_ci(f'auc_{c}', ens_metrics)} |"
+            f"| {c} | {_fmt(first.get(f'precision_{c}'))} | {with_ci(f'recall_{c}', first)} | "
+            f"{_fmt(first.get(f'f1_{c}'))} | {with_ci(f'auc_{c}', first)} |"
         )
     lines += [
         "",
-        "## Calibration and the malignant operating point",
-        "",
-        f"- ECE (15-bin, top-label) on test: {_fmt(cal_metrics.get('ece_before'))} before, "
-        f"{_fmt(cal_metrics.get('ece_after'))} after calibration; balanced accuracy of the predicted "
-        f"class {_fmt(cal_metrics.get('balanced_accuracy_decision'))}.",
-        "- On test at the fixed threshold: malignant recall "
-        f"{with_ci('test_malignant_recall', cal_metrics)}, "
-        f"specificity {with_ci('test_specificity', cal_metrics)}, PPV {with_ci('test_ppv', cal_metrics)}, "
-        f"{_fmt(cal_metrics.get('referrals_per_100'), 1)} referrals per 100 lesions "
-        f"({int(cal_metrics.get('test_n_malignant') or 0)} malignant test images).",
-        "",
-        "## Subgroups (test, malignant flag at the threshold)",
+        f"## Subgroups (test, {mode_names[modes[0]]}, malignant flag at the threshold)",
         "",
         "| attribute | group | images | lesions | malignant | malignant recall |",
         "| --- | --- | --- | --- | --- | --- |",
@@ -397,6 +417,7 @@ def model_card(
             f"| {r.attribute} | {r.group} | {r.n_images} | {r.n_lesions} | {r.n_malignant} "
             f"| {_fmt(r.malignant_recall)} |"
         )
+    cal_metrics = first
     min_mal = bundle["params"]["evaluate"]["subgroup_min_malignant"]
     worst = cal_metrics.get("worst_subgroup", "none")
     lines += [
@@ -420,7 +441,7 @@ def model_card(
         "- Images are downscaled; fine dermoscopic structures may be lost.",
         "- The labels include follow-up and consensus diagnoses, not only histopathology.",
     ]
-    if bundle["params"].get("download", {}).get("source") == "synthetic":
+    if synthetic:
         lines.append(
             "- **This bundle was trained on the embedded synthetic demo data**: its numbers say "
             "nothing about real lesions."
@@ -467,6 +488,51 @@ class DriftReference:
     workers: int = 0
 
 
+def served_predictions(bundle: Any, arrays: Any, mode: str) -> Served:
+    """The bundle's answers for a prepared split, in ``mode``: exactly what ``serve`` computes
+    for those image files (with their metadata in the ``metadata`` mode)."""
+    meta = MetaArrays(arrays.age, arrays.sex, arrays.localization) if mode == METADATA else None
+    out = bundle.score(arrays.images, meta)
+    score, thr = malignant_flags(out.probs, out.modes, bundle.points, bundle.classes)
+    return Served(out.probs, out.modes, score, thr, bundle.decide(out.probs, out.modes))
+
+
+def fit_modes(
+    frames: dict[tuple[str, str], pd.DataFrame],
+    modes: Sequence[str],
+    params: CalibrateParams,
+    rng: np.random.Generator,
+    classes: Sequence[str],
+) -> dict[str, Calibration]:
+    """One calibration per input mode, each fitted on the validation rows served in that mode."""
+    fits: dict[str, Calibration] = {}
+    for mode in modes:
+        val = frames["val", mode]
+        if mode == METADATA:
+            # Only rows with all three fields known are ever served with this operating point.
+            val = val[complete_metadata(val)]
+            if val.empty:
+                raise StageError(
+                    "calibrate: no validation image has age, sex and localization all known: the "
+                    "metadata operating point cannot be fitted (train without fusion, or fix the metadata)"
+                )
+        log.info("%s: fitting on %d validation images", mode, len(val))
+        fits[mode] = fit_calibration(
+            val[logit_columns(classes)].to_numpy(dtype=np.float64),
+            labels(val, classes),
+            val["lesion_id"].to_numpy(),
+            params,
+            rng,
+            classes,
+        )
+        c = fits[mode]
+        log.info(
+            "%s: temperature %.4f, threshold %.4f (val recall %.3f, bound %.3f, specificity %.3f)",
+            mode, c.temperature, c.threshold, c.val_recall, c.val_recall_lower, c.val_specificity,
+        )  # fmt: skip
+    return fits
+
+
 def run(
     params: CalibrateParams,
     *,
@@ -481,17 +547,24 @@ def run(
     card_path: Path,
     all_params: dict[str, Any],
     data_md5: str | None,
+    served_dir: Path | None = None,
     reference: DriftReference | None = None,
     classes: Sequence[str] = CLASSES,
 ) -> CalibrateResult:
     ensemble_dir = Path(ensemble_dir)
-    val = read_predictions(ensemble_dir / "val.csv", classes, producer="ensemble")
-    test = read_predictions(ensemble_dir / "test.csv", classes, producer="ensemble")
     weights_path = ensemble_dir / "weights.json"
     try:
         weights = json.loads(weights_path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise StageError(f"{weights_path}: not found; run the ensemble stage first") from None
+    modes = tuple(weights.get("modes") or (IMAGE_ONLY,))
+    frames = {
+        (split, mode): read_predictions(
+            ensemble_dir / f"{split}{mode_suffix(mode, modes)}.csv", classes, producer="ensemble"
+        )
+        for split in ("val", "test")
+        for mode in modes
+    }
     try:
         ens_metrics = json.loads(Path(ensemble_metrics_path).read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -506,43 +579,7 @@ def run(
         )
 
     rng = np.random.default_rng(seed)
-    y_val = labels(val, classes)
-    cal = fit_calibration(
-        val[logit_columns(classes)].to_numpy(dtype=np.float64),
-        y_val,
-        val["lesion_id"].to_numpy(),
-        params,
-        rng,
-        classes,
-    )
-    log.info(
-        "temperature %.4f, threshold %.4f (val recall %.3f, bound %.3f, specificity %.3f)",
-        cal.temperature,
-        cal.threshold,
-        cal.val_recall,
-        cal.val_recall_lower,
-        cal.val_specificity,
-    )
-    metrics = calibration_metrics(cal, val, test, params, rng, classes)
-    log.info(
-        "test: malignant recall %.3f, specificity %.3f, PPV %.3f, %.1f referrals/100 lesions; "
-        "ECE %.4f -> %.4f",
-        metrics["test_malignant_recall"],
-        metrics["test_specificity"],
-        metrics["test_ppv"],
-        metrics["referrals_per_100"],
-        metrics["ece_before"],
-        metrics["ece_after"],
-    )
-
-    test_logits = test[logit_columns(classes)].to_numpy(dtype=np.float64)
-    cal_probs = cal.probs(test_logits)
-    flags = malignant_score(cal_probs, classes) >= cal.threshold
-    eval_p = all_params.get("evaluate", {})
-    subgroups = subgroup_table(
-        test, cal_probs, eval_p.get("age_bands", (30, 45, 60, 75)), malignant_flag=flags, classes=classes
-    )
-    metrics.update(worst_subgroup(subgroups, int(eval_p.get("subgroup_min_malignant", 5))))
+    fits = fit_modes(frames, modes, params, rng, classes)
 
     members = []
     for name, w in zip(weights["members"], weights["weights"], strict=True):
@@ -558,22 +595,19 @@ def run(
         "image_size": int(manifest["image_size"]),
         "aspect": manifest.get("aspect"),
         "members": [],
-        "temperature": cal.temperature,
-        "class_bias": list(cal.bias) if cal.bias is not None else None,
-        "decision": "balanced" if cal.prior is not None else "argmax",
-        "class_prior": list(cal.prior) if cal.prior is not None else None,
-        "threshold": cal.threshold,
+        "operating_points": {mode: fits[mode].point().to_json() for mode in modes},
+        "mode_rule": MODE_RULE if len(modes) > 1 else "image_only: the members do not use metadata",
         "target_recall": params.target_recall,
         "recall_bound": params.recall_bound,
         "recipe": (
-            "p = sum_m weight_m * model_m(image); calibrated = softmax(log(p) / temperature "
-            "+ class_bias); predicted class = argmax calibrated / class_prior (decision balanced) "
-            "or argmax calibrated; malignant flag = calibrated[mel] + calibrated[bcc] "
-            "+ calibrated[akiec] >= threshold"
+            "mode = metadata if the bundle has it and age, sex and localization are all known, else "
+            "image_only (every field unknown); p = sum_m weight_m * model_m(image, metadata of the mode); "
+            "calibrated = softmax(log(p) / temperature + class_bias) with the mode's operating point; "
+            "predicted class = argmax calibrated / class_prior (decision balanced) or argmax calibrated; "
+            "malignant flag = calibrated[mel] + calibrated[bcc] + calibrated[akiec] >= the mode's threshold"
         ),
         "data_version": {"path": Path(prepared_dir).as_posix(), "md5": data_md5},
         "params": all_params,
-        "metrics": {k: json_value(v) for k, v in metrics.items()},
     }
 
     split_counts = {
@@ -581,6 +615,17 @@ def run(
         for split in ("train", "val", "test")
         if split in manifest.get("splits", {})
     }
+    eval_p = all_params.get("evaluate", {})
+    report_params = EvaluateParams(
+        bootstrap_samples=int(eval_p.get("bootstrap_samples", params.bootstrap_samples)),
+        ci_level=float(eval_p.get("ci_level", params.ci_level)),
+        age_bands=tuple(eval_p.get("age_bands", (30, 45, 60, 75))),
+        subgroup_min_malignant=int(eval_p.get("subgroup_min_malignant", 5)),
+    )
+    metrics: dict[str, Any] = {}
+    per_mode: dict[str, dict[str, Any]] = {}
+    subgroups = None
+    served_frames: dict[str, pd.DataFrame] = {}
     with atomic_dir(bundle_dir) as tmp:
         for m in members:
             dest = tmp / m["path"]
@@ -589,14 +634,53 @@ def run(
             bundle["members"].append(
                 {"name": m["name"], "weight": m["weight"], "path": m["path"], "md5": file_md5(dest)}
             )
+        write_json(tmp / BUNDLE_JSON, bundle)
+
+        # The reported test numbers: the bundle just written, scoring the test images the way
+        # serve.predict does (one scoring path; tests/integration/test_parity.py holds them equal).
+        from stages.bundle import Bundle
+        from stages.tfdata import read_split_numpy
+
+        loaded = Bundle.load(tmp)
+        arrays = read_split_numpy(prepared_dir, "test")
+        test_meta = frames["test", modes[0]]
+        if test_meta["image_id"].tolist() != arrays.image_ids.tolist():
+            raise StageError(
+                f"{ensemble_dir}: test rows are not in the prepared order; rerun the ensemble stage"
+            )
+        for mode in modes:
+            sfx = mode_suffix(mode, modes)
+            served = served_predictions(loaded, arrays, mode)
+            served_frames[mode] = served.frame(test_meta, classes)
+            m, table = calibration_metrics(
+                fits[mode],
+                frames["val", mode],
+                frames["test", mode],
+                served,
+                params,
+                report_params,
+                rng,
+                classes,
+            )
+            subgroups = table if subgroups is None else subgroups
+            per_mode[mode] = {k: json_value(v) for k, v in m.items()}
+            metrics.update({f"{k}{sfx}": v for k, v in per_mode[mode].items()})
+            log.info(
+                "test, served %s: malignant recall %s, specificity %s, %s referrals/100 lesions; "
+                "macro AUC %s; ECE %s -> %s",
+                mode, *(_fmt(m.get(k)) for k in ("test_malignant_recall", "test_specificity",
+                "referrals_per_100", "macro_auc", "ece_before", "ece_after")),
+            )  # fmt: skip
+        assert subgroups is not None
+        bundle["metrics"] = metrics
         card = model_card(
             bundle=bundle,
             ens_metrics=ens_metrics,
-            cal_metrics=metrics,
+            per_mode=per_mode,
             subgroups=subgroups,
             split_counts=split_counts,
         )
-        write_json(tmp / "bundle.json", bundle)
+        write_json(tmp / BUNDLE_JSON, bundle)
         (tmp / "model_card.md").write_text(card, encoding="utf-8")
         if reference is not None:
             # Built with the members as they now are in the bundle, then recorded in bundle.json.
@@ -612,15 +696,25 @@ def run(
                 seed=seed,
                 workers=reference.workers,
             )
-            write_json(tmp / "bundle.json", bundle)
+            write_json(tmp / BUNDLE_JSON, bundle)
     with atomic_file(card_path, "w", encoding="utf-8") as fh:
         fh.write(card)
+    if served_dir is not None:
+        with atomic_dir(served_dir) as tmp:
+            for mode, df in served_frames.items():
+                write_predictions(df, tmp / f"test{mode_suffix(mode, modes)}.csv")
 
+    first = modes[0]
+    test_first = frames["test", first]
     with atomic_dir(plots_dir) as tmp:
+        y_test = labels(test_first, classes)
         before = reliability_table(
-            apply_calibration(test_logits, 1.0), labels(test, classes), params.ece_bins
+            apply_calibration(test_first[logit_columns(classes)].to_numpy(dtype=np.float64), 1.0),
+            y_test, params.ece_bins,
+        )  # fmt: skip
+        after = reliability_table(
+            served_frames[first][prob_columns(classes)].to_numpy(), y_test, params.ece_bins
         )
-        after = reliability_table(cal_probs, labels(test, classes), params.ece_bins)
         (tmp / "reliability").mkdir()
         for name, t in (("before", before), ("after", after)):
             pd.DataFrame(t).round(6).to_csv(
@@ -630,9 +724,8 @@ def run(
             tmp / "reliability.png", before, after, (metrics["ece_before"], metrics["ece_after"])
         )
         subgroups.to_csv(tmp / "subgroups.csv", index=False, float_format="%.4f", lineterminator="\n")
-    out = {k: json_value(v) for k, v in metrics.items()}
-    write_json(metrics_path, out)
-    return CalibrateResult(cal.temperature, cal.threshold, out)
+    write_json(metrics_path, metrics)
+    return CalibrateResult(fits[first].temperature, fits[first].threshold, metrics)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -665,6 +758,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--plots", type=Path, required=True, help="plots folder to write")
     ap.add_argument("--card", type=Path, required=True, help="model card Markdown to write")
     ap.add_argument(
+        "--served", type=Path,
+        help="folder to write the bundle's own test predictions to (test.csv, and test_image_only.csv "
+        "with fusion): what serve.predict answers for those images",
+    )  # fmt: skip
+    ap.add_argument(
         "--raw",
         type=Path,
         help="raw data folder (images/<image_id>.jpg): with --split, the bundle gets "
@@ -689,6 +787,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             metrics_path=args.metrics,
             plots_dir=args.plots,
             card_path=args.card,
+            served_dir=args.served,
             all_params=dataclasses.asdict(params),
             data_md5=md5,
             reference=(

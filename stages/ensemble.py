@@ -5,7 +5,9 @@ Reads ``<predictions>/<member>/{val,test}.csv`` (written by evaluate@<member>) f
 weights minimising validation log-loss; never worse there than equal weights). Writes
 
 * ``<out>/{val,test}.csv`` - the ensemble's predictions in the members' format (so calibrate and
-  any report read one format), and ``<out>/weights.json`` (members and weights);
+  any report read one format); with fusion members also ``{val,test}_image_only.csv`` (members
+  scored image-only; one set of weights, fitted on the validation rows of both modes), and
+  ``<out>/weights.json`` (members, weights and modes);
 * ``<metrics>`` - the same keys as a member's metrics, plus ``weight_<member>``, the best single
   member on test (``best_member``, ``best_member_macro_auc``) and ``ensemble_minus_best_macro_auc``,
   so a run always shows whether the ensemble beats its best member;
@@ -43,6 +45,7 @@ from stages.predictions import (
     write_plots,
     write_predictions,
 )
+from stages.scoring import IMAGE_ONLY, MODES, mix, mode_suffix
 
 log = logging.getLogger(__name__)
 
@@ -80,9 +83,18 @@ def align_members(frames: dict[str, pd.DataFrame], split: str) -> pd.DataFrame:
     return ref
 
 
-def combine(member_probs: np.ndarray, weights: np.ndarray) -> np.ndarray:
-    """``sum_m w_m * probs_m`` for ``member_probs`` of shape (members, n, classes)."""
-    return np.tensordot(np.asarray(weights, dtype=np.float64), member_probs, axes=1)
+def ensemble_modes(predictions_dir: Path, members: Sequence[str]) -> tuple[str, ...]:
+    """Both modes when a member was evaluated image-only beside its metadata mode, else image-only."""
+    fusion = any(
+        (predictions_dir / m / f"val{mode_suffix(IMAGE_ONLY, MODES)}.csv").is_file() for m in members
+    )
+    return MODES if fusion else (IMAGE_ONLY,)
+
+
+def member_predictions(member_dir: Path, split: str, mode: str, modes: Sequence[str]) -> Path:
+    """A member's predictions file for a mode; a member without fusion has one file for both."""
+    own = member_dir / f"{split}{mode_suffix(mode, modes)}.csv"
+    return own if own.is_file() else member_dir / f"{split}.csv"
 
 
 def choose_weights(kind: str, val_member_probs: np.ndarray, y_val: np.ndarray) -> np.ndarray:
@@ -105,57 +117,76 @@ def run(
     classes: Sequence[str] = CLASSES,
 ) -> EnsembleResult:
     members = tuple(params.members)
-    frames: dict[str, dict[str, pd.DataFrame]] = {s: {} for s in SPLITS}
-    for m in members:
+    modes = ensemble_modes(Path(predictions_dir), members)
+    frames: dict[tuple[str, str], dict[str, pd.DataFrame]] = {}
+    for mode in modes:
         for split in SPLITS:
-            frames[split][m] = read_predictions(Path(predictions_dir) / m / f"{split}.csv", classes)
-    meta = {split: align_members(frames[split], split) for split in SPLITS}
-
-    stacked = {
-        split: np.stack([probabilities(frames[split][m], classes) for m in members]) for split in SPLITS
-    }
-    y_val = labels(meta["val"], classes)
-    weights = choose_weights(params.weights, stacked["val"], y_val)
+            frames[split, mode] = {
+                m: read_predictions(
+                    member_predictions(Path(predictions_dir) / m, split, mode, modes), classes
+                )
+                for m in members
+            }
+    meta = {key: align_members(frames[key], f"{key[0]} ({key[1]})") for key in frames}
+    stacked = {key: np.stack([probabilities(frames[key][m], classes) for m in members]) for key in frames}
+    # One set of weights for every mode, fitted on the validation rows of all of them: the
+    # bundle mixes its members the same way whatever the input.
+    val_probs = np.concatenate([stacked["val", mode] for mode in modes], axis=1)
+    y_val_all = np.concatenate([labels(meta["val", mode], classes) for mode in modes])
+    weights = choose_weights(params.weights, val_probs, y_val_all)
     log.info(
-        "weights (%s): %s", params.weights, dict(zip(members, np.round(weights, 4).tolist(), strict=True))
-    )
+        "weights (%s, fitted on %s): %s", params.weights, " + ".join(modes),
+        dict(zip(members, np.round(weights, 4).tolist(), strict=True)),
+    )  # fmt: skip
 
-    ens = {
-        split: predictions_frame(meta[split], combine(stacked[split], weights), classes) for split in SPLITS
-    }
+    ens = {key: predictions_frame(meta[key], mix(stacked[key], weights), classes) for key in frames}
     rng = np.random.default_rng(seed)
-    metrics, table = report(
-        ens["test"], ens["val"], eval_params, rng, classes=classes, desc="ensemble bootstrap"
-    )
-
-    # The check the ensemble exists for: is it better than simply using its best member?
-    y_test = labels(meta["test"], classes)
-    member_auc = {
-        m: classification_metrics(y_test, stacked["test"][i], classes)["macro_auc"]
-        for i, m in enumerate(members)
-    }
-    best = max(members, key=lambda m: -np.inf if np.isnan(member_auc[m]) else member_auc[m])
-    extra: dict[str, Any] = {f"weight_{m}": float(w) for m, w in zip(members, weights, strict=True)}
-    extra.update({f"member_macro_auc_{m}": member_auc[m] for m in members})
-    extra["best_member"] = best
-    extra["best_member_macro_auc"] = member_auc[best]
-    extra["ensemble_minus_best_macro_auc"] = (
-        metrics["macro_auc"] - member_auc[best] if metrics["macro_auc"] is not None else float("nan")
-    )
-    extra["val_log_loss_equal_weights"] = log_loss(
-        y_val, combine(stacked["val"], np.full(len(members), 1 / len(members)))
-    )
-    metrics.update({k: json_value(v) for k, v in extra.items()})
+    metrics: dict[str, Any] = {}
+    table = None
+    for mode in modes:
+        sfx = mode_suffix(mode, modes)
+        m, t = report(
+            ens["test", mode],
+            ens["val", mode],
+            eval_params,
+            rng,
+            classes=classes,
+            desc=f"ensemble {mode} bootstrap",
+        )
+        table = t if table is None else table
+        # The check the ensemble exists for: is it better than simply using its best member?
+        y_test = labels(meta["test", mode], classes)
+        member_auc = {
+            name: classification_metrics(y_test, stacked["test", mode][i], classes)["macro_auc"]
+            for i, name in enumerate(members)
+        }
+        best = max(members, key=lambda k: -np.inf if np.isnan(member_auc[k]) else member_auc[k])
+        extra: dict[str, Any] = {f"member_macro_auc_{k}": member_auc[k] for k in members}
+        extra["best_member"] = best
+        extra["best_member_macro_auc"] = member_auc[best]
+        extra["ensemble_minus_best_macro_auc"] = (
+            m["macro_auc"] - member_auc[best] if m["macro_auc"] is not None else float("nan")
+        )
+        y_val = labels(meta["val", mode], classes)
+        extra["val_log_loss_equal_weights"] = log_loss(
+            y_val, mix(stacked["val", mode], np.full(len(members), 1 / len(members)))
+        )
+        m.update({k: json_value(v) for k, v in extra.items()})
+        metrics.update({f"{k}{sfx}": v for k, v in m.items()})
+    metrics.update({f"weight_{k}": json_value(float(w)) for k, w in zip(members, weights, strict=True)})
+    first = modes[0]
+    best = metrics["best_member"]
 
     with atomic_dir(out_dir) as tmp:
-        for split in SPLITS:
-            write_predictions(ens[split], tmp / f"{split}.csv")
+        for split, mode in ens:
+            write_predictions(ens[split, mode], tmp / f"{split}{mode_suffix(mode, modes)}.csv")
         write_json(
             tmp / "weights.json",
-            {"members": list(members), "weights": [float(w) for w in weights], "method": params.weights},
-        )
+            {"members": list(members), "weights": [float(w) for w in weights], "method": params.weights,
+             "modes": list(modes)},
+        )  # fmt: skip
     with atomic_dir(plots_dir) as tmp:
-        write_plots(tmp, ens["test"], table, title="ensemble")
+        write_plots(tmp, ens["test", first], table, title="ensemble")
     write_json(metrics_path, metrics)
     log.info(
         "ensemble test macro AUC %s vs best member %s (%s): %+.4f",

@@ -4,10 +4,13 @@ Writes
 
 * ``<out>/{val,test}.csv`` - one row per image, in the prepared split's order: image_id,
   lesion_id, dx (true), age, sex, localization, ``prob_<dx>`` (the 7 probabilities) and
-  ``logit_<dx>`` = log(prob) (so temperature scaling also works after averaging members);
-* ``<metrics>`` - flat JSON of the test metrics (:func:`stages.metrics.classification_metrics`)
-  each with ``<key>_ci_low`` / ``<key>_ci_high`` from a lesion-level bootstrap, a few validation
-  numbers (``val_*``) and the worst subgroup;
+  ``logit_<dx>`` = log(prob) (so temperature scaling also works after averaging members).
+  A fusion member is scored with the split's own metadata as ``serve`` would (rows with any
+  field unknown image-only), and again image-only into ``{val,test}_image_only.csv``;
+* ``<metrics>`` - flat JSON of the test metrics (:func:`stages.metrics.classification_metrics`;
+  a fusion member's image-only ones again with the suffix ``_image_only``) each with
+  ``<key>_ci_low`` / ``<key>_ci_high`` from a lesion-level bootstrap, a few validation numbers
+  (``val_*``) and the worst subgroup;
 * ``<plots>/`` - ``confusion.csv`` (actual,predicted per test image, DVC's confusion template),
   ``confusion_normalized.png`` (row-normalised), ``roc/<dx>.csv`` and ``pr/<dx>.csv`` (one curve
   per class plus ``malignant``), ``confidence_grid.png`` (test images with the model's best,
@@ -30,7 +33,6 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from tqdm import tqdm
 
 from stages.common import CLASSES, StageError, atomic_dir, run_main, setup_logging, write_json
 from stages.params import EvaluateParams, load_params
@@ -56,6 +58,16 @@ from stages.predictions import (  # noqa: F401 (re-exported: the report helpers 
     write_plots,
     write_predictions,
 )
+from stages.scoring import (
+    IMAGE_ONLY,
+    METADATA,
+    MODES,
+    MetaArrays,
+    member_probabilities,
+    mode_inputs,
+    mode_suffix,
+    row_modes,
+)
 
 log = logging.getLogger(__name__)
 
@@ -68,27 +80,48 @@ class EvaluateResult:
     metrics: dict[str, Any]
 
 
-def predict(model: Any, arrays: Any, *, batch_size: int, tta: bool) -> np.ndarray:
-    """Class probabilities of a Keras model for a whole split (``SplitArrays``).
+def split_meta(arrays: Any) -> MetaArrays:
+    """The metadata of a prepared split (``SplitArrays``) as a fusion member takes it."""
+    return MetaArrays(arrays.age, arrays.sex, arrays.localization)
 
-    A model with metadata fusion takes a dict of inputs (image, age, sex, localization); the
-    others take the image alone. With ``tta`` the probabilities are averaged over the 4 flips.
+
+def predict(
+    model: Any, arrays: Any, *, batch_size: int, tta: bool, mode: str = METADATA
+) -> tuple[np.ndarray, np.ndarray]:
+    """A member's probabilities for a whole split (``SplitArrays``) in an input mode, and the
+    mode each row used: the scoring path the bundle serves with (:mod:`stages.scoring`).
+
+    ``mode`` ``metadata``: each row as ``serve`` would score it given the split's own metadata
+    (rows with any field unknown image-only); ``image_only``: every field unknown. A member
+    without fusion ignores metadata (every row image-only).
     """
-    names = [t.name.split(":")[0] for t in model.inputs]
-    takes_meta = len(names) > 1
+    from stages.models import as_graph
 
-    def run(images: np.ndarray) -> np.ndarray:
-        x: Any = images
-        if takes_meta:
-            x = {"image": images, "age": arrays.age, "sex": arrays.sex, "localization": arrays.localization}
-        return np.asarray(model.predict(x, batch_size=batch_size, verbose=0), dtype=np.float64)
+    takes_meta = len(model.inputs) > 1
+    n = len(arrays.images)
+    meta = split_meta(arrays) if mode == METADATA else None
+    modes = row_modes(meta, n, MODES if takes_meta else (IMAGE_ONLY,))
+    fed = mode_inputs(meta, modes)
+    probs = member_probabilities(
+        as_graph(model),
+        arrays.images,
+        fed,
+        takes_meta=takes_meta,
+        tta=tta,
+        batch_size=batch_size,
+        progress=f"predict ({mode})",
+    )
+    return probs, modes
 
-    views = [arrays.images]
-    if tta:
-        views += [arrays.images[:, :, ::-1], arrays.images[:, ::-1], arrays.images[:, ::-1, ::-1]]
-    views = tqdm(views, desc="predict", unit="view", leave=False)
-    probs = np.mean([run(np.ascontiguousarray(v)) for v in views], axis=0)
-    return probs
+
+def member_modes(model: Any) -> tuple[str, ...]:
+    """The input modes a member is evaluated in: both with fusion, ``image_only`` without."""
+    return MODES if len(model.inputs) > 1 else (IMAGE_ONLY,)
+
+
+def predictions_name(split: str, mode: str, modes: Sequence[str]) -> str:
+    """``val.csv`` (the metadata mode, or the only one) and ``val_image_only.csv``."""
+    return f"{split}{mode_suffix(mode, modes)}.csv"
 
 
 def _check_probs(probs: np.ndarray, n: int, where: str, classes: Sequence[str]) -> None:
@@ -138,7 +171,9 @@ def run(
     except Exception as e:  # a corrupt or foreign file: say which, not a Keras traceback
         raise StageError(f"{model_path}: cannot load the model ({type(e).__name__}: {e})") from None
 
-    frames, test_images = {}, None
+    modes = member_modes(model)
+    frames: dict[tuple[str, str], pd.DataFrame] = {}
+    test_images = None
     for split in SPLITS:
         arr = read_split_numpy(prepared_dir, split)
         csv_path = Path(prepared_dir) / manifest["splits"][split]["csv"]
@@ -147,27 +182,32 @@ def run(
             raise StageError(f"{csv_path}: rows are not in shard order; rerun the prepare stage")
         if len(meta) == 0:
             raise StageError(f"{csv_path}: split {split!r} is empty")
-        log.info(
-            "%s: predicting %d %s images%s",
-            backbone,
-            len(meta),
-            split,
-            " with flip TTA" if params.tta else "",
-        )
-        probs = predict(model, arr, batch_size=params.batch_size, tta=params.tta)
-        _check_probs(probs, len(meta), str(model_path), classes)
-        frames[split] = predictions_frame(meta, probs, classes)
+        for mode in modes:
+            log.info(
+                "%s: predicting %d %s images (%s)%s",
+                backbone, len(meta), split, mode, " with flip TTA" if params.tta else "",
+            )  # fmt: skip
+            probs, _ = predict(model, arr, batch_size=params.batch_size, tta=params.tta, mode=mode)
+            _check_probs(probs, len(meta), str(model_path), classes)
+            frames[split, mode] = predictions_frame(meta, probs, classes)
         if split == "test":  # kept for the confidence grid; val's pixels are dropped here
             test_images = arr.images
 
     rng = np.random.default_rng(seed)
-    metrics, table = report(frames["test"], frames["val"], params, rng, desc=f"{backbone} bootstrap")
+    metrics: dict[str, Any] = {}
+    table = None
+    for mode in modes:
+        m, t = report(
+            frames["test", mode], frames["val", mode], params, rng, desc=f"{backbone} {mode} bootstrap"
+        )
+        metrics.update({f"{k}{mode_suffix(mode, modes)}": v for k, v in m.items()})
+        table = t if table is None else table
 
     with atomic_dir(out_dir) as tmp:
-        for split in SPLITS:
-            write_predictions(frames[split], tmp / f"{split}.csv")
+        for split, mode in frames:
+            write_predictions(frames[split, mode], tmp / predictions_name(split, mode, modes))
     with atomic_dir(plots_dir) as tmp:
-        write_plots(tmp, frames["test"], table, images=test_images, title=backbone)
+        write_plots(tmp, frames["test", modes[0]], table, images=test_images, title=backbone)
     write_json(metrics_path, metrics)
     log.info(
         "%s test: macro AUC %s [%s, %s], balanced acc %s, malignant AUC %s, worst subgroup %s",
@@ -179,7 +219,7 @@ def run(
         metrics["malignant_auc"],
         metrics["worst_subgroup"],
     )
-    return EvaluateResult(backbone, len(frames["val"]), len(frames["test"]), metrics)
+    return EvaluateResult(backbone, len(frames["val", modes[0]]), len(frames["test", modes[0]]), metrics)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -263,9 +263,7 @@ def fit_temperature(
     return t if nll_with_calibration(logits, y, t) < nll_with_calibration(logits, y, 1.0) else 1.0
 
 
-def _calibrated_logits(
-    logits: np.ndarray, temperature: float, bias: Sequence[float] | None
-) -> np.ndarray:
+def _calibrated_logits(logits: np.ndarray, temperature: float, bias: Sequence[float] | None) -> np.ndarray:
     z = np.asarray(logits, dtype=np.float64) / temperature
     if bias is not None:
         z = z + np.asarray(bias, dtype=np.float64)[None, :]

@@ -250,6 +250,12 @@ class TrainCommonParams:
     # precise BatchNorm after training (from-scratch backbones): the saved model's BN statistics
     # are recomputed over the training images under the final weights (models.recalibrate_batchnorm)
     recalibrate_bn: bool = True
+    # Metadata dropout (fusion members only; no effect on the others): each of age, sex and
+    # localization of a training image is replaced by "unknown", independently, with this
+    # probability, drawn anew every epoch. An image served without metadata (all three unknown,
+    # as the bundle and the service feed a fusion member) is then in the training distribution
+    # (rate**3 of the training images) instead of a combination the fusion layer never saw.
+    metadata_dropout: float = _f(0.5, lo=0.0, hi=1.0)
 
 
 @dataclass(frozen=True)

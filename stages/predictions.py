@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,11 +20,14 @@ from tqdm import tqdm
 
 from stages.common import CLASSES, StageError
 from stages.metrics import (
+    balanced_accuracy,
     bootstrap_ci,
     classification_metrics,
+    expected_calibration_error,
     log_loss,
     malignant_score,
     malignant_truth,
+    operating_point,
     roc_curve,
 )
 from stages.params import EvaluateParams
@@ -93,6 +97,16 @@ def read_predictions(
         dup = df.loc[df["image_id"].duplicated(), "image_id"].iloc[0]
         raise StageError(f"{path}: image_id {dup} appears twice")
     return df
+
+
+def complete_metadata(df: pd.DataFrame) -> np.ndarray:
+    """Rows whose age, sex and localization are all known (the rows a fusion bundle scores with
+    its metadata operating point; see stages.scoring)."""
+    age = pd.to_numeric(df["age"].astype(str).str.strip().replace("", "nan"), errors="coerce")
+    sex = df["sex"].astype(str).str.strip().str.lower()
+    loc = df["localization"].astype(str).str.strip().str.lower()
+    return (np.isfinite(age.to_numpy(dtype=np.float64)) & ~sex.isin(["", "unknown"]).to_numpy()
+            & ~loc.isin(["", "unknown"]).to_numpy())  # fmt: skip
 
 
 def labels(df: pd.DataFrame, classes: Sequence[str] = CLASSES) -> np.ndarray:
@@ -321,6 +335,109 @@ def report(
     table = subgroup_table(test, probs, params.age_bands, classes=classes)
     metrics.update(worst_subgroup(table, params.subgroup_min_malignant))
     return {k: json_value(v) for k, v in metrics.items()}, table
+
+
+# --------------------------------------------------------------------------- served predictions
+
+
+@dataclass(frozen=True)
+class Served:
+    """A bundle's answers for labelled images (as ``serve`` gives them), one row per image."""
+
+    probs: np.ndarray  # calibrated [N, K]
+    modes: np.ndarray  # the input mode each row was scored in (stages.scoring)
+    score: np.ndarray  # P(mel) + P(bcc) + P(akiec)
+    threshold: np.ndarray  # the malignant threshold of the row's mode
+    decisions: np.ndarray  # predicted class index (the row's mode's decision)
+
+    def frame(self, meta: pd.DataFrame, classes: Sequence[str] = CLASSES) -> pd.DataFrame:
+        """The served predictions file: metadata, probabilities, mode, threshold, refer, predicted."""
+        df = predictions_frame(meta, self.probs, classes)
+        df["mode"] = self.modes
+        df["malignant_prob"] = self.score
+        df["threshold"] = self.threshold
+        df["refer"] = self.score >= self.threshold
+        df["predicted"] = np.asarray(classes)[self.decisions]
+        return df
+
+
+def served_report(
+    meta: pd.DataFrame,
+    served: Served,
+    params: EvaluateParams,
+    rng: np.random.Generator,
+    *,
+    ece_bins: int = 15,
+    classes: Sequence[str] = CLASSES,
+    desc: str = "served bootstrap",
+) -> tuple[dict[str, Any], pd.DataFrame]:
+    """What a bundle delivers on labelled images: the metrics the calibrate stage reports for
+    its test split and ``serve.evaluate`` for any labelled folder (one definition for both).
+
+    ``meta``: one row per image (image_id, lesion_id, dx, age, sex, localization). Gives the
+    classification metrics with lesion-bootstrap CIs (:func:`report`, per image and per lesion),
+    the malignant operating point at each row's own threshold (``test_malignant_recall``,
+    ``test_specificity``, ``test_ppv``, ``referrals_per_100`` with CIs, and per lesion), ECE and
+    NLL of the calibrated probabilities, the balanced accuracy of the bundle's decision, the
+    share of rows scored with metadata, and the subgroup table with the worst subgroup.
+    """
+    y = labels(meta, classes)
+    frame = served.frame(meta, classes)
+    out: dict[str, Any] = {}
+    headline, _ = report(frame, None, params, rng, classes=classes, desc=desc)
+    out.update({k: v for k, v in headline.items() if not k.startswith("worst_subgroup")})
+    out["ece_after"] = expected_calibration_error(served.probs, y, ece_bins)
+    out["nll_after"] = float(-np.mean(np.log(np.clip(served.probs[np.arange(len(y)), y], 1e-300, 1.0))))
+    out["balanced_accuracy_decision"] = balanced_accuracy(y, served.decisions, len(classes))
+    out["share_metadata"] = float(np.mean(served.modes == "metadata"))
+
+    # Each row against its own mode's threshold: the flag is score - threshold >= 0.
+    margin = served.score - served.threshold
+    is_mal = malignant_truth(y, classes)
+    groups = meta["lesion_id"].to_numpy()
+    op = operating_point(is_mal, margin, 0.0, groups)
+    out.update(
+        {
+            "test_malignant_recall": op["recall"],
+            "test_specificity": op["specificity"],
+            "test_ppv": op["ppv"],
+            "referrals_per_100": op["referrals_per_100"],
+            "test_n_malignant": float(is_mal.sum()),
+            "test_n_lesions": float(len(np.unique(groups))),
+        }
+    )
+    # Lesion level: the lesion's mean margin over its threshold (its mean score, one threshold).
+    _, lesion_margin, _ = lesion_probabilities(groups, margin[:, None])
+    _, lesion_of = np.unique(groups, return_inverse=True)
+    lesion_mal = np.bincount(lesion_of, weights=is_mal) > 0
+    lop = operating_point(lesion_mal, lesion_margin[:, 0], 0.0)
+    out["lesion_test_malignant_recall"] = lop["recall"]
+    out["lesion_test_specificity"] = lop["specificity"]
+    out["lesion_test_n_malignant"] = float(lesion_mal.sum())
+    # Referrals are per lesion: a lesion drawn twice by the bootstrap counts twice, so weight each
+    # lesion's referral by how often it was drawn (its image count in the replicate / its size).
+    size = np.bincount(lesion_of)
+    referred = np.bincount(lesion_of, weights=(margin >= 0.0).astype(np.float64)) > 0
+
+    def stat(idx: np.ndarray) -> dict[str, float]:
+        o = operating_point(is_mal[idx], margin[idx], 0.0)
+        drawn = np.bincount(lesion_of[idx], minlength=size.size) / size
+        o["referrals_per_100"] = 100.0 * float(drawn @ referred) / float(drawn.sum())
+        return o
+
+    ci = bootstrap_ci(stat, groups, params.bootstrap_samples, rng, level=params.ci_level)
+    for key, name in (
+        ("recall", "test_malignant_recall"),
+        ("specificity", "test_specificity"),
+        ("ppv", "test_ppv"),
+        ("referrals_per_100", "referrals_per_100"),
+    ):
+        out[f"{name}_ci_low"], out[f"{name}_ci_high"] = ci.get(key, (np.nan, np.nan))
+    table = subgroup_table(
+        meta, served.probs, params.age_bands, malignant_flag=margin >= 0.0, classes=classes
+    )
+    out.update(worst_subgroup(table, params.subgroup_min_malignant))
+    return {k: json_value(v) for k, v in out.items()}, table
 
 
 # --------------------------------------------------------------------------- plots

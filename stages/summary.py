@@ -1,7 +1,8 @@
 """Print the few numbers a person looks at first after a run (``make demo`` ends with it).
 
 ``dvc metrics show`` prints every key of every file in one very wide row; this prints, per
-model, the headline metrics with their lesion-bootstrap CIs, then the operating point.
+model, the headline metrics with their lesion-bootstrap CIs (members and the ensemble before
+calibration; then the bundle as served, per input mode), then the operating point of each mode.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 HEADLINE = ("macro_auc", "balanced_accuracy", "malignant_auc", "mel_recall")
+IMAGE_ONLY_SUFFIX = "_image_only"  # stages.scoring.mode_suffix (not imported: keep this light)
 OPERATING = ("threshold", "test_malignant_recall", "test_specificity", "test_ppv", "referrals_per_100")
 
 
@@ -21,6 +23,13 @@ def _load(path: Path) -> dict:
         return json.loads(path.read_text())
     except (OSError, ValueError):
         return {}
+
+
+def _mode(metrics: dict, suffix: str) -> dict:
+    """The keys of one input mode: ``suffix`` "" (the first mode) or "_image_only"."""
+    if not suffix:
+        return {k: v for k, v in metrics.items() if not k.endswith(IMAGE_ONLY_SUFFIX)}
+    return {k[: -len(suffix)]: v for k, v in metrics.items() if k.endswith(suffix)}
 
 
 def _fmt(m: dict, key: str) -> str:
@@ -42,21 +51,30 @@ def summarize(metrics_dir: Path) -> str:
         )
     rows = [(p.stem, _load(p)) for p in sorted((metrics_dir / "eval").glob("*.json"))]
     rows.append(("ensemble", _load(metrics_dir / "ensemble.json")))
+    cal = _load(metrics_dir / "calibration.json")
+    # The bundle's own answers (what serve gives): one row per input mode it has.
+    modes = [("", "served")] if cal else []
+    if any(k.endswith(IMAGE_ONLY_SUFFIX) for k in cal):
+        modes = [("", "served, metadata"), (IMAGE_ONLY_SUFFIX, "served, image only")]
+    rows += [(label, _mode(cal, sfx)) for sfx, label in modes]
     rows = [(name, m) for name, m in rows if m]
     if rows:
         lines.append("")
-        lines.append(f"{'test set':<14}" + "".join(f"{k:<24}" for k in HEADLINE))
+        lines.append(f"{'test set':<20}" + "".join(f"{k:<24}" for k in HEADLINE))
         for name, m in rows:
-            lines.append(f"{name:<14}" + "".join(f"{_fmt(m, k):<24}" for k in HEADLINE))
-    cal = _load(metrics_dir / "calibration.json")
+            lines.append(f"{name:<20}" + "".join(f"{_fmt(m, k):<24}" for k in HEADLINE))
     if cal:
         lines.append("")
         lines.append(
-            f"operating point (chosen on val for malignant recall >= {cal.get('target_recall')}), on test: "
-            + ", ".join(f"{k} {_fmt(cal, k).split(' [')[0]}" for k in OPERATING if k in cal)
+            f"operating point (chosen on val for malignant recall >= {cal.get('target_recall')}), on test:"
         )
         nan = float("nan")
-        lines.append(f"calibration: ECE {cal.get('ece_before', nan):.3f} -> {cal.get('ece_after', nan):.3f}")
+        for sfx, label in modes:
+            m = _mode(cal, sfx)
+            lines.append(
+                f"  {label}: " + ", ".join(f"{k} {_fmt(m, k).split(' [')[0]}" for k in OPERATING if k in m)
+                + f"; ECE {m.get('ece_before', nan):.3f} -> {m.get('ece_after', nan):.3f}"
+            )  # fmt: skip
     drift = _load(metrics_dir / "drift.json")
     if drift:
         verdict = "DRIFT DETECTED" if drift.get("drift_detected") else "no drift"

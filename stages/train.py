@@ -87,6 +87,7 @@ __all__ = [
     "plan_phases",
     "macro_auc",
     "macro_f1",
+    "metadata_dropout",
     "run",
     "main",
     "worker_paths",
@@ -335,6 +336,35 @@ class TrainResult:
 # --------------------------------------------------------------------------- TF parts
 
 
+def metadata_dropout(features: Mapping[str, Any], rate: float, seed: Any) -> dict[str, Any]:
+    """A batch of fusion features with each of age, sex and localization replaced by "unknown"
+    (NaN age, ``SEXES.index("unknown")``, ``LOCALIZATIONS.index("unknown")``), independently per
+    image and field, with probability ``rate``; ``image`` and any other key pass through.
+
+    Why: the bundle and the service feed a fusion member all three unknown when an image comes
+    without metadata, a combination that is rare in the training set (HAM10000 has almost every
+    field filled in); dropping fields at random puts it, and every partial case, in the training
+    distribution (all three unknown in ``rate**3`` of the images). ``seed`` is a stateless seed
+    (shape ``[2]`` integers): the same seed gives the same mask, under TF op determinism too.
+    """
+    import tensorflow as tf
+
+    from stages.common import LOCALIZATIONS, SEXES
+
+    if rate <= 0:
+        return dict(features)
+    age = tf.convert_to_tensor(features["age"])
+    sex = tf.convert_to_tensor(features["sex"])
+    loc = tf.convert_to_tensor(features["localization"])
+    drop = tf.random.stateless_uniform([tf.shape(age)[0], 3], seed=seed) < rate
+    return {
+        **features,
+        "age": tf.where(drop[:, 0], tf.constant(float("nan"), age.dtype), age),
+        "sex": tf.where(drop[:, 1], tf.constant(SEXES.index("unknown"), sex.dtype), sex),
+        "localization": tf.where(drop[:, 2], tf.constant(LOCALIZATIONS.index("unknown"), loc.dtype), loc),
+    }
+
+
 def _datasets(
     prepared: Path,
     *,
@@ -346,11 +376,14 @@ def _datasets(
     cache: bool,
     drop_remainder: bool = False,
     augment: list[Any] | None = None,
+    metadata_dropout_rate: float = 0.0,
 ) -> tuple[Any, Any]:
     """Training (shuffled, batched, prefetched) and validation datasets from the shards.
 
     ``augment``: Keras augmentation layers to run here, on batches, instead of inside the model
     (only when the model is XLA-compiled; images stay uint8 so the model's input is unchanged).
+    ``metadata_dropout_rate`` (with ``with_meta``): :func:`metadata_dropout` on the training
+    batches, drawn anew every epoch; the validation set keeps its metadata.
     """
     import keras
     import tensorflow as tf
@@ -375,6 +408,18 @@ def _datasets(
     train = train.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True).batch(
         batch, drop_remainder=drop_remainder
     )
+    if with_meta and metadata_dropout_rate > 0:
+        # After the cache, so every epoch draws new masks. One int64 per batch from a seeded
+        # stream that re-seeds each iteration (epoch) deterministically seeds a stateless draw:
+        # reruns with the same seed drop the same fields, with TF op determinism on. An op seed
+        # of its own: with the shuffle's, the masks would come from the shuffle's random stream.
+        draws = tf.data.Dataset.random(seed=seed + 1, rerandomize_each_iteration=True)
+
+        def drop_meta(xy: Any, r: Any) -> Any:
+            x, y = xy
+            return metadata_dropout(x, metadata_dropout_rate, tf.stack([r, tf.zeros_like(r)])), y
+
+        train = tf.data.Dataset.zip((train, draws)).map(drop_meta, num_parallel_calls=tf.data.AUTOTUNE)
     if augment:
         pipeline = keras.Sequential(augment, name="augment")
 
@@ -817,10 +862,17 @@ def _build(params: TrainParams, backbone: str, data: _Prepared, seed: int) -> _J
         backbone, data.n_train, data.n_val, data.image_size, weights_used, model.count_params(),
         ", ".join(f"{p.name} (epochs {p.start + 1}-{p.end}, unfreeze {p.depth})" for p in phases),
     )  # fmt: skip
+    if bbp.fusion and common.metadata_dropout > 0:
+        log.info(
+            "%s: metadata dropout %.2f: each of age, sex, localization -> unknown per training image "
+            "and epoch (all three in %.1f%%)", backbone, common.metadata_dropout,
+            100 * common.metadata_dropout**3,
+        )  # fmt: skip
     train_ds, val_ds = _datasets(
         data.path, n_train=data.n_train, with_meta=bbp.fusion, batch=global_batch,
         shuffle_buffer=common.shuffle_buffer, seed=seed, cache=common.cache, drop_remainder=multi,
         augment=models.augmentation_layers(spec) if xla else None,
+        metadata_dropout_rate=common.metadata_dropout,
     )  # fmt: skip
     loss_fn = losses.make_loss(
         common.loss, cw, gamma=common.focal_gamma, label_smoothing=common.label_smoothing

@@ -43,8 +43,20 @@ def pick_lesions(meta: pd.DataFrame, n_images: int, seed: int) -> tuple[pd.DataF
     return used, meta[meta["lesion_id"].isin(take)]
 
 
-def build(shared: Path, root: Path, *, n_images: int = 2400, seed: int = 0) -> tuple[Path, pd.DataFrame]:
-    """Build ``root/bundle`` from about ``n_images`` real images; return it and the held-out rows."""
+def build(
+    shared: Path,
+    root: Path,
+    *,
+    n_images: int = 2400,
+    seed: int = 0,
+    fusion: bool = False,
+    epochs: int = 3,
+) -> tuple[Path, pd.DataFrame]:
+    """Build ``root/bundle`` from about ``n_images`` real images; return it and the held-out rows.
+
+    ``fusion``: the member fuses age, sex and site (a two-mode bundle). The calibrate stage's own
+    test predictions are in ``root/served`` (``test.csv``, ``test_image_only.csv`` with fusion),
+    the raw images and metadata in ``root/raw``."""
     meta = pd.read_csv(shared / "HAM10000_metadata.csv", dtype=str, keep_default_na=False)
     thumbs = shared / "images_200x150"
     meta = meta[[(thumbs / f"{i}.jpg").is_file() for i in meta["image_id"]]]
@@ -65,7 +77,11 @@ def build(shared: Path, root: Path, *, n_images: int = 2400, seed: int = 0) -> t
     split = used[["image_id", "lesion_id", "dx"]].assign(split=used["lesion_id"].map(split_of))
     split.to_csv(root / "split.csv", index=False, lineterminator="\n", quoting=csv.QUOTE_MINIMAL)
     params = root / "params.yaml"
-    params.write_text(yaml.safe_dump(PARAMS), encoding="utf-8")
+    knobs = yaml.safe_load(yaml.safe_dump(PARAMS))
+    knobs["train"]["common"]["epochs"] = epochs
+    if fusion:
+        knobs["train"]["backbone"] = {"custom_cnn": {"fusion": True}}
+    params.write_text(yaml.safe_dump(knobs), encoding="utf-8")
     py = sys.executable
     p = str(params)
     for args in (
@@ -84,7 +100,7 @@ def build(shared: Path, root: Path, *, n_images: int = 2400, seed: int = 0) -> t
          str(root / "ensemble.json"), "--models", str(root / "models"), "--prepared", str(root / "prepared"),
          "--lock", str(root / "dvc.lock"), "--bundle", str(root / "bundle"), "--metrics",
          str(root / "calibration.json"), "--plots", str(root / "cal"), "--card", str(root / "card.md"),
-         "--raw", str(raw), "--split", str(root / "split.csv")],
+         "--raw", str(raw), "--split", str(root / "split.csv"), "--served", str(root / "served")],
     ):  # fmt: skip
         proc = subprocess.run([py, "-m", *args], cwd=root, capture_output=True, text=True, check=False)
         if proc.returncode != 0:

@@ -9,6 +9,11 @@ project's real params.yaml:
   writes ``metrics/validation.json`` with ``passed: 0``, as the real one does.
 * ``train.common.epochs``: the candidate's AUCs are ``0.70 + 0.02 * epochs`` (capped).
 * the test malignant recall is always 0.96: ``calibrate.target_recall`` above it fails the gate.
+* ``train.backbone.<bb>.fusion: true`` for any trained backbone makes the bundle fuse metadata:
+  ``metrics/ensemble.json`` and ``metrics/calibration.json`` then carry every key again with the
+  suffix ``_image_only`` (AUCs 0.02 below, recall 0.96), as the real stages write them. With
+  ``train.common.metadata_dropout: 0`` as well (the fusion layer never saw an image without
+  metadata) the image-only recall is 0.30: the gate refuses the candidate on that mode alone.
 * env ``TOY_TRAIN_SECONDS``: each train stage sleeps that long and records its
   ``CUDA_VISIBLE_DEVICES`` and start/end times in ``models/<bb>/run.json``.
 """
@@ -38,6 +43,17 @@ def out(path, data):
 
 
 auc = min(0.99, 0.70 + 0.02 * p["train"]["common"]["epochs"])
+fusion = any(p["train"]["backbone"][bb]["fusion"] for bb in p["train"]["backbones"])
+image_only_recall = 0.96 if p["train"]["common"]["metadata_dropout"] > 0 else 0.30
+
+
+def image_only(metrics, **changed):
+    # a fusion bundle's metrics: every key again with the suffix _image_only
+    if not fusion:
+        return metrics
+    return {**metrics, **{k + "_image_only": changed.get(k, v) for k, v in metrics.items()}}
+
+
 if stage == "download":
     out("data/raw/metadata.csv", "lesion_id,image_id,dx\n" + "HAM_1,ISIC_0000001,nv\n" * 11)
 elif stage == "split":
@@ -70,16 +86,16 @@ elif stage == "evaluate":
         "macro_auc_ci_low": auc - 0.05, "macro_auc_ci_high": auc + 0.03, "malignant_auc": auc,
     })
 elif stage == "ensemble":
-    out("metrics/ensemble.json", {"accuracy": 0.65, "balanced_accuracy": 0.55, "macro_f1": 0.45,
+    out("metrics/ensemble.json", image_only({"accuracy": 0.65, "balanced_accuracy": 0.55, "macro_f1": 0.45,
         "macro_auc": auc, "malignant_auc": auc + 0.01, "malignant_auc_ci_low": auc - 0.03,
-        "malignant_auc_ci_high": auc + 0.04})
+        "malignant_auc_ci_high": auc + 0.04}, macro_auc=auc - 0.02, malignant_auc=auc - 0.01))
 elif stage == "calibrate":
     out("models/ensemble/bundle.json", {"members": p["train"]["backbones"], "threshold": 0.2,
         "target_recall": p["calibrate"]["target_recall"]})
-    out("metrics/calibration.json", {"threshold": 0.2, "test_malignant_recall": 0.96,
-        "target_recall": p["calibrate"]["target_recall"],
+    out("metrics/calibration.json", {**image_only({"threshold": 0.2, "test_malignant_recall": 0.96,
         "test_specificity": 0.5, "test_ppv": 0.3, "referrals_per_100": 61.0, "ece_before": 0.1,
-        "ece_after": 0.05})
+        "ece_after": 0.05}, test_malignant_recall=image_only_recall, threshold=0.25),
+        "target_recall": p["calibrate"]["target_recall"]})
 """
 
 DVC_YAML = """\
@@ -129,14 +145,14 @@ stages:
   ensemble:
     cmd: python toy_stage.py ensemble
     deps: [metrics/eval]
-    params: [ensemble, train.common]
+    params: [ensemble, train.common, train.backbone]
     metrics:
       - metrics/ensemble.json:
           cache: false
   calibrate:
     cmd: python toy_stage.py calibrate
     deps: [metrics/ensemble.json]
-    params: [calibrate]
+    params: [calibrate, train.common, train.backbone]
     outs: [models/ensemble]
     metrics:
       - metrics/calibration.json:

@@ -17,16 +17,23 @@ from uuid import uuid4
 import pytest
 import yaml
 
+import flows.monitor as monitor_mod
 from flows.dvcops import set_params
 from flows.monitor import (
     EVENT,
     LEDGER,
     Batch,
     DriftCheckFailed,
+    EvaluationFailed,
     MonitorFailed,
+    _check_one,
+    _Run,
+    add_evaluation_to_workspace,
     check_batch,
     choose_bundle,
     drift_event,
+    evaluate_batch,
+    evaluation_values,
     fingerprint,
     load_ledger,
     mark_handed_over,
@@ -34,6 +41,7 @@ from flows.monitor import (
     new_ledger,
     pending_labelled,
     plan_checks,
+    read_evaluation,
     record_check,
     render_batch,
     save_ledger,
@@ -486,3 +494,187 @@ def test_extra_sources_are_kept_in_params_yaml(tmp_path):
     assert load_params(params).download.extra_sources == (*base, "/in/clinic-b")
     again = _overrides(None, None, ["/in/clinic-b"], load_params(params).download.extra_sources)
     assert not set_params(params, again)  # handed over twice: params.yaml (and the data) unchanged
+
+
+# --------------------------------------------------------------------------- labelled batches: external validation
+
+# What `python -m serve.evaluate FOLDER --bundle B --out OUT` writes (serve/evaluate.py's contract).
+EVALUATION = {
+    "bundle": {"path": "/repo/models/production", "modes": ["metadata", "image_only"]},
+    "folder": "/in/clinic-b",
+    "n_images": 48,
+    "n_skipped": 2,
+    "skipped": [{"name": "bad.jpg", "reason": "truncated JPEG"}, "text.jpg: not an image"],
+    "modes": {
+        "metadata": {
+            "n_images": 48, "macro_auc": 0.861, "macro_auc_ci_low": 0.8, "macro_auc_ci_high": 0.9,
+            "test_malignant_recall": 0.93, "test_malignant_recall_ci_low": 0.88,
+            "test_malignant_recall_ci_high": 0.97, "test_specificity": 0.61, "balanced_accuracy_decision": 0.7,
+            "lesion_macro_auc": 0.85,
+        },
+        "image_only": {
+            "n_images": 48, "macro_auc": 0.82, "test_malignant_recall": 0.85, "test_specificity": 0.55,
+            "balanced_accuracy_decision": 0.64, "lesion_macro_auc": float("nan"),
+        },
+    },
+}  # fmt: skip
+
+
+def _evaluation_file(path: Path, data=EVALUATION) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data))  # NaN as JSON writes it (Python's json: NaN)
+    return path
+
+
+def test_an_evaluation_result_is_read_and_shown_per_input_mode(tmp_path):
+    evaluation = read_evaluation(_evaluation_file(tmp_path / "evaluation.json"))
+    b = Batch("clinic-b", tmp_path / "clinic-b", "a" * 64, 52)
+    md = render_batch(b, "new", metrics={**METRICS, "drift_detected": False}, evaluation=evaluation)
+    assert "| external validation | malignant recall 0.930 with metadata, 0.850 image only |" in md
+    assert "## External validation: the labelled batch scored by the bundle (`serve.evaluate`)" in md
+    assert "| images | 48 scored, 2 skipped |" in md
+    assert "| metric | with metadata | image only |" in md
+    assert "| test_malignant_recall | 0.930 [0.880, 0.970] | 0.850 |" in md
+    assert "| macro_auc | 0.861 [0.800, 0.900] | 0.820 |" in md
+    assert "| lesion_macro_auc | 0.850 | nan |" in md and "| test_ppv |" not in md
+    assert "Skipped: `bad.jpg: truncated JPEG`, `text.jpg: not an image`." in md
+    assert evaluation_values(evaluation) == {
+        "n_images_metadata": 48.0, "macro_auc_metadata": 0.861, "lesion_macro_auc_metadata": 0.85,
+        "test_malignant_recall_metadata": 0.93, "test_specificity_metadata": 0.61,
+        "balanced_accuracy_decision_metadata": 0.7, "n_images_image_only": 48.0, "macro_auc_image_only": 0.82,
+        "test_malignant_recall_image_only": 0.85, "test_specificity_image_only": 0.55,
+        "balanced_accuracy_decision_image_only": 0.64,
+    }  # fmt: skip
+    # a one-mode bundle: one column
+    one = {**EVALUATION, "modes": {"image_only": EVALUATION["modes"]["image_only"]}}
+    md1 = render_batch(b, "new", metrics=METRICS, evaluation=one)
+    assert "| metric | image only |" in md1 and "malignant recall 0.850 image only |" in md1
+    # no evaluation (an unlabelled batch): no section
+    assert "External validation" not in render_batch(b, "new", metrics=METRICS)
+    assert "external validation" not in render_batch(b, "new", metrics=METRICS)
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [("{", "unreadable evaluation result"), ('{"modes": {}}', "not an evaluation result (no 'modes' mapping"),
+     ('{"modes": {"metadata": 0.9}}', "not an evaluation result")],
+)  # fmt: skip
+def test_a_broken_evaluation_result_is_refused_naming_the_file(tmp_path, text, message):
+    path = tmp_path / "evaluation.json"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=re.escape(f"{path}: {message}")):
+        read_evaluation(path)
+
+
+def test_evaluate_task_runs_serve_evaluate_and_reads_its_result(tmp_path, monkeypatch):
+    seen: list[list[str]] = []
+    out = tmp_path / "batches" / "clinic-b" / "evaluation.json"
+
+    def fake(argv, cwd, *, on_line, env=None):
+        seen.append(argv)
+        _evaluation_file(out)
+        return 0, ["scored 48 images"]
+
+    monkeypatch.setattr(monitor_mod, "stream_command", fake)
+    result = evaluate_batch.fn(str(REPO), "clinic-b", "/in/clinic-b", "/repo/models/production", str(out))
+    assert result["modes"]["metadata"]["test_malignant_recall"] == 0.93
+    assert seen[0][1:] == [
+        "-m", "serve.evaluate", "/in/clinic-b", "--bundle", "/repo/models/production", "--out", str(out),
+        "--no-progress",
+    ]  # fmt: skip
+
+    def refuses(argv, cwd, *, on_line, env=None):
+        return 1, ["loading", "error: /in/clinic-b/metadata.csv: no dx column"]
+
+    monkeypatch.setattr(monitor_mod, "stream_command", refuses)
+    with pytest.raises(EvaluationFailed) as info:
+        evaluate_batch.fn(str(REPO), "clinic-b", "/in/clinic-b", "/b", str(out))
+    assert info.value.error == "/in/clinic-b/metadata.csv: no dx column" and not out.exists()
+    assert str(info.value).startswith("external validation of 'clinic-b' failed (exit 1)")
+
+    monkeypatch.setattr(monitor_mod, "stream_command", lambda argv, cwd, *, on_line, env=None: (0, []))
+    with pytest.raises(EvaluationFailed, match="unreadable evaluation result"):
+        evaluate_batch.fn(str(REPO), "clinic-b", "/in/clinic-b", "/b", str(out))
+
+
+@pytest.fixture
+def checking(tmp_path, monkeypatch):
+    """``_check_one`` with the drift check, the evaluation and the artifacts faked: what the flow
+    does around them (``evaluated``: the batches scored; ``published``: the artifacts)."""
+    calls: dict[str, list] = {"evaluated": [], "published": []}
+
+    def check(root, name, images, bundle, report_dir, metrics_path, workspace, params="params.yaml"):
+        return {**METRICS, "drift_detected": False, "labelled": name.startswith("labelled")}
+
+    def evaluate(root, name, images, bundle, out_path):
+        calls["evaluated"].append((name, out_path))
+        if name == "labelled-broken":
+            raise EvaluationFailed(name, 1, ["error: metadata.csv: no dx column"])
+        return read_evaluation(_evaluation_file(Path(out_path)))
+
+    monkeypatch.setattr(monitor_mod, "check_batch", check)
+    monkeypatch.setattr(monitor_mod, "evaluate_batch", evaluate)
+    monkeypatch.setattr(monitor_mod, "publish", lambda key, md, desc: calls["published"].append((key, md)))
+    state = tmp_path / "state"
+    run = _Run(
+        root=tmp_path, params=tmp_path / "params.yaml", bundle=tmp_path / "bundle", state=state,
+        workspace=None, retrain_on=False, ledger=new_ledger(), ledger_path=state / LEDGER, name="r",
+        summary={"checked": [], "drifted": [], "failed": [], "events": []}, project="skin-lesion drift",
+    )  # fmt: skip
+    return run, calls
+
+
+def test_a_labelled_batch_is_also_scored_and_the_artifact_shows_it(checking, tmp_path):
+    run, calls = checking
+    b = Batch("labelled-b", tmp_path / "labelled-b", "b" * 64, 50)
+    row = _check_one(run, b, "new")
+    out = run.state / "batches" / "labelled-b" / "evaluation.json"
+    assert calls["evaluated"] == [("labelled-b", str(out))]
+    [(key, md)] = calls["published"]
+    assert key == "drift-labelled-b" and "| test_malignant_recall | 0.930 [0.880, 0.970] | 0.850 |" in md
+    assert row[4] == "yes; malignant recall 0.930 with metadata, 0.850 image only"
+    entry = json.loads((run.state / LEDGER).read_text())["batches"]["labelled-b"]
+    assert (
+        entry["status"] == "checked" and entry["evaluation"] == str(out) and entry["evaluation_error"] is None
+    )
+
+
+def test_an_unlabelled_batch_is_not_scored(checking, tmp_path):
+    run, calls = checking
+    row = _check_one(run, Batch("plain", tmp_path / "plain", "c" * 64, 50), "new")
+    assert calls["evaluated"] == [] and row[4] == "no"
+    [(_, md)] = calls["published"]
+    assert "External validation" not in md
+    assert "evaluation" not in json.loads((run.state / LEDGER).read_text())["batches"]["plain"]
+
+
+def test_a_failed_evaluation_is_a_warning_and_the_drift_check_stands(checking, tmp_path, caplog):
+    run, calls = checking
+    with caplog.at_level("WARNING", logger="flows.monitor"):
+        row = _check_one(run, Batch("labelled-broken", tmp_path / "x", "d" * 64, 5), "changed")
+    assert (
+        "labelled-broken: external validation failed, the drift check stands: metadata.csv: no dx column"
+        in (caplog.text)
+    )
+    assert row[1] == "no drift" and row[4] == "yes; FAILED (metadata.csv: no dx column)"
+    [(_, md)] = calls["published"]
+    assert "**Failed**, the drift check above stands: metadata.csv: no dx column" in md
+    entry = json.loads((run.state / LEDGER).read_text())["batches"]["labelled-broken"]
+    assert entry["status"] == "checked" and entry["evaluation"] is None
+    assert entry["evaluation_error"] == "metadata.csv: no dx column"
+    assert run.summary["checked"] == ["labelled-broken"] and run.summary["failed"] == []
+
+
+def test_the_evaluation_goes_into_its_own_evidently_project(tmp_path):
+    from evidently.ui.workspace import Workspace
+
+    ws_dir = tmp_path / "ws"
+    evaluation = read_evaluation(_evaluation_file(tmp_path / "evaluation.json"))
+    first = add_evaluation_to_workspace(evaluation, ws_dir, "drift: external validation", "clinic-b")
+    again = add_evaluation_to_workspace(evaluation, ws_dir, "drift: external validation", "clinic-c")
+    assert first == again
+    ws = Workspace(str(ws_dir))
+    [project] = ws.search_project("drift: external validation")
+    assert len(ws.list_runs(project.id)) == 2
+    panels = project.dashboard.model().panels
+    assert [p.title for p in panels][0] == "Malignant recall on labelled batches"

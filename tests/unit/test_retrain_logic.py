@@ -20,7 +20,7 @@ from flows.dvcops import (
     parse_dot,
     set_params,
 )
-from flows.promote import decide
+from flows.promote import decide, gate_metrics
 from flows.report import RunReport, diff_table, fmt, render_summary
 from flows.retrain import (
     RetrainFailed,
@@ -87,6 +87,133 @@ def test_gate_rejects_missing_or_non_numeric_metrics(value):
     d = decide({**CANDIDATE, "malignant_auc": value}, PRODUCTION, target_recall=0.95, max_auc_drop=1.0)
     assert not d.promote
     assert d.reason == "malignant_auc missing or not a number in the candidate"
+
+
+# --------------------------------------------------------------------------- the gate, two input modes
+
+# A bundle fusing metadata: every gate key again for images served without metadata.
+FUSION = {
+    **CANDIDATE,
+    "test_malignant_recall_image_only": 0.955,
+    "malignant_auc_image_only": 0.88,
+    "macro_auc_image_only": 0.83,
+}
+FUSION_PRODUCTION = {
+    **PRODUCTION,
+    "test_malignant_recall_image_only": 0.95,
+    "malignant_auc_image_only": 0.89,
+    "macro_auc_image_only": 0.84,
+}
+
+
+@pytest.mark.parametrize("production", [None, PRODUCTION, FUSION_PRODUCTION])
+def test_gate_refuses_a_fusion_candidate_that_finds_melanomas_only_with_metadata(production):
+    cand = {**FUSION, "test_malignant_recall": 0.97, "test_malignant_recall_image_only": 0.30}
+    d = decide(cand, production, target_recall=0.95, max_auc_drop=0.02)
+    assert not d.promote
+    assert d.reason.startswith("test_malignant_recall_image_only (image only) 0.300 < target 0.950")
+    first, second = d.checks[:2]
+    assert (first.name, first.passed) == ("test_malignant_recall", True)
+    assert first.detail == "test_malignant_recall (with metadata) 0.970 >= target 0.950"
+    assert (second.name, second.passed) == ("test_malignant_recall_image_only", False)
+    # a missing or broken image-only recall of a fusion candidate fails by name, too
+    broken = decide({**FUSION, "test_malignant_recall_image_only": None}, None, target_recall=0.95,
+                    max_auc_drop=0.02)  # fmt: skip
+    assert (
+        broken.reason
+        == "test_malignant_recall_image_only (image only) missing or not a number in the candidate"
+    )
+
+
+def test_gate_promotes_a_fusion_candidate_comparing_each_mode_with_productions_same_mode():
+    d = decide(FUSION, FUSION_PRODUCTION, target_recall=0.95, max_auc_drop=0.02)
+    assert d.promote and all(c.passed for c in d.checks)
+    assert [c.name for c in d.checks] == [
+        "test_malignant_recall", "test_malignant_recall_image_only", "malignant_auc", "macro_auc",
+        "malignant_auc_image_only", "macro_auc_image_only",
+    ]  # fmt: skip
+    assert "test_malignant_recall_image_only (image only) 0.955 >= target 0.950" in d.reason
+    assert "macro_auc (with metadata) 0.850 vs production 0.860 (-0.010; drop allowed 0.020): ok" in d.reason
+    assert (
+        "macro_auc_image_only (image only) 0.830 vs production 0.840 (-0.010; drop allowed 0.020): ok"
+        in d.reason
+    )
+    # image-only against image-only: an image-only AUC that fell too far refuses the candidate
+    worse = decide({**FUSION, "macro_auc_image_only": 0.80}, FUSION_PRODUCTION, target_recall=0.95,
+                   max_auc_drop=0.02)  # fmt: skip
+    assert not worse.promote
+    assert worse.reason == (
+        "macro_auc_image_only (image only) 0.800 vs production 0.840 (-0.040; drop allowed 0.020): too low"
+    )
+    first = decide(FUSION, None, target_recall=0.95, max_auc_drop=0.0)
+    assert first.promote and first.reason == (
+        "no production model yet; test_malignant_recall (with metadata) 0.960 >= target 0.950; "
+        "test_malignant_recall_image_only (image only) 0.955 >= target 0.950"
+    )
+
+
+def test_gate_against_a_one_mode_production_compares_what_both_have_and_says_so():
+    note = (
+        "production has no image-only metrics (a one-mode bundle): only the AUCs with metadata are "
+        "compared, the image-only ones are not"
+    )
+    d = decide(FUSION, PRODUCTION, target_recall=0.95, max_auc_drop=0.02)
+    assert d.promote and d.reason.endswith(note)
+    checks = {c.name: c for c in d.checks}
+    assert checks["macro_auc_image_only"].passed
+    assert checks["macro_auc_image_only"].detail == (
+        "macro_auc_image_only (image only) 0.830 (not compared: production has no image-only numbers)"
+    )
+    assert checks["macro_auc"].detail.startswith("macro_auc (with metadata) 0.850 vs production 0.860")
+    bad = decide({**FUSION, "macro_auc": 0.80}, PRODUCTION, target_recall=0.95, max_auc_drop=0.02)
+    assert not bad.promote
+    assert bad.reason == (
+        f"macro_auc (with metadata) 0.800 vs production 0.860 (-0.060; drop allowed 0.020): too low; {note}"
+    )
+    # the other way round: a one-mode candidate after a fusion production
+    back = decide(CANDIDATE, FUSION_PRODUCTION, target_recall=0.95, max_auc_drop=0.02)
+    assert back.promote and [c.name for c in back.checks] == [
+        "test_malignant_recall", "malignant_auc", "macro_auc"
+    ]  # fmt: skip
+    assert back.reason.endswith(
+        "the candidate has one input mode, production two: its AUCs are compared with production's "
+        "with metadata, production's image-only ones are not"
+    )
+
+
+def test_gate_of_a_one_mode_candidate_is_unchanged():
+    d = decide(CANDIDATE, PRODUCTION, target_recall=0.95, max_auc_drop=0.02)
+    assert [(c.name, c.detail) for c in d.checks] == [
+        ("test_malignant_recall", "test_malignant_recall 0.960 >= target 0.950"),
+        ("malignant_auc", "malignant_auc 0.900 vs production 0.910 (-0.010; drop allowed 0.020): ok"),
+        ("macro_auc", "macro_auc 0.850 vs production 0.860 (-0.010; drop allowed 0.020): ok"),
+    ]
+    assert d.reason == "; ".join(c.detail for c in d.checks)
+
+
+def test_gate_metrics_take_the_image_only_keys_where_the_files_have_them(tmp_path):
+    layout = Layout(tmp_path)
+    one = {
+        "metrics/calibration.json": {"test_malignant_recall": 0.96, "threshold": 0.2},
+        "metrics/ensemble.json": {"malignant_auc": 0.9, "macro_auc": 0.85, "macro_auc_ci_low": 0.8},
+    }
+    assert gate_metrics(one, layout) == {
+        "test_malignant_recall": 0.96,
+        "malignant_auc": 0.9,
+        "macro_auc": 0.85,
+    }
+    image_only = {"malignant_auc_image_only": 0.88, "macro_auc_image_only": 0.83}
+    two = {
+        "metrics/calibration.json": {
+            **one["metrics/calibration.json"],
+            "test_malignant_recall_image_only": 0.3,
+        },
+        "metrics/ensemble.json": {**one["metrics/ensemble.json"], **image_only},
+    }
+    assert gate_metrics(two, layout) == {
+        "test_malignant_recall": 0.96, "malignant_auc": 0.9, "macro_auc": 0.85,
+        "test_malignant_recall_image_only": 0.3, **image_only,
+    }  # fmt: skip
 
 
 # --------------------------------------------------------------------------- transient errors
@@ -333,6 +460,72 @@ def test_summary_shows_numbers_gate_and_failure(tmp_path):
     md2 = render_summary(r2, layout)
     assert "## Stage `validate` failed" in md2 and "validation FAILED: 3 rows" in md2
     assert "| passed | 0 |" in md2 and "| metadata_fail_dx | 3 |" in md2 and "images_fail_x" not in md2
+
+
+def test_summary_and_diff_show_both_input_modes_of_a_fusion_bundle(tmp_path):
+    layout = Layout(tmp_path)
+    r = RunReport(flow_run="calm-heron", outcome="not promoted", reason="image-only recall too low")
+    r.metrics = {
+        "metrics/ensemble.json": {
+            "macro_auc": 0.83, "macro_auc_ci_low": 0.8, "macro_auc_ci_high": 0.86, "malignant_auc": 0.9,
+            "macro_auc_image_only": 0.81, "macro_auc_ci_low_image_only": 0.78,
+            "macro_auc_ci_high_image_only": 0.84, "malignant_auc_image_only": 0.88,
+            "worst_subgroup": "sex=male", "worst_subgroup_malignant_recall": 0.9,
+            "worst_subgroup_n_malignant": 40, "worst_subgroup_image_only": "age=60+",
+            "worst_subgroup_malignant_recall_image_only": 0.2, "worst_subgroup_n_malignant_image_only": 30,
+        },
+        "metrics/calibration.json": {
+            "threshold": 0.2, "test_malignant_recall": 0.97, "threshold_image_only": 0.25,
+            "test_malignant_recall_image_only": 0.3, "target_recall": 0.95,
+        },
+    }  # fmt: skip
+    cand = {**FUSION, "test_malignant_recall": 0.97, "test_malignant_recall_image_only": 0.30}
+    r.gate = decide(cand, FUSION_PRODUCTION, target_recall=0.95, max_auc_drop=0.02).as_dict()
+    md = render_summary(r, layout)
+    assert "| **ensemble (with metadata)** | 0.830 [0.800, 0.860] | 0.900 |" in md
+    assert "| **ensemble (image only)** | 0.810 [0.780, 0.840] | 0.880 |" in md
+    assert "Worst subgroup (malignant recall, with metadata): sex=male (0.900, 40 malignant)." in md
+    assert "Worst subgroup (malignant recall, image only): age=60+ (0.200, 30 malignant)." in md
+    assert "| input mode | threshold | test_malignant_recall |" in md
+    assert "| with metadata | 0.200 | 0.970 |" in md and "| image only | 0.250 | 0.300 |" in md
+    assert (
+        "| test_malignant_recall_image_only | FAIL | "
+        "test_malignant_recall_image_only (image only) 0.300 < target 0.950 |" in md
+    )
+
+    diff = diff_metrics(
+        {"metrics/ensemble.json": {"macro_auc": 0.8, "macro_auc_ci_low": 0.7, "weight_a": 0.5}},
+        {"metrics/ensemble.json": {"macro_auc": 0.83, "macro_auc_image_only": 0.81, "macro_auc_ci_low": 0.8,
+                                   "macro_auc_ci_low_image_only": 0.78, "weight_a": 0.5}},
+    )  # fmt: skip
+    rows = {row["metric"]: row for row in diff_table(diff)}
+    assert set(rows) == {"macro_auc", "macro_auc_image_only", "weight_a"}  # CI bounds left out
+    assert (
+        rows["macro_auc"]["mode"] == "with metadata" and rows["macro_auc_image_only"]["mode"] == "image only"
+    )
+    assert rows["macro_auc_image_only"]["production"] == "—" and rows["weight_a"]["mode"] == "—"
+
+
+def test_a_fusion_candidate_refused_on_its_image_only_recall_says_so_in_the_summary(committed, promotions):
+    layout = committed
+    metrics = {
+        "metrics/calibration.json": {"test_malignant_recall": 0.97, "test_malignant_recall_image_only": 0.30},
+        "metrics/ensemble.json": {"malignant_auc": 0.95, "macro_auc": 0.95, "malignant_auc_image_only": 0.93,
+                                  "macro_auc_image_only": 0.93},
+    }  # fmt: skip
+    gate = resolve_gate(*_committed_params(layout, git=True))
+    report = RunReport(flow_run="t", planned=["calibrate"], metrics=metrics)
+    result: dict = {"promoted": False}
+    params = load_params(layout.path(layout.params))
+    _gate_and_promote(layout, report, result, params, PRODUCTION_RECORD, gate, promote=True, git=True)
+    assert not result["promoted"] and promotions == []
+    assert report.reason == (
+        "test_malignant_recall_image_only (image only) 0.300 < target 0.950; production has no image-only "
+        "metrics (a one-mode bundle): only the AUCs with metadata are compared, the image-only ones are not"
+    )
+    md = render(report, layout)
+    assert "**Outcome:** not promoted: test_malignant_recall_image_only (image only) 0.300" in md
+    assert "| test malignant recall, in every input mode of the bundle (`promote.min_test_recall`" in md
 
 
 # --------------------------------------------------------------------------- who sets the bar

@@ -16,7 +16,7 @@ for a 2-member bundle and a 3-member bundle:
   main process, so the figures are the model's and the pipeline's, not extra cores');
 * **naive**: what published notebooks do, a Python loop over the files with
   ``np.asarray(Image.open(p).convert("RGB").resize((S, S)))[None]`` and ``model.predict(x)`` per
-  image and per member, the same weights and temperature applied in numpy afterwards.
+  image and per member, the same weights and image-only calibration applied in numpy afterwards.
 
 Every measurement runs in a fresh child process (timed inside the child, after imports, except
 the cold start); images are distinct (no result cache hit: the predictor's cache is off), the
@@ -72,9 +72,10 @@ def demo_shaped_bundle(root: Path, size: int = 64) -> Path:
     """A bundle with the demo's members (mobilenetv2 + custom_cnn at ``size`` px), untrained."""
     import keras
 
-    from stages.bundle import file_md5
+    from stages.bundle import BUNDLE_FORMAT_VERSION, file_md5
     from stages.common import CLASSES
     from stages.models import ModelSpec, build_backbone, build_model
+    from stages.scoring import IMAGE_ONLY, OperatingPoint
 
     keras.utils.set_random_seed(0)
     members = []
@@ -88,9 +89,9 @@ def demo_shaped_bundle(root: Path, size: int = 64) -> Path:
             {"name": name, "weight": weight, "path": f"members/{name}/model.keras", "md5": file_md5(path)}
         )
     meta = {
-        "format_version": 1, "created": "bench", "classes": list(CLASSES),
+        "format_version": BUNDLE_FORMAT_VERSION, "created": "bench", "classes": list(CLASSES),
         "malignant": ["akiec", "bcc", "mel"], "image_size": size, "aspect": "crop", "members": members,
-        "temperature": 1.2, "threshold": 0.3,
+        "operating_points": {IMAGE_ONLY: OperatingPoint(1.2, 0.3).to_json()},
         "data_version": {"path": "bench", "md5": None}, "params": {"prepare": {"draft_gap": 2.0}},
     }  # fmt: skip
     (root / "bundle.json").write_text(json.dumps(meta, indent=2))
@@ -165,19 +166,24 @@ def _child_naive(bundle: Path, n: int) -> dict[str, Any]:
     from stages.bundle import read_bundle_json
     from stages.metrics import apply_calibration
     from stages.models import load_model
+    from stages.scoring import IMAGE_ONLY, OperatingPoint, model_inputs
 
-    meta = read_bundle_json(bundle)
+    meta = read_bundle_json(bundle)  # format 1 or 2: its image-only operating point either way
     members = [
         (load_model(bundle / m["path"]), float(m["weight"])) for m in meta["members"] if m["weight"] > 0
     ]
-    size, temperature = int(meta["image_size"]), float(meta["temperature"])
+    point = OperatingPoint.from_json(meta["operating_points"][IMAGE_ONLY], len(meta["classes"]), str(bundle))
+    size = int(meta["image_size"])
     paths = _images(n + 1)
     times = []
     for i, p in enumerate(paths):
         s = time.perf_counter()
         x = np.asarray(Image.open(p).convert("RGB").resize((size, size)))[None]
-        mixed = sum(w * model.predict(x, verbose=0) for model, w in members)
-        probs = apply_calibration(np.log(np.clip(mixed, 1e-12, 1.0)), temperature)
+        # a fusion member gets its metadata inputs, all unknown (the image-only mode)
+        mixed = sum(
+            w * model.predict(model_inputs(x, None, len(model.inputs) > 1), verbose=0) for model, w in members
+        )
+        probs = apply_calibration(np.log(np.clip(mixed, 1e-12, 1.0)), point.temperature, point.class_bias)
         assert abs(float(probs.sum()) - 1.0) < 1e-6
         if i:
             times.append(time.perf_counter() - s)

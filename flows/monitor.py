@@ -22,7 +22,7 @@ serve.evaluate`` (a subprocess, so TensorFlow stays out of this process) writes
 ``batches/<batch>/evaluation.json``, whose headline metrics, per input mode ("with metadata",
 "image only"), go into the batch's artifact and, with a workspace, into the Evidently project
 ``<drift.project>: external validation``. That check is an extra: when it fails the monitor logs
-a warning and carries on; the drift verdict, the event and the ledger never wait on it.
+a warning and carries on; the drift verdict, the event and the ledger never depend on it.
 
 Run it once, locally, with no server (ephemeral API; an event then starts nothing)::
 
@@ -94,15 +94,18 @@ EVALUATION_FILE = "evaluation.json"  # beside drift.json: serve.evaluate's outpu
 # The metrics of serve.evaluate shown per input mode (artifact) and recorded (Evidently), in order.
 EVALUATION_KEYS = (
     "n_images",
+    "share_metadata",
     "macro_auc",
     "lesion_macro_auc",
     "malignant_auc",
     "test_malignant_recall",
+    "lesion_test_malignant_recall",
     "test_specificity",
     "test_ppv",
     "referrals_per_100",
     "balanced_accuracy_decision",
     "ece_after",
+    "threshold",
 )
 # The Evidently dashboard's panels: one line per input mode over the evaluated batches.
 EVALUATION_PANELS = (
@@ -407,6 +410,13 @@ def evaluation_note(evaluation: Mapping[str, Any] | None, error: str | None = No
     return "malignant recall " + ", ".join(parts)
 
 
+def _skipped(item: Any) -> str:
+    """A row ``serve.evaluate`` left out: ``{"image_id", "file", "line", "reason"}``."""
+    if not isinstance(item, Mapping):
+        return str(item)
+    return f"{item.get('image_id') or '(no image_id)'}: {item.get('reason', '')}".rstrip(": ")
+
+
 def render_evaluation(evaluation: Mapping[str, Any] | None, error: str | None = None) -> list[str]:
     """The artifact's section on a labelled batch scored by ``serve.evaluate``: its headline
     metrics, one column per input mode ([95% CI] where the result has one)."""
@@ -415,14 +425,17 @@ def render_evaluation(evaluation: Mapping[str, Any] | None, error: str | None = 
         return lines + [f"**Failed**, the drift check above stands: {error}", ""]
     assert evaluation is not None
     modes = list(evaluation["modes"].items())
-    skipped = [str(x) if not isinstance(x, dict) else ": ".join(map(str, x.values()))
-               for x in evaluation.get("skipped") or []]  # fmt: skip
+    skipped = [_skipped(x) for x in evaluation.get("skipped") or []]
     bundle = evaluation.get("bundle") or {}
+    shown = f"`{bundle['path']}`" if bundle.get("path") else "—"
+    if bundle.get("label"):
+        shown += f" ({bundle['label']})"
+    if bundle.get("synthetic"):
+        shown += ": trained on SYNTHETIC images, these numbers say nothing about real lesions"
     facts = [
-        ("bundle", ", ".join(f"{k} `{v}`" for k, v in bundle.items() if isinstance(v, (str, int, float)))
-         or "—"),
+        ("bundle", shown),
         ("images", f"{fmt(evaluation.get('n_images'))} scored, {fmt(evaluation.get('n_skipped'))} skipped"),
-    ]  # fmt: skip
+    ]
     lines += _table(["", ""], facts) + [""]
     keys = [k for k in EVALUATION_KEYS if any(k in m for _, m in modes)]
     rows = [[k, *(with_ci(m, k) for _, m in modes)] for k in keys]
@@ -560,7 +573,11 @@ def check_batch(
 @task(name="external-validation", task_run_name="evaluate {name}", cache_policy=NONE)
 def evaluate_batch(root: str, name: str, images: str, bundle: str, out_path: str) -> dict[str, Any]:
     """``python -m serve.evaluate`` on one labelled batch, its output lines in the run log; its
-    result (:func:`read_evaluation`). Not retried. Raises :class:`EvaluationFailed`."""
+    result (:func:`read_evaluation`). Not retried. Raises :class:`EvaluationFailed`.
+
+    Exit 1 with the result written means rows were left out (named in it, and in the artifact):
+    the others were scored, so that is a result, not a failure.
+    """
     logger = _logger()
     out = Path(out_path)
     out.unlink(missing_ok=True)  # a failed re-check must not leave the last one's numbers
@@ -570,12 +587,12 @@ def evaluate_batch(root: str, name: str, images: str, bundle: str, out_path: str
     ]  # fmt: skip
     logger.info("python -m serve.evaluate %s --bundle %s", images, bundle)
     returncode, tail = stream_command(argv, Path(root), on_line=logger.info, env=subprocess_env())
-    if returncode != 0:
+    if returncode != 0 and not (returncode == 1 and out.is_file()):
         raise EvaluationFailed(name, returncode, tail)
     try:
         return read_evaluation(out)
     except ValueError as e:
-        raise EvaluationFailed(name, 1, [f"error: {e}"]) from None
+        raise EvaluationFailed(name, returncode or 1, [*tail, f"error: {e}"]) from None
 
 
 def add_evaluation_to_workspace(

@@ -197,13 +197,17 @@ def read_production(layout: Layout) -> dict[str, Any] | None:
 
 
 def gate_metrics(snapshot: Mapping[str, Mapping[str, Any]], layout: Layout) -> dict[str, Any]:
-    """The gate's flat inputs from a metrics snapshot ({file: {key: value}}): the recall from
-    the calibration metrics, the AUCs from the ensemble's; each ``_image_only`` key too where the
-    file has it (a bundle fusing metadata), so :func:`decide` judges every mode."""
+    """The gate's flat inputs from a metrics snapshot ({file: {key: value}}): the recall and the
+    AUCs of the bundle as served (the calibration metrics: the calibrate stage scores the test
+    images with the bundle itself); the AUCs from the ensemble's metrics only for a snapshot
+    whose calibration metrics have none (made before they were reported there). Each
+    ``_image_only`` key too where the file has it (a bundle fusing metadata), so :func:`decide`
+    judges every mode."""
     calibration = snapshot.get(layout.calibration_metrics) or {}
     ensemble = snapshot.get(layout.ensemble_metrics) or {}
-    out = {RECALL_KEY: calibration.get(RECALL_KEY), **{k: ensemble.get(k) for k in GATE_AUC_KEYS}}
-    for source, keys in ((calibration, (RECALL_KEY,)), (ensemble, GATE_AUC_KEYS)):
+    aucs = calibration if all(k in calibration for k in GATE_AUC_KEYS) else ensemble
+    out = {RECALL_KEY: calibration.get(RECALL_KEY), **{k: aucs.get(k) for k in GATE_AUC_KEYS}}
+    for source, keys in ((calibration, (RECALL_KEY,)), (aucs, GATE_AUC_KEYS)):
         out.update({k + IMAGE_ONLY_SUFFIX: source[k + IMAGE_ONLY_SUFFIX] for k in keys
                     if k + IMAGE_ONLY_SUFFIX in source})  # fmt: skip
     return out

@@ -42,9 +42,9 @@ import pandas as pd
 from serve.predictor import DISCLAIMER, Prediction, Predictor, default_bundle, pick_workers
 from stages.common import CLASSES, HAM_COLUMNS, StageError, atomic_file, run_main, setup_logging
 
-# The local-folder reader of the download stage: the same table and the same image files a
-# ``download.source=local:PATH`` import would take. (Private names: see the report to the lead.)
-from stages.download import _find_metadata, _index_images, read_metadata_table, safe_extract_zip
+# The reader of ``download.source=local:PATH``, so that this command takes exactly the table and
+# the image files an import of the folder would take.
+from stages.download import find_metadata_table, index_images, read_metadata_table, safe_extract_zip
 from stages.metadata import read_table
 from stages.params import EvaluateParams, ParamsError, parse_params
 from stages.predictions import META_COLUMNS, Served, json_value, labels, served_report
@@ -149,7 +149,7 @@ def read_labelled(root: Path, *, shown: str, classes: Sequence[str] = CLASSES) -
         return str(p).replace(str(root), shown, 1)
 
     try:
-        meta_path = _find_metadata(root)
+        meta_path = find_metadata_table(root)
     except StageError as e:
         raise StageError(str(e).replace(str(root), shown)) from None
     table = read_metadata_table(meta_path)
@@ -160,7 +160,7 @@ def read_labelled(root: Path, *, shown: str, classes: Sequence[str] = CLASSES) -
         raise StageError(f"{name(meta_path)}: {len(table)} rows but {len(lines)} line numbers")
     if table.empty:
         raise StageError(f"{name(meta_path)}: the metadata table has no rows")
-    images = _index_images(root)
+    images = index_images(root)
     if not images:
         raise StageError(f"{shown}: no .jpg images found below this folder")
     good, metas, skipped = check_rows(
@@ -409,7 +409,7 @@ def run(
         served = served_of([preds[mode][i] for i in keep], classes)
         metrics, table = served_report(
             rows, served, params, np.random.default_rng(seed), ece_bins=ece_bins, classes=classes,
-            desc=f"bootstrap ({mode})",
+            desc=f"bootstrap ({mode})", progress=progress,
         )  # fmt: skip
         metrics["threshold"] = json_value(predictor.thresholds[mode])
         per_mode[mode] = metrics

@@ -138,7 +138,7 @@ def write_metadata_csv(df: pd.DataFrame, path: Path) -> None:
 # --------------------------------------------------------------------------- local import
 
 
-def _find_metadata(root: Path) -> Path:
+def find_metadata_table(root: Path) -> Path:
     candidates = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in METADATA_SUFFIXES)
     with_columns = []
     for p in candidates:
@@ -160,7 +160,7 @@ def _find_metadata(root: Path) -> Path:
     return with_columns[0]
 
 
-def _index_images(root: Path) -> dict[str, Path]:
+def index_images(root: Path) -> dict[str, Path]:
     """Map image_id -> file. When one id exists in several folders (e.g. a thumbnail folder and
     a folder of a few full-size originals), take the folder that holds the most images, so the
     import is one consistent set rather than a mix of resolutions."""
@@ -189,9 +189,9 @@ def import_folder(src: Path, out_dir: Path, *, move: bool = False) -> DownloadRe
 
     ``move`` renames the images instead of copying them: for our own scratch folders (an
     extracted archive), so the 2.6 GB release is not held on disk three times over."""
-    meta_path = _find_metadata(src)
+    meta_path = find_metadata_table(src)
     df = read_metadata_table(meta_path)
-    images = _index_images(src)
+    images = index_images(src)
     if not images:
         raise StageError(f"{src}: no .jpg images found below this folder")
     log.info("importing %s: %d metadata rows (%s), %d images", src, len(df), meta_path.name, len(images))

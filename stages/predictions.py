@@ -157,10 +157,13 @@ def lesion_metrics(
     level: float = 0.95,
     classes: Sequence[str] = CLASSES,
     desc: str = "lesion bootstrap",
+    progress: bool = True,
 ) -> dict[str, float]:
     """``lesion_<key>`` (+ CIs) for :data:`LESION_KEYS`, on the lesion-averaged probabilities."""
     keys, mean, label = lesion_probabilities(groups, probs, y)
-    m = metrics_with_ci(label, mean, keys, n_samples, rng, level=level, classes=classes, desc=desc)
+    m = metrics_with_ci(
+        label, mean, keys, n_samples, rng, level=level, classes=classes, desc=desc, progress=progress
+    )
     out = {"lesion_n": float(keys.size)}
     for k in LESION_KEYS:
         for suffix in ("", "_ci_low", "_ci_high"):
@@ -191,6 +194,7 @@ def metrics_with_ci(
     level: float = 0.95,
     classes: Sequence[str] = CLASSES,
     desc: str = "bootstrap",
+    progress: bool = True,
 ) -> dict[str, float]:
     """:func:`classification_metrics` plus ``<key>_ci_low/_ci_high`` from a lesion bootstrap."""
     point = classification_metrics(y, probs, classes)
@@ -206,7 +210,9 @@ def metrics_with_ci(
         n_samples,
         rng,
         level=level,
-        progress=lambda it: tqdm(it, total=n_samples, desc=desc, unit="rep", leave=False),
+        progress=lambda it: tqdm(
+            it, total=n_samples, desc=desc, unit="rep", leave=False, disable=not progress
+        ),
     )
     out = dict(point)
     for k in point_keys:
@@ -307,6 +313,7 @@ def report(
     *,
     classes: Sequence[str] = CLASSES,
     desc: str = "bootstrap",
+    progress: bool = True,
 ) -> tuple[dict[str, Any], pd.DataFrame]:
     """The metrics JSON (test metrics with CIs, ``val_*``, worst subgroup) and the subgroup table."""
     y, probs = labels(test, classes), probabilities(test, classes)
@@ -319,12 +326,13 @@ def report(
         level=params.ci_level,
         classes=classes,
         desc=desc,
+        progress=progress,
     )
     metrics["n_lesions"] = float(test["lesion_id"].nunique())
     metrics["log_loss"] = log_loss(y, probs)
     metrics.update(
         lesion_metrics(y, probs, test["lesion_id"].to_numpy(), params.bootstrap_samples, rng,
-                       level=params.ci_level, classes=classes, desc=f"{desc} (lesions)")
+                       level=params.ci_level, classes=classes, desc=f"{desc} (lesions)", progress=progress)
     )  # fmt: skip
     if val is not None:
         yv, pv = labels(val, classes), probabilities(val, classes)
@@ -370,6 +378,7 @@ def served_report(
     ece_bins: int = 15,
     classes: Sequence[str] = CLASSES,
     desc: str = "served bootstrap",
+    progress: bool = True,
 ) -> tuple[dict[str, Any], pd.DataFrame]:
     """What a bundle delivers on labelled images: the metrics the calibrate stage reports for
     its test split and ``serve.evaluate`` for any labelled folder (one definition for both).
@@ -384,7 +393,7 @@ def served_report(
     y = labels(meta, classes)
     frame = served.frame(meta, classes)
     out: dict[str, Any] = {}
-    headline, _ = report(frame, None, params, rng, classes=classes, desc=desc)
+    headline, _ = report(frame, None, params, rng, classes=classes, desc=desc, progress=progress)
     out.update({k: v for k, v in headline.items() if not k.startswith("worst_subgroup")})
     out["ece_after"] = expected_calibration_error(served.probs, y, ece_bins)
     out["nll_after"] = float(-np.mean(np.log(np.clip(served.probs[np.arange(len(y)), y], 1e-300, 1.0))))

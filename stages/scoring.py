@@ -88,7 +88,7 @@ def parse_metadata(age: str | None, sex: str | None, localization: str | None) -
     [...]``, so a caller can put it on that image's row.
     """
     a = (age or "").strip()
-    if a.lower() in ("", "unknown", "nan"):
+    if a.lower() in ("", "unknown", "nan", "na", "n/a"):  # "NA": Dataverse's .tab
         age_v = math.nan
     else:
         try:
@@ -158,7 +158,8 @@ class OperatingPoint:
             if v is None:
                 return None
             ok = isinstance(v, list) and len(v) == n_classes
-            ok = ok and all(isinstance(x, int | float) and math.isfinite(x) for x in v)
+            ok = ok and all(isinstance(x, int | float) and not isinstance(x, bool) for x in v)
+            ok = ok and all(math.isfinite(x) for x in v)
             if not ok or (positive and min(v) <= 0):
                 raise StageError(
                     f"{where}: {key!r} must be {n_classes} finite numbers (one per class"
@@ -166,12 +167,19 @@ class OperatingPoint:
                 )
             return tuple(float(x) for x in v)
 
-        prior = vector("class_prior", True) if d.get("decision", "argmax") == "balanced" else None
+        decision = d.get("decision") or "argmax"  # absent (format 1): argmax
+        if decision not in ("argmax", "balanced"):
+            raise StageError(f"{where}: 'decision' must be 'argmax' or 'balanced', got {decision!r:.50}")
+        prior = vector("class_prior", True)  # checked even when unused: a damaged file is refused
+        if decision == "balanced" and prior is None:
+            raise StageError(
+                f"{where}: 'class_prior' is needed by the balanced decision ({n_classes} numbers > 0)"
+            )
         return cls(
             temperature=number("temperature", 0.0, 1000.0, lo_open=True),
             threshold=number("threshold", 0.0, 1.0),
             class_bias=vector("class_bias", False),
-            class_prior=prior,
+            class_prior=prior if decision == "balanced" else None,
         )
 
 

@@ -263,3 +263,25 @@ def test_with_a_dvc_remote_the_run_pulls_and_pushes_the_run_cache(toy, prefect_a
     assert (other / "data" / "raw" / "metadata.csv").read_bytes() == (
         toy / "data" / "raw" / "metadata.csv"
     ).read_bytes()
+
+
+def test_a_fusion_candidate_must_reach_the_recall_target_in_both_input_modes(toy, prefect_api):
+    """Issue 19: a bundle that refers malignant lesions only when given age, sex and site is not
+    promoted. The toy's fusion bundle trained without metadata dropout reaches 0.96 with metadata
+    and 0.30 image-only; with dropout it reaches 0.96 in both modes and is promoted."""
+    fusion = {"train.backbone.custom_cnn.fusion": True}
+    state = retrain(params_overrides={**fusion, "train.common.metadata_dropout": 0.0}, return_state=True)
+    assert state.is_completed(), state.message
+    result = state.result()
+    assert not result["promoted"]
+    assert not (toy / "models" / "production").exists()
+    md = _artifacts(state.state_details.flow_run_id)["retrain-summary"].data
+    assert "test_malignant_recall_image_only (image only) 0.300 < target 0.950" in md
+
+    # (overrides are written to params.yaml: the next run sets the dropout back explicitly)
+    state = retrain(params_overrides={**fusion, "train.common.metadata_dropout": 0.5}, return_state=True)
+    assert state.is_completed(), state.message
+    assert state.result()["promoted"], state.message
+    record = json.loads((toy / "models" / "production" / "production.json").read_text())
+    calibration = record["metrics"]["metrics/calibration.json"]
+    assert calibration["test_malignant_recall"] == calibration["test_malignant_recall_image_only"] == 0.96

@@ -88,7 +88,8 @@ elif stage == "evaluate":
 elif stage == "ensemble":
     out("metrics/ensemble.json", image_only({"accuracy": 0.65, "balanced_accuracy": 0.55, "macro_f1": 0.45,
         "macro_auc": auc, "malignant_auc": auc + 0.01, "malignant_auc_ci_low": auc - 0.03,
-        "malignant_auc_ci_high": auc + 0.04}, macro_auc=auc - 0.02, malignant_auc=auc - 0.01))
+        "malignant_auc_ci_high": auc + 0.04}, macro_auc=auc - 0.02, malignant_auc=auc - 0.01,
+        malignant_auc_ci_low=auc - 0.05, malignant_auc_ci_high=auc + 0.02))
 elif stage == "calibrate":
     out("models/ensemble/bundle.json", {"members": p["train"]["backbones"], "threshold": 0.2,
         "target_recall": p["calibrate"]["target_recall"]})

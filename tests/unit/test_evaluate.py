@@ -143,6 +143,9 @@ def test_evaluate_writes_predictions_metrics_and_plots(prepared, tmp_path):
         if m[key] is not None and m[f"{key}_ci_low"] is not None:
             assert m[f"{key}_ci_low"] - 1e-9 <= m[key] <= m[f"{key}_ci_high"] + 1e-9, key
     assert 0.0 <= m["malignant_pauc_tpr80"] <= 0.2
+    # a member without fusion has one input mode: no _image_only files or keys
+    assert sorted(p.name for p in (tmp_path / "pred").iterdir()) == ["test.csv", "val.csv"]
+    assert not any(k.endswith("_image_only") for k in m)
     assert m["n_images"] == 28 and m["n_lesions"] == 14
     assert {"val_macro_auc", "val_log_loss", "worst_subgroup", "worst_subgroup_malignant_recall"} <= set(m)
 
@@ -186,11 +189,64 @@ def test_tta_averages_the_four_flips(prepared, tmp_path):
 
 
 def test_fusion_model_gets_the_metadata(prepared, tmp_path):
+    from stages.models import load_model
+    from stages.predictions import complete_metadata
+    from stages.scoring import MetaArrays, model_inputs
+    from stages.tfdata import read_split_numpy
+
     model_dir = _tiny_model(tmp_path / "model", fusion=True)
     res = _run(prepared, tmp_path, model_dir, bootstrap_samples=0)
     assert res.n_test == 28
     m = json.loads((tmp_path / "eval.json").read_text())
     assert m["macro_auc_ci_low"] is None  # no bootstrap asked for: no CI, not a fake one
+    # both input modes: the metadata one unsuffixed, the image-only one in its own files and keys
+    assert sorted(p.name for p in (tmp_path / "pred").iterdir()) == [
+        "test.csv", "test_image_only.csv", "val.csv", "val_image_only.csv",
+    ]  # fmt: skip
+    assert {"macro_auc", "macro_auc_image_only", "worst_subgroup_image_only"} <= set(m)
+    assert res.metrics["macro_auc_image_only"] == m["macro_auc_image_only"]
+
+    model = load_model(model_dir / "model.keras")
+    probs = [f"prob_{c}" for c in CLASSES]
+    for split in ("val", "test"):
+        arr = read_split_numpy(prepared, split)
+        with_meta = read_predictions(tmp_path / "pred" / f"{split}.csv")
+        image_only = read_predictions(tmp_path / "pred" / f"{split}_image_only.csv")
+        assert with_meta["image_id"].tolist() == image_only["image_id"].tolist() == arr.image_ids.tolist()
+        complete = complete_metadata(with_meta)
+        assert 0 < complete.sum() < len(complete)  # both kinds of rows in the split
+        meta = MetaArrays(arr.age, arr.sex, arr.localization)
+        fed = model.predict(model_inputs(arr.images, meta, True), verbose=0)
+        unknown = model.predict(model_inputs(arr.images, None, True), verbose=0)
+        # a row with all its metadata is scored with it; any other row as image-only (as serve does)
+        np.testing.assert_allclose(with_meta[probs].to_numpy()[complete], fed[complete], atol=1e-6)
+        np.testing.assert_allclose(with_meta[probs].to_numpy()[~complete], unknown[~complete], atol=1e-6)
+        np.testing.assert_allclose(image_only[probs].to_numpy(), unknown, atol=1e-6)
+        assert not np.allclose(fed[complete], unknown[complete], atol=1e-4)  # the metadata mattered
+
+
+def test_predict_says_which_mode_each_row_used(prepared, tmp_path):
+    from stages.models import load_model
+    from stages.scoring import IMAGE_ONLY, METADATA
+    from stages.tfdata import read_split_numpy
+
+    arr = read_split_numpy(prepared, "test")
+    complete = np.isfinite(arr.age)  # sex and site are always known in this set
+    assert 0 < complete.sum() < len(complete)
+    fusion = load_model(_tiny_model(tmp_path / "fusion", fusion=True) / "model.keras")
+    probs, modes = evaluate.predict(fusion, arr, batch_size=5, tta=False, mode=METADATA)
+    assert probs.shape == (28, 7) and modes.tolist() == np.where(complete, METADATA, IMAGE_ONLY).tolist()
+    alone, alone_modes = evaluate.predict(fusion, arr, batch_size=64, tta=False, mode=IMAGE_ONLY)
+    assert alone_modes.tolist() == [IMAGE_ONLY] * 28
+    np.testing.assert_allclose(probs[~complete], alone[~complete], atol=1e-6)
+    assert evaluate.member_modes(fusion) == (METADATA, IMAGE_ONLY)
+    # a member without fusion has one mode: metadata asked for or not, the same image-only answer
+    plain = load_model(_tiny_model(tmp_path / "plain") / "model.keras")
+    assert evaluate.member_modes(plain) == (IMAGE_ONLY,)
+    p_meta, m_meta = evaluate.predict(plain, arr, batch_size=64, tta=False, mode=METADATA)
+    p_img, _ = evaluate.predict(plain, arr, batch_size=64, tta=False, mode=IMAGE_ONLY)
+    assert m_meta.tolist() == [IMAGE_ONLY] * 28
+    np.testing.assert_array_equal(p_meta, p_img)
 
 
 def test_missing_model_and_bad_backbone_are_one_line_errors(prepared, tmp_path, capsys):

@@ -496,21 +496,31 @@ def test_extra_sources_are_kept_in_params_yaml(tmp_path):
     assert not set_params(params, again)  # handed over twice: params.yaml (and the data) unchanged
 
 
-# --------------------------------------------------------------------------- labelled batches: external validation
+# --------------------------------------------------------------------------- external validation
 
 # What `python -m serve.evaluate FOLDER --bundle B --out OUT` writes (serve/evaluate.py's contract).
 EVALUATION = {
-    "bundle": {"path": "/repo/models/production", "modes": ["metadata", "image_only"]},
+    "bundle": {
+        "path": "/repo/models/production", "created": "2026-12-01T10:00:00Z", "data_version": "1234abcd",
+        "tag": "model-20261201T100000Z",
+        "label": "2026-12-01T10:00:00Z, data 1234abcd, model-20261201T100000Z",
+        "modes": ["metadata", "image_only"], "thresholds": {"metadata": 0.2, "image_only": 0.25},
+        "mode_rule": "metadata when ...", "trained_on": "dataverse", "synthetic": False, "disclaimer": "...",
+    },
     "folder": "/in/clinic-b",
     "n_images": 48,
     "n_skipped": 2,
-    "skipped": [{"name": "bad.jpg", "reason": "truncated JPEG"}, "text.jpg: not an image"],
+    "skipped": [
+        {"image_id": "ISIC_1", "file": "/in/clinic-b/ISIC_1.jpg", "line": None, "reason": "truncated JPEG"},
+        {"image_id": "ISIC_2", "file": "/in/clinic-b/metadata.csv", "line": 7,
+         "reason": "sex 'robot' is not one of ['male', 'female', 'unknown']"},
+    ],
     "modes": {
         "metadata": {
             "n_images": 48, "macro_auc": 0.861, "macro_auc_ci_low": 0.8, "macro_auc_ci_high": 0.9,
             "test_malignant_recall": 0.93, "test_malignant_recall_ci_low": 0.88,
-            "test_malignant_recall_ci_high": 0.97, "test_specificity": 0.61, "balanced_accuracy_decision": 0.7,
-            "lesion_macro_auc": 0.85,
+            "test_malignant_recall_ci_high": 0.97, "test_specificity": 0.61,
+            "balanced_accuracy_decision": 0.7, "lesion_macro_auc": 0.85,
         },
         "image_only": {
             "n_images": 48, "macro_auc": 0.82, "test_malignant_recall": 0.85, "test_specificity": 0.55,
@@ -533,11 +543,15 @@ def test_an_evaluation_result_is_read_and_shown_per_input_mode(tmp_path):
     assert "| external validation | malignant recall 0.930 with metadata, 0.850 image only |" in md
     assert "## External validation: the labelled batch scored by the bundle (`serve.evaluate`)" in md
     assert "| images | 48 scored, 2 skipped |" in md
+    assert (
+        "| bundle | `/repo/models/production` (2026-12-01T10:00:00Z, data 1234abcd, model-20261201T100000Z) |"
+        in md
+    )
     assert "| metric | with metadata | image only |" in md
     assert "| test_malignant_recall | 0.930 [0.880, 0.970] | 0.850 |" in md
     assert "| macro_auc | 0.861 [0.800, 0.900] | 0.820 |" in md
     assert "| lesion_macro_auc | 0.850 | nan |" in md and "| test_ppv |" not in md
-    assert "Skipped: `bad.jpg: truncated JPEG`, `text.jpg: not an image`." in md
+    assert "Skipped: `ISIC_1: truncated JPEG`, `ISIC_2: sex 'robot' is not one of" in md
     assert evaluation_values(evaluation) == {
         "n_images_metadata": 48.0, "macro_auc_metadata": 0.861, "lesion_macro_auc_metadata": 0.85,
         "test_malignant_recall_metadata": 0.93, "test_specificity_metadata": 0.61,
@@ -585,6 +599,13 @@ def test_evaluate_task_runs_serve_evaluate_and_reads_its_result(tmp_path, monkey
 
     def refuses(argv, cwd, *, on_line, env=None):
         return 1, ["loading", "error: /in/clinic-b/metadata.csv: no dx column"]
+
+    def skips_rows(argv, cwd, *, on_line, env=None):  # exit 1: rows left out, the others scored
+        _evaluation_file(out)
+        return 1, ["skipped image_id ISIC_1: truncated JPEG"]
+
+    monkeypatch.setattr(monitor_mod, "stream_command", skips_rows)
+    assert evaluate_batch.fn(str(REPO), "clinic-b", "/in/clinic-b", "/b", str(out))["n_skipped"] == 2
 
     monkeypatch.setattr(monitor_mod, "stream_command", refuses)
     with pytest.raises(EvaluationFailed) as info:

@@ -22,8 +22,10 @@ import pytest
 
 from serve.predict import collect, main, run
 from serve.predictor import DEFAULT_RISK, Predictor, RiskLevels, default_bundle
-from stages.common import CLASSES, StageError
+from stages.common import CLASSES, LOCALIZATIONS, SEXES, StageError
+from stages.scoring import IMAGE_ONLY, METADATA, MODE_RULE, UNKNOWN_LOCALIZATION, UNKNOWN_SEX, MetaArrays
 from tests.conftest import make_jpeg
+from tests.unit.test_bundle import write_bundle
 
 REPO = Path(__file__).resolve().parents[2]
 SIZE = 32
@@ -131,11 +133,12 @@ def _rows(path: Path) -> list[dict[str, str]]:
 
 
 class FakeBundle:
-    """What :class:`Predictor` uses of a bundle; probabilities chosen per image by its first pixel."""
+    """What :class:`Predictor` uses of a bundle (image-only, threshold 0.4); probabilities chosen
+    per image by its first pixel."""
 
     classes = list(CLASSES)
     meta = {"created": "2026-01-02T03:04:05Z", "data_version": {"md5": "feedbeef" * 4}, "params": {}}
-    threshold = 0.4
+    modes = (IMAGE_ONLY,)
     image_size = 8
     aspect = "crop"
     root = Path("/nonexistent")
@@ -144,14 +147,25 @@ class FakeBundle:
         self.table, self.prior = table, prior
         self.calls: list[int] = []
 
-    def decide(self, probs):
+    def threshold(self, mode: str = IMAGE_ONLY) -> float:
+        return {IMAGE_ONLY: 0.4}[mode]
+
+    def decide(self, probs, modes=None):
         from stages.metrics import balanced_decision
 
         return balanced_decision(probs, self.prior)
 
-    def predict(self, images):
+    def row_modes(self, n, meta):
+        from stages.scoring import row_modes
+
+        return row_modes(meta, n, self.modes)
+
+    def score(self, images, meta=None):
+        from stages.bundle import Scored
+
         self.calls.append(len(images))
-        return np.zeros((len(images), 2)), np.array([self.table[int(im[0, 0, 0])] for im in images])
+        probs = np.array([self.table[int(im[0, 0, 0])] for im in images])
+        return Scored(probs, self.row_modes(len(images), meta), np.zeros((len(images), 2)))
 
     def malignant_score(self, probs):
         from stages.metrics import malignant_score
@@ -183,7 +197,9 @@ def test_top3_malignant_refer_and_risk_from_the_probabilities():
     })  # fmt: skip
     p = Predictor(fake)
     images = np.stack([np.full((8, 8, 3), v, np.uint8) for v in (1, 2, 3)])
-    first, second, third = (p.read(str(i), row) for i, row in enumerate(p.probabilities(images)))
+    probs, modes = p.probabilities(images)
+    assert modes.tolist() == [IMAGE_ONLY] * 3
+    first, second, third = (p.read(str(i), row) for i, row in enumerate(probs))
     assert [c for c, _ in first.top] == ["nv", "mel", "bcc"]
     assert [v for _, v in first.top] == pytest.approx([0.55, 0.25, 0.08])
     assert first.malignant_prob == pytest.approx(0.25 + 0.08 + 0.03)
@@ -192,6 +208,7 @@ def test_top3_malignant_refer_and_risk_from_the_probabilities():
     assert (second.risk, second.refer) == ("Moderate", True)
     assert (third.risk, third.refer) == ("High", True)
     assert [first.predicted, second.predicted, third.predicted] == ["nv", "akiec", "bcc"]
+    assert {(x.mode, x.threshold) for x in (first, second, third)} == {(IMAGE_ONLY, 0.4)}
 
 
 def test_a_balanced_decision_picks_the_class_against_its_prior_and_sets_the_risk():
@@ -200,18 +217,19 @@ def test_a_balanced_decision_picks_the_class_against_its_prior_and_sets_the_risk
     prior = [0.03, 0.05, 0.11, 0.02, 0.10, 0.67, 0.02]
     fake = FakeBundle({1: _probs(mel=0.25, nv=0.55, bcc=0.08)}, prior=prior)
     p = Predictor(fake)
-    (pred,) = (p.read("x", row) for row in p.probabilities(np.full((1, 8, 8, 3), 1, np.uint8)))
+    (pred,) = (p.read("x", row) for row in p.probabilities(np.full((1, 8, 8, 3), 1, np.uint8))[0])
     assert pred.top[0][0] == "nv"  # the probabilities are reported as calibrated
     assert (pred.predicted, pred.risk) == ("mel", "High")
-    row = pred.as_row(CLASSES, fake.threshold, {})
+    row = pred.as_row(CLASSES, {})
     assert row["predicted"] == "mel" and row["top1"] == "nv"
+    assert (row["mode"], row["threshold"], row["refer"]) == (IMAGE_ONLY, 0.4, False)  # 0.36 < 0.4
 
 
 def test_refer_is_at_or_above_the_threshold():
     fake = FakeBundle({1: _probs(mel=0.2, bcc=0.1, akiec=0.1), 2: _probs(mel=0.2, bcc=0.1, akiec=0.0999)})
     p = Predictor(fake)
     images = np.stack([np.full((8, 8, 3), v, np.uint8) for v in (1, 2)])
-    at, below = (p.read("x", row) for row in p.probabilities(images))
+    at, below = (p.read("x", row) for row in p.probabilities(images)[0])
     assert at.malignant_prob == pytest.approx(0.4) and at.refer
     assert not below.refer
 
@@ -220,8 +238,8 @@ def test_identical_inputs_are_computed_once_and_get_identical_numbers():
     fake = FakeBundle({1: _probs(nv=0.9), 2: _probs(bkl=0.6)})
     p = Predictor(fake)
     one, two = np.full((8, 8, 3), 1, np.uint8), np.full((8, 8, 3), 2, np.uint8)
-    first = p.probabilities(np.stack([one, two, one]))
-    again = p.probabilities(np.stack([two, one]))
+    first, _ = p.probabilities(np.stack([one, two, one]))
+    again, _ = p.probabilities(np.stack([two, one]))
     assert fake.calls == [2]  # the repeat within the batch and the later batch reused the result
     np.testing.assert_array_equal(first[0], first[2])
     np.testing.assert_array_equal(again[1], first[0])
@@ -229,6 +247,29 @@ def test_identical_inputs_are_computed_once_and_get_identical_numbers():
     p0.probabilities(one[None])
     p0.probabilities(one[None])
     assert p0.bundle.calls == [1, 1]
+
+
+def test_an_image_only_row_is_one_model_input_whatever_metadata_came_with_it():
+    # an image-only row is fed every field unknown: with metadata given or not, the model input is
+    # the same, so it is computed once (and gets the same numbers in any later batch)
+    fake = FakeBundle({1: _probs(nv=0.9)})
+    p = Predictor(fake)
+    one = np.full((1, 8, 8, 3), 1, np.uint8)
+    male, back = SEXES.index("male"), LOCALIZATIONS.index("back")
+    first, _ = p.probabilities(one)
+    for meta in (MetaArrays.unknown(1), MetaArrays.of([(45.0, male, back)])):  # no metadata mode here
+        again, modes = p.probabilities(one, meta)
+        assert modes.tolist() == [IMAGE_ONLY]
+        np.testing.assert_array_equal(again, first)
+    assert fake.calls == [1]
+    # a bundle with a metadata mode: complete metadata is another model input, partial is not
+    fused = FakeBundle({1: _probs(nv=0.9)})
+    fused.modes = (METADATA, IMAGE_ONLY)
+    p = Predictor(fused)
+    p.probabilities(one)
+    p.probabilities(one, MetaArrays.of([(45.0, male, back)]))
+    p.probabilities(one, MetaArrays.of([(45.0, UNKNOWN_SEX, back)]))
+    assert fused.calls == [1, 1]
 
 
 def test_version_names_creation_time_and_data_version():
@@ -273,9 +314,10 @@ def test_probabilities_are_the_bundles_and_sum_to_one(predictor, tmp_path):
 
     paths = [make_jpeg(tmp_path / f"{i}.jpg", size=(90, 60), seed=i) for i in range(5)]
     pixels = np.stack([load_image(p, SIZE, "crop") for p in paths])
-    probs = Predictor(predictor.bundle, cache_size=0).probabilities(pixels)
+    probs, modes = Predictor(predictor.bundle, cache_size=0).probabilities(pixels)
     _emb, direct = predictor.bundle.predict(pixels)
     np.testing.assert_array_equal(probs, direct)  # the recipe is the bundle's own, not a copy
+    assert modes.tolist() == [IMAGE_ONLY] * 5
     np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-12)
 
 
@@ -317,13 +359,16 @@ def test_cli_exit_0_and_json_output_when_all_are_good(bundle_dir, tmp_path, caps
     out = tmp_path / "pred.json"
     assert main([str(tmp_path / "in"), "--bundle", str(bundle_dir), "--out", str(out), "--no-progress"]) == 0
     doc = json.loads(out.read_text())
-    assert doc["bundle"]["created"] == "2026-11-30T12:00:00Z" and doc["bundle"]["threshold"] == 0.3
+    assert doc["bundle"]["created"] == "2026-11-30T12:00:00Z"
+    assert doc["bundle"]["thresholds"] == {IMAGE_ONLY: 0.3}
+    assert doc["bundle"]["modes"] == [IMAGE_ONLY]
     assert "not a medical device" in doc["bundle"]["disclaimer"]
     assert len(doc["predictions"]) == 3
     for row in doc["predictions"]:
         assert row["status"] == "ok" and row["error"] == ""
         assert abs(sum(row[f"prob_{c}"] for c in CLASSES) - 1.0) < 1e-6
         assert row["risk"] in ("High", "Moderate", "Low")
+        assert (row["mode"], row["threshold"]) == (IMAGE_ONLY, 0.3)
     lines = [x for x in capsys.readouterr().out.splitlines() if not x.startswith("#")]
     assert len(lines) == 3 and all("refer=" in x and "malignant=" in x for x in lines)
 
@@ -357,7 +402,15 @@ def test_bad_arguments_are_one_line_errors(bundle_dir, tmp_path, capsys):
     assert main([str(tmp_path / "a.jpg"), "--bundle", str(bundle_dir), "--out", str(tmp_path / "x.txt")]) == 1
     assert "error: --out" in capsys.readouterr().err
     assert main([str(tmp_path / "a.jpg"), "--bundle", str(tmp_path / "nowhere")]) == 1
-    assert "bundle.json: not found" in capsys.readouterr().err
+    assert capsys.readouterr().err.strip() == (
+        f"error: {tmp_path / 'nowhere'}: no such folder (give a model bundle folder, e.g. models/ensemble)"
+    )
+    (tmp_path / "empty").mkdir()
+    assert main([str(tmp_path / "a.jpg"), "--bundle", str(tmp_path / "empty")]) == 1
+    assert capsys.readouterr().err.strip() == (
+        f"error: {tmp_path / 'empty' / 'bundle.json'}: not found; {tmp_path / 'empty'} is not a model "
+        "bundle (the calibrate stage writes one: `dvc repro calibrate`)"
+    )
 
 
 def test_explain_writes_one_overlay_per_image_with_unique_names(bundle_dir, tmp_path):
@@ -380,7 +433,7 @@ def test_decode_workers_give_the_same_rows_as_one_process(predictor, mixed_folde
         make_jpeg(mixed_folder / f"z{i}.jpg", size=(90, 70), seed=40 + i)
     items = collect([str(mixed_folder)])
     runs = [
-        [x.as_row(predictor.classes, predictor.threshold, predictor.version)
+        [x.as_row(predictor.classes, predictor.version)
          for x in predictor.predict_paths(items, batch_size=4, workers=workers, progress=False)]
         for workers in (1, 2)
     ]  # fmt: skip
@@ -389,6 +442,140 @@ def test_decode_workers_give_the_same_rows_as_one_process(predictor, mixed_folde
     assert sum(r["status"] == "ok" for r in runs[0]) == 10
     for a, b in zip(*runs, strict=True):
         assert [a[f"prob_{c}"] for c in CLASSES] == [b[f"prob_{c}"] for c in CLASSES]
+
+
+# --------------------------------------------------------------------------- input modes (metadata)
+
+
+@pytest.fixture(scope="module")
+def fusion_dir(tmp_path_factory) -> Path:
+    """A format-2 bundle with a member that takes the metadata, and both operating points
+    (metadata: threshold 0.2, argmax; image_only: threshold 0.35, balanced)."""
+    return write_bundle(tmp_path_factory.mktemp("fusion"), fusion=True, size=SIZE, seed=2)
+
+
+def _meta_csv(tmp_path: Path) -> Path:
+    folder = tmp_path / "batch"
+    for i, name in enumerate("abcd"):
+        make_jpeg(folder / f"{name}.jpg", size=(90, 60), seed=10 + i)
+    path = folder / "list.csv"
+    path.write_text(
+        "path,age,sex,localization\n"
+        "a.jpg,45,male,back\n"  # line 2: all known -> metadata
+        "b.jpg,,female,face\n"  # line 3: age unknown -> image_only
+        "c.jpg,50,robot,back\n"  # line 4: not a sex -> an error row
+        "d.jpg,60,Female,unknown\n"  # line 5: site unknown -> image_only
+        "a.jpg,,,\n"  # line 6: the first image again, nothing known -> image_only
+    )
+    return path
+
+
+BAD_SEX = "sex 'robot' is not one of ['male', 'female', 'unknown']"
+
+
+def test_collect_reads_the_metadata_columns_and_names_a_bad_value(tmp_path):
+    path = _meta_csv(tmp_path)
+    folder = path.parent
+    items = collect([str(path)])
+    male, female, unk_sex = SEXES.index("male"), SEXES.index("female"), SEXES.index("unknown")
+    assert items[0] == ("a.jpg", str(folder / "a.jpg"), None, (45.0, male, LOCALIZATIONS.index("back")))
+    assert items[1][:3] == ("b.jpg", str(folder / "b.jpg"), None) and np.isnan(items[1][3][0])
+    assert items[1][3][1:] == (female, LOCALIZATIONS.index("face"))
+    assert items[2] == ("c.jpg", str(folder / "c.jpg"), f"{path} line 4: {BAD_SEX}")
+    assert items[3][3] == (60.0, female, UNKNOWN_LOCALIZATION)
+    assert np.isnan(items[4][3][0]) and items[4][3][1:] == (unk_sex, UNKNOWN_LOCALIZATION)
+    # a CSV with only some of the columns: the others are unknown
+    ages = tmp_path / "ages.csv"
+    ages.write_text("path,age\nbatch/a.jpg,45\nbatch/b.jpg,200\n")
+    got = collect([str(ages)])
+    assert got[0][3] == (45.0, unk_sex, UNKNOWN_LOCALIZATION)
+    assert got[1][2] == f"{ages} line 3: age '200' is outside 0..120 years"
+
+
+def _probs_of(row: dict) -> list[float]:
+    return [float(row[f"prob_{c}"]) for c in CLASSES]
+
+
+def test_cli_scores_each_csv_row_in_its_mode_and_a_bad_value_is_that_rows_error(fusion_dir, tmp_path, capsys):
+    path = _meta_csv(tmp_path)
+    plain = path.parent / "a.jpg"  # the first image once more, as a plain path: no metadata at all
+    out = tmp_path / "pred.csv"
+    rc = main([str(path), str(plain), "--bundle", str(fusion_dir), "--out", str(out), "--no-progress"])
+    assert rc == 1  # one row failed, the others were predicted
+    printed = capsys.readouterr().out.splitlines()
+    header = [x for x in printed if x.startswith("#")]
+    assert header[0].startswith(f"# bundle {fusion_dir} (2026-11-30T12:00:00Z, data 01234567); ")
+    assert "refer when malignant >= 0.200 (metadata), 0.350 (image_only). " in header[0]
+    assert header[1] == f"# modes: {MODE_RULE}"
+    assert header[2] == "# image\trisk\trefer\tmalignant/threshold\ttop-3\tmode\tbundle"
+
+    rows = _rows(out)
+    assert [r["image"] for r in rows] == ["a.jpg", "b.jpg", "c.jpg", "d.jpg", "a.jpg", str(plain)]
+    assert [r["status"] for r in rows] == ["ok", "ok", "error", "ok", "ok", "ok"]
+    assert [r["mode"] for r in rows] == [METADATA, IMAGE_ONLY, "", IMAGE_ONLY, IMAGE_ONLY, IMAGE_ONLY]
+    assert rows[2]["error"] == f"{path} line 4: {BAD_SEX}" and rows[2]["threshold"] == ""
+    thresholds = {METADATA: 0.2, IMAGE_ONLY: 0.35}
+    for r in (x for x in rows if x["status"] == "ok"):
+        assert float(r["threshold"]) == thresholds[r["mode"]]
+        assert r["refer"] == str(float(r["malignant_prob"]) >= float(r["threshold"]))
+        assert abs(sum(_probs_of(r)) - 1.0) < 1e-6
+    # one image: with all its metadata one answer; with none of it (or none given) the image-only one
+    assert _probs_of(rows[4]) == _probs_of(rows[5])
+    assert _probs_of(rows[0]) != _probs_of(rows[4])
+
+    lines = [x.split("\t") for x in printed if not x.startswith("#")]
+    assert ["c.jpg", "ERROR", f"{path} line 4: {BAD_SEX}"] in lines
+    ok = [x for x in lines if x[1] != "ERROR"]
+    assert [x[5] for x in ok] == [METADATA, IMAGE_ONLY, IMAGE_ONLY, IMAGE_ONLY, IMAGE_ONLY]
+    assert ok[0][3].endswith("/0.200") and ok[1][3].endswith("/0.350")
+
+    doc_path = tmp_path / "pred.json"
+    assert main([str(path), "--bundle", str(fusion_dir), "--out", str(doc_path), "--no-progress"]) == 1
+    doc = json.loads(doc_path.read_text())
+    assert doc["bundle"]["modes"] == [METADATA, IMAGE_ONLY]
+    assert doc["bundle"]["thresholds"] == thresholds and doc["bundle"]["mode_rule"] == MODE_RULE
+    assert [r["mode"] for r in doc["predictions"]] == [METADATA, IMAGE_ONLY, "", IMAGE_ONLY, IMAGE_ONLY]
+    assert doc["predictions"][2]["threshold"] is None and doc["predictions"][0]["threshold"] == 0.2
+
+
+def test_cli_says_a_bundle_without_fusion_does_not_use_metadata(bundle_dir, tmp_path, capsys):
+    path = _meta_csv(tmp_path)
+    path.write_text("path,age,sex,localization\na.jpg,45,male,back\nb.jpg,,female,face\n")
+    out = tmp_path / "pred.json"
+    assert main([str(path), "--bundle", str(bundle_dir), "--out", str(out), "--no-progress"]) == 0
+    header = [x for x in capsys.readouterr().out.splitlines() if x.startswith("#")]
+    assert "refer when malignant >= 0.300 (image_only). " in header[0]
+    assert header[1] == (
+        "# mode: image_only (this bundle's members do not use metadata; age/sex/site are ignored)"
+    )
+    doc = json.loads(out.read_text())
+    assert doc["bundle"]["modes"] == [IMAGE_ONLY] and doc["bundle"]["thresholds"] == {IMAGE_ONLY: 0.3}
+    assert doc["bundle"]["mode_rule"] == "image_only: this bundle does not use metadata"
+    assert [(r["status"], r["mode"], r["threshold"]) for r in doc["predictions"]] == [
+        ("ok", IMAGE_ONLY, 0.3), ("ok", IMAGE_ONLY, 0.3),
+    ]  # fmt: skip
+
+
+def test_the_same_image_with_other_metadata_is_another_model_input(fusion_dir):
+    p = Predictor.load(fusion_dir)
+    assert p.modes == (METADATA, IMAGE_ONLY) and p.thresholds == {METADATA: 0.2, IMAGE_ONLY: 0.35}
+    img = np.random.default_rng(0).integers(0, 256, (1, SIZE, SIZE, 3), dtype=np.uint8)
+    male, back = SEXES.index("male"), LOCALIZATIONS.index("back")
+    meta = MetaArrays.of([(45.0, male, back), (np.nan, UNKNOWN_SEX, UNKNOWN_LOCALIZATION),
+                          (45.0, male, back), (45.0, UNKNOWN_SEX, back), (70.0, male, back)])  # fmt: skip
+    probs, modes = p.probabilities(np.repeat(img, 5, axis=0), meta)
+    assert modes.tolist() == [METADATA, IMAGE_ONLY, METADATA, IMAGE_ONLY, METADATA]
+    np.testing.assert_array_equal(probs[0], probs[2])
+    np.testing.assert_array_equal(probs[1], probs[3])  # partly known: scored as image-only
+    assert not np.allclose(probs[0], probs[1]) and not np.allclose(probs[0], probs[4])  # another age
+    again, again_modes = p.probabilities(img)  # no metadata at all: the image-only answer
+    np.testing.assert_array_equal(again[0], probs[1])
+    assert again_modes.tolist() == [IMAGE_ONLY]
+    preds = [p.read(str(i), row, str(m)) for i, (row, m) in enumerate(zip(probs, modes, strict=True))]
+    assert [(x.mode, x.threshold) for x in preds[:2]] == [(METADATA, 0.2), (IMAGE_ONLY, 0.35)]
+    assert all(x.refer == (x.malignant_prob >= x.threshold) for x in preds)
+    rows = [x.as_row(p.classes, p.version) for x in preds[:2]]
+    assert [(r["mode"], r["threshold"]) for r in rows] == [(METADATA, 0.2), (IMAGE_ONLY, 0.35)]
 
 
 # --------------------------------------------------------------------------- Grad-CAM

@@ -69,3 +69,33 @@ def test_reproduction_verdict_identical_close_and_moved():
     assert "m.json:best_member 'a' -> 'b'" in text
     fresh = {"m.json": {"macro_auc": {"old": None, "new": 0.9}}}
     assert "no baseline committed" in reproduction_verdict(fresh, 0.02)
+
+
+def test_summary_shows_each_input_mode_of_a_fusion_bundle(tmp_path):
+    # calibration.json of a fusion bundle: the metadata mode unsuffixed, image-only with _image_only
+    served = {"macro_auc": 0.91, "macro_auc_ci_low": 0.88, "macro_auc_ci_high": 0.94, "threshold": 0.21,
+              "test_malignant_recall": 0.96, "test_specificity": 0.52, "ece_before": 0.1,
+              "ece_after": 0.04}  # fmt: skip
+    image_only = {"macro_auc": 0.89, "threshold": 0.27, "test_malignant_recall": 0.95,
+                  "test_specificity": 0.48, "ece_before": 0.12, "ece_after": 0.05}  # fmt: skip
+    cal = {**served, **{f"{k}_image_only": v for k, v in image_only.items()}, "target_recall": 0.95}
+    (tmp_path / "calibration.json").write_text(json.dumps(cal))
+    (tmp_path / "ensemble.json").write_text(json.dumps({"macro_auc": 0.905, "macro_auc_image_only": 0.885}))
+    lines = summarize(tmp_path).splitlines()
+    rows = {line[:20].strip(): line[20:] for line in lines if line and not line.startswith(" ")}
+    assert rows["ensemble"].startswith("0.905")
+    assert rows["served, metadata"].startswith("0.910 [0.88, 0.94]")
+    assert rows["served, image only"].startswith("0.890")
+    assert "operating point (chosen on val for malignant recall >= 0.95), on test:" in lines
+    assert (
+        "  served, metadata: threshold 0.210, test_malignant_recall 0.960, test_specificity 0.520; "
+        "ECE 0.100 -> 0.040"
+    ) in lines
+    assert (
+        "  served, image only: threshold 0.270, test_malignant_recall 0.950, test_specificity 0.480; "
+        "ECE 0.120 -> 0.050"
+    ) in lines
+    # an image-only bundle: one served row, no mode named
+    (tmp_path / "calibration.json").write_text(json.dumps({**served, "target_recall": 0.95}))
+    text = summarize(tmp_path)
+    assert "served, image only" not in text and "  served: threshold 0.210" in text

@@ -398,6 +398,9 @@ def served_report(
     out["ece_after"] = expected_calibration_error(served.probs, y, ece_bins)
     out["nll_after"] = float(-np.mean(np.log(np.clip(served.probs[np.arange(len(y)), y], 1e-300, 1.0))))
     out["balanced_accuracy_decision"] = balanced_accuracy(y, served.decisions, len(classes))
+    if "mel" in classes and (y == classes.index("mel")).any():
+        mel = y == classes.index("mel")
+        out["mel_recall_decision"] = float(np.mean(served.decisions[mel] == classes.index("mel")))
     out["share_metadata"] = float(np.mean(served.modes == "metadata"))
 
     # Each row against its own mode's threshold: the flag is score - threshold >= 0.

@@ -128,11 +128,45 @@ def _git(*args: str) -> str:
     return r.stdout.strip() if r.returncode == 0 else "unknown"
 
 
+def lock_outputs(lock: Path, stages: Sequence[str] | None = None) -> list[Path]:
+    """Every output (``outs``, metrics, plots) ``dvc.lock`` records for ``stages`` (None: all).
+
+    DVC keeps the entries of foreach items a params change removed (``train@mobilenetv2`` after
+    a run without it), so the current stage list is what says which entries are this run's."""
+    try:
+        data = yaml.safe_load(lock.read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError):
+        return []
+    return [
+        Path(str(o["path"]))
+        for name, stage in (data.get("stages") or {}).items()
+        if stages is None or name in stages
+        for o in stage.get("outs") or []
+        if isinstance(o, dict) and "path" in o
+    ]
+
+
+def current_stages() -> list[str] | None:
+    """``dvc stage list --name-only`` (the DAG with today's params); None when DVC cannot say."""
+    beside = Path(sys.executable).with_name("dvc")
+    dvc = str(beside) if beside.is_file() else "dvc"
+    try:
+        r = subprocess.run([dvc, "stage", "list", "--name-only"], capture_output=True, text=True)
+    except OSError:
+        return None
+    return r.stdout.split() if r.returncode == 0 else None
+
+
 def write_record(path: Path, *, command: str, profile: Path, seconds: dict[str, float], total: float) -> None:
     """The run's record: the exact command, the code and data versions, wall time per stage and
     every metrics file, so a result in the README can be traced to what produced it."""
     metrics = {}
+    written = lock_outputs(Path("dvc.lock"), current_stages())
     for f in sorted(Path("metrics").rglob("*.json")):
+        # Only what this run's stages wrote: a metrics file left by another run (the demo's
+        # mobilenetv2 beside a real run without it) is not this run's result.
+        if not any(f == o or o in f.parents for o in written):
+            continue
         try:
             metrics[f.as_posix()] = json.loads(f.read_text(encoding="utf-8"))
         except (OSError, ValueError):

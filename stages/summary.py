@@ -32,6 +32,19 @@ def _mode(metrics: dict, suffix: str) -> dict:
     return {k[: -len(suffix)]: v for k, v in metrics.items() if k.endswith(suffix)}
 
 
+def served_row(m: dict) -> dict:
+    """A served mode's headline: balanced accuracy and mel recall of the bundle's own decision
+    (its balanced class rule, what a user is told), not of the arg-max of its probabilities."""
+    out = dict(m)
+    for key in ("balanced_accuracy", "mel_recall"):
+        out.pop(f"{key}_ci_low", None)
+        out.pop(f"{key}_ci_high", None)
+        out.pop(key, None)
+        if f"{key}_decision" in m:
+            out[key] = m[f"{key}_decision"]
+    return out
+
+
 def _fmt(m: dict, key: str) -> str:
     if key not in m:
         return "-"
@@ -49,14 +62,19 @@ def summarize(metrics_dir: Path) -> str:
             f"train/val/test {split.get('train_n')}/{split.get('val_n')}/{split.get('test_n')}; "
             f"leaking groups {split.get('leaking_groups')}"
         )
-    rows = [(p.stem, _load(p)) for p in sorted((metrics_dir / "eval").glob("*.json"))]
-    rows.append(("ensemble", _load(metrics_dir / "ensemble.json")))
+    ensemble = _load(metrics_dir / "ensemble.json")
+    # The ensemble's members only, when it names them: a member file left by another run (the
+    # demo's mobilenetv2 after a real run without it) is not this run's result.
+    members = {k.removeprefix("weight_") for k in ensemble if k.startswith("weight_")}
+    rows = [(p.stem, _load(p)) for p in sorted((metrics_dir / "eval").glob("*.json"))
+            if not members or p.stem in members]  # fmt: skip
+    rows.append(("ensemble", ensemble))
     cal = _load(metrics_dir / "calibration.json")
     # The bundle's own answers (what serve gives): one row per input mode it has.
     modes = [("", "served")] if cal else []
     if any(k.endswith(IMAGE_ONLY_SUFFIX) for k in cal):
         modes = [("", "served, metadata"), (IMAGE_ONLY_SUFFIX, "served, image only")]
-    rows += [(label, _mode(cal, sfx)) for sfx, label in modes]
+    rows += [(label, served_row(_mode(cal, sfx))) for sfx, label in modes]
     rows = [(name, m) for name, m in rows if m]
     if rows:
         lines.append("")

@@ -370,24 +370,25 @@ def model_card(
         f"| metric | {header} |",
         "| --- | " + " | ".join("---" for _ in modes) + " |",
     ]
-    for key in (
-        "accuracy",
-        "balanced_accuracy",
-        "balanced_accuracy_decision",
-        "macro_f1",
-        "macro_auc",
-        "lesion_macro_auc",
-        "malignant_auc",
-        "malignant_pauc_tpr80",
-        "mel_recall",
-        "test_malignant_recall",
-        "test_specificity",
-        "test_ppv",
-        "referrals_per_100",
-        "lesion_test_malignant_recall",
-        "ece_after",
-    ):
-        lines.append(f"| {key} | " + " | ".join(with_ci(key, per_mode[m]) for m in modes) + " |")
+    rows = (
+        ("balanced accuracy of the bundle's decision", "balanced_accuracy_decision"),
+        ("mel recall of the bundle's decision", "mel_recall_decision"),
+        ("macro AUC", "macro_auc"),
+        ("macro AUC per lesion", "lesion_macro_auc"),
+        ("malignant AUC", "malignant_auc"),
+        ("malignant pAUC (TPR >= 0.8)", "malignant_pauc_tpr80"),
+        ("malignant recall at the threshold", "test_malignant_recall"),
+        ("specificity at the threshold", "test_specificity"),
+        ("PPV at the threshold", "test_ppv"),
+        ("referrals per 100 lesions", "referrals_per_100"),
+        ("malignant recall per lesion", "lesion_test_malignant_recall"),
+        ("ECE after calibration", "ece_after"),
+        ("accuracy of the arg-max", "accuracy"),
+        ("balanced accuracy of the arg-max", "balanced_accuracy"),
+        ("macro F1 of the arg-max", "macro_f1"),
+    )
+    for label, key in rows:
+        lines.append(f"| {label} | " + " | ".join(with_ci(key, per_mode[m]) for m in modes) + " |")
     first = per_mode[modes[0]]
     lines += [
         "",
@@ -397,13 +398,13 @@ def model_card(
         f"Best single member ({ens_metrics.get('best_member')}), uncalibrated, macro AUC "
         f"{_fmt(ens_metrics.get('best_member_macro_auc'))}.",
         "",
-        f"| class ({mode_names[modes[0]]}) | precision | recall | F1 | AUC |",
-        "| --- | --- | --- | --- | --- |",
+        f"| class ({mode_names[modes[0]]}) | precision of the decision | recall of the decision | AUC |",
+        "| --- | --- | --- | --- |",
     ]
     for c in CLASSES:
         lines.append(
-            f"| {c} | {_fmt(first.get(f'precision_{c}'))} | {with_ci(f'recall_{c}', first)} | "
-            f"{_fmt(first.get(f'f1_{c}'))} | {with_ci(f'auc_{c}', first)} |"
+            f"| {c} | {_fmt(first.get(f'precision_{c}_decision'))} "
+            f"| {_fmt(first.get(f'recall_{c}_decision'))} | {with_ci(f'auc_{c}', first)} |"
         )
     lines += [
         "",

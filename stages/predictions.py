@@ -398,9 +398,13 @@ def served_report(
     out["ece_after"] = expected_calibration_error(served.probs, y, ece_bins)
     out["nll_after"] = float(-np.mean(np.log(np.clip(served.probs[np.arange(len(y)), y], 1e-300, 1.0))))
     out["balanced_accuracy_decision"] = balanced_accuracy(y, served.decisions, len(classes))
-    if "mel" in classes and (y == classes.index("mel")).any():
-        mel = y == classes.index("mel")
-        out["mel_recall_decision"] = float(np.mean(served.decisions[mel] == classes.index("mel")))
+    # What the bundle tells a user is its decision (e.g. the balanced rule), not the arg-max of
+    # its probabilities: per-class recall and precision of that decision.
+    for i, c in enumerate(classes):
+        truth, said = y == i, served.decisions == i
+        out[f"recall_{c}_decision"] = float(np.mean(said[truth])) if truth.any() else np.nan
+        out[f"precision_{c}_decision"] = float(np.mean(truth[said])) if said.any() else np.nan
+    out["mel_recall_decision"] = out.get("recall_mel_decision", np.nan)
     out["share_metadata"] = float(np.mean(served.modes == "metadata"))
 
     # Each row against its own mode's threshold: the flag is score - threshold >= 0.

@@ -477,7 +477,8 @@ def test_bundle_and_model_card(world, members, tmp_path):
         f"| image only | {res.temperature:.3f} |",
         f"| balanced | {res.threshold:.4f} |",
         "**image only** (the members do not use metadata)",
-        "| macro_auc |",
+        "| macro AUC |",
+        "| balanced accuracy of the bundle's decision |",
         f"Worst subgroup by malignant recall (among groups with >= 5 malignant test images): "
         f"**{res.metrics['worst_subgroup']}**",
         "fitted on validation log-loss only",
@@ -486,10 +487,12 @@ def test_bundle_and_model_card(world, members, tmp_path):
     assert res.metrics["worst_subgroup"] != "none"
     # every test number in the card is the bundle's own (served), with its CI
     served_auc = (
-        f"| macro_auc | {metrics['macro_auc']:.3f} ({metrics['macro_auc_ci_low']:.3f} to "
+        f"| macro AUC | {metrics['macro_auc']:.3f} ({metrics['macro_auc_ci_low']:.3f} to "
         f"{metrics['macro_auc_ci_high']:.3f}) |"
     )
     assert served_auc in card
+    decision = f"| balanced accuracy of the bundle's decision | {metrics['balanced_accuracy_decision']:.3f} |"
+    assert decision in card
     ens = json.loads((out / "ensemble.json").read_text())
     best = f"Best single member ({ens['best_member']}), uncalibrated, macro AUC "
     assert f"{best}{ens['best_member_macro_auc']:.3f}" in card

@@ -451,6 +451,14 @@ def render_evaluation(evaluation: Mapping[str, Any] | None, error: str | None = 
     return lines
 
 
+def verdict_text(m: Mapping[str, Any], *, drift: str = "DRIFT") -> str:
+    """The drift check's verdict in a few words; a batch the check could not judge (too few
+    images: ``drift_detected`` null) says why instead of passing for "no drift"."""
+    if m.get("drift_detected") is None:
+        return str(m.get("verdict_reason") or m.get("verdict") or "no verdict")
+    return drift if m.get("drift_detected") else "no drift"
+
+
 def render_batch(
     batch: Batch,
     why: str,
@@ -469,7 +477,7 @@ def render_batch(
         lines += ["## Last output lines", "", "```text", failure.tail.strip()[-4000:], "```", ""]
         return "\n".join(lines)
     m = metrics or {}
-    verdict = "DRIFT DETECTED" if m.get("drift_detected") else "no drift"
+    verdict = verdict_text(m, drift="DRIFT DETECTED")
     share = m.get("predicted_class_share") or {}
     mix = ", ".join(f"{c} {fmt(v)}" for c, v in sorted(share.items(), key=lambda kv: -kv[1]) if v) or "—"
     labelled = f"yes ({m.get('n_labelled')} rows, `{m.get('metadata_csv')}`)" if m.get("labelled") else "no"
@@ -773,13 +781,13 @@ def _check_one(run: _Run, batch: Batch, why: str) -> tuple[str, ...]:
             batch, why, metrics=metrics, report=report, retrain_note=note, evaluation=evaluation,
             evaluation_error=evaluation_error,
         ),
-        f"drift check {batch.name}: {'DRIFT' if drift else 'no drift'}",
+        f"drift check {batch.name}: {verdict_text(metrics)}",
     )  # fmt: skip
     labelled = fmt(bool(metrics.get("labelled")))
     if evaluation is not None or evaluation_error is not None:
         labelled += f"; {evaluation_note(evaluation, evaluation_error)}"
     return (
-        f"`{batch.name}`", "DRIFT" if drift else "no drift", fmt(metrics.get("drift_share")),
+        f"`{batch.name}`", verdict_text(metrics), fmt(metrics.get("drift_share")),
         fmt(metrics.get("embedding_drift_score")), labelled, event_cell,
     )  # fmt: skip
 

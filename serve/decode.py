@@ -2,10 +2,11 @@
 
 The pixels come from :func:`stages.images.load_image`, the function ``prepare`` fed training
 with, so a served image is resized, cropped or padded exactly as the model saw its training set.
-What is added here is what a server needs in front of it: a format allow-list checked from the
-header (Pillow also opens EPS, which it hands to Ghostscript: not for untrusted uploads), a
-larger copy of the same square for showing the Grad-CAM overlay, and one short reason per bad
-file instead of an exception.
+The same function refuses what must not be predicted on (a file cut short, rows the data does not
+hold, decoded as grey padding) and scales 16-bit images to 8 bits. What is added here is what a
+server needs in front of it: a format allow-list checked from the header (Pillow also opens EPS,
+which it hands to Ghostscript: not for untrusted uploads), a larger copy of the same square for
+showing the Grad-CAM overlay, and one short line per bad file instead of an exception.
 
 No TensorFlow here: worker processes of :func:`stages.parallel.in_order` import this module.
 """
@@ -52,8 +53,9 @@ def _opener(source: Source) -> Any:
 def decode(source: Source, spec: DecodeSpec) -> Decoded:
     """The model input (and display copy) of a file path or the bytes of an upload.
 
-    Raises :class:`~stages.images.ImageRejected`, ``OSError`` (missing, truncated) or another
-    decoder error; :func:`describe_error` turns any of them into a line for the user.
+    Raises :class:`~stages.images.ImageRejected` (its subclass ``ImageIncomplete`` for data that is
+    not all there), ``OSError`` (missing, truncated) or another decoder error;
+    :func:`describe_error` turns any of them into a line for the user.
     """
     with open_checked(_opener(source), spec.max_pixels) as img:  # header only: nothing decoded yet
         fmt = img.format
@@ -76,7 +78,8 @@ def describe_error(e: BaseException) -> str:
         return "is a folder, not an image file"
     if isinstance(e, PermissionError):
         return "permission denied"
-    text = str(e) or type(e).__name__
+    # One line whatever the decoder said: a CSV cell, a log line and a web list item each hold one.
+    text = " ".join(str(e).split()) or type(e).__name__
     if isinstance(e, ImageRejected):
         return text
     if text == "Truncated File Read" or "truncated" in text.lower():

@@ -18,6 +18,11 @@ A bundle whose members fuse metadata is measured in both input modes on the same
 ``image_only``. A row that cannot be used (a value outside HAM10000's vocabulary, no image file,
 an image_id listed twice, no lesion_id, a damaged image) is named on stderr and in ``--out`` and
 left out; the others are scored, and the exit code is then 1.
+
+``--out`` (a .json file; an existing file is replaced atomically once the report is complete)
+and ``--plots`` (a folder, created if missing; never a file) are checked before the folder is
+read or the bundle loads: a folder at --out, a file at --plots, or a place that cannot be written
+is one line, exit 1.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ from typing import IO, Any
 import numpy as np
 import pandas as pd
 
+from serve.predict import check_output_file, check_output_folder
 from serve.predictor import DISCLAIMER, Prediction, Predictor, default_bundle, pick_workers
 from stages.common import CLASSES, HAM_COLUMNS, StageError, atomic_file, run_main, setup_logging
 
@@ -352,8 +358,12 @@ def run(
     """
     if batch_size < 1:
         raise StageError(f"--batch-size must be >= 1, got {batch_size}")
-    if out is not None and out.suffix.lower() != ".json":
-        raise StageError(f"--out {out}: use a .json file name")
+    # The outputs first: a bad --out or --plots is one line before the folder is read and the
+    # bundle loads, never a traceback after every image was scored.
+    if out is not None:
+        check_output_file("--out", Path(out), (".json",))
+    if plots is not None:
+        check_output_folder("--plots", Path(plots))
     folder = Path(folder)
     stdout = stdout or sys.stdout
     with ExitStack() as stack:
@@ -475,7 +485,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--bundle", type=Path, help="model bundle (default: models/production, else models/ensemble)"
     )
-    ap.add_argument("--out", type=Path, help="write the metrics and the skipped rows to FILE.json")
+    ap.add_argument(
+        "--out", type=Path,
+        help="write the metrics and the skipped rows to FILE.json (an existing file is replaced when "
+        "the run completes)",
+    )  # fmt: skip
     ap.add_argument(
         "--plots", type=Path, metavar="DIR",
         help="write confusion_<mode>.png (the decision, row-normalised) and subgroups_<mode>.csv into DIR",

@@ -14,6 +14,11 @@ The bundle (default ``models/production`` once a model was promoted, else
 used (missing, truncated, not an image, over the pixel limit) gets an error row naming it and
 the others are still predicted; the exit code is then 1.
 
+The outputs are checked before anything is loaded: ``--out`` must name a .csv or .json file
+(an existing file is replaced, atomically, once every row is written; a folder there is an
+error) and ``--explain`` a folder (an existing one is added to; a file there is an error); a
+missing folder is created, and one that cannot be written or created is an error.
+
 Not a diagnosis: the probabilities come from a research model trained on HAM10000 dermoscopy
 images, and a clinician decides.
 """
@@ -27,8 +32,8 @@ import logging
 import math
 import os
 import sys
-from collections.abc import Sequence
-from contextlib import ExitStack
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import IO, Any
 
@@ -49,6 +54,7 @@ from stages.scoring import META_FIELDS, MODE_RULE, parse_metadata
 log = logging.getLogger(__name__)
 
 PATH_COLUMN = "path"
+OUT_SUFFIXES = (".csv", ".json")
 
 
 def collect(args: Sequence[str], *, column: str = PATH_COLUMN) -> list[Item]:
@@ -99,6 +105,55 @@ def _from_csv(path: Path, column: str) -> list[Item]:
 
 
 # --------------------------------------------------------------------------- output
+
+
+def check_output_file(option: str, path: Path, suffixes: Sequence[str]) -> str:
+    """The kind of an output file (its suffix, without the dot), checked before any work starts.
+
+    Refused with one line naming ``option`` and ``path``: a folder there, a suffix not in
+    ``suffixes``, or a folder to write into that cannot be (a file on the way, no write
+    permission). A missing folder is created when the file is written. An existing file is
+    replaced, atomically and only once the output is complete (what ``-o`` does in most tools;
+    the previous file stays intact if the run fails).
+    """
+    where = f"{option} {path}"
+    with _os_errors(where):
+        if path.is_dir():
+            raise StageError(f"{where}: is a folder; give a file name (e.g. {path / 'NAME'}{suffixes[0]})")
+        if path.suffix.lower() not in suffixes:
+            raise StageError(f"{where}: use a {' or '.join(suffixes)} file name")
+        if os.path.lexists(path) and not (path.is_file() or path.is_symlink()):
+            raise StageError(f"{where}: not a regular file (a device, pipe or socket?)")
+        _check_writable_folder(where, path.parent)
+    return path.suffix.lower().lstrip(".")
+
+
+def check_output_folder(option: str, path: Path) -> None:
+    """A folder outputs are written into, checked before any work starts: an existing folder is
+    fine (files are added to it), a missing one is created; a file there, or a folder that cannot
+    be written or created, is one line naming ``option``."""
+    where = f"{option} {path}"
+    with _os_errors(where):
+        if os.path.lexists(path) and not path.is_dir():
+            raise StageError(f"{where}: a file is there; give a folder (a new or an existing one)")
+        _check_writable_folder(where, path)
+
+
+def _check_writable_folder(where: str, folder: Path) -> None:
+    """``folder`` can be written into, or created in its nearest existing parent."""
+    existing = next((p for p in (folder, *folder.parents) if p.exists()), Path("."))
+    if not existing.is_dir():
+        raise StageError(f"{where}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise StageError(f"{where}: folder {existing} is not writable")
+
+
+@contextmanager
+def _os_errors(where: str) -> Iterator[None]:
+    try:
+        yield
+    except OSError as e:  # e.g. a parent folder that may not be searched
+        raise StageError(f"{where}: {e.strerror or e}") from None
 
 
 def format_line(pred: Prediction, version_label: str) -> str:
@@ -174,11 +229,11 @@ def run(
 
     if batch_size < 1:
         raise StageError(f"--batch-size must be >= 1, got {batch_size}")
-    kind = None
-    if out is not None:
-        kind = out.suffix.lower().lstrip(".")
-        if kind not in ("csv", "json"):
-            raise StageError(f"--out {out}: use a .csv or .json file name")
+    # The outputs first: a bad --out or --explain is one line before the bundle loads, never
+    # a traceback after every image was predicted.
+    kind = check_output_file("--out", Path(out), OUT_SUFFIXES) if out is not None else None
+    if explain is not None:
+        check_output_folder("--explain", Path(explain))
     items = collect(paths, column=column)
     if not items:
         raise StageError("no input: give image files, folders or CSV files")
@@ -259,10 +314,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--bundle", type=Path, help="model bundle (default: models/production, else models/ensemble)"
     )
-    ap.add_argument("--out", type=Path, help="also write every row, unrounded, to FILE.csv or FILE.json")
     ap.add_argument(
-        "--explain", type=Path, metavar="DIR", help="write a Grad-CAM overlay PNG per image into DIR"
-    )
+        "--out", type=Path,
+        help="also write every row, unrounded, to FILE.csv or FILE.json (an existing file is replaced "
+        "when the run completes)",
+    )  # fmt: skip
+    ap.add_argument(
+        "--explain", type=Path, metavar="DIR",
+        help="write a Grad-CAM overlay PNG per image into DIR (created if missing; never a file)",
+    )  # fmt: skip
     ap.add_argument("--batch-size", type=int, default=32, help="images per model call (default 32)")
     ap.add_argument("--workers", type=int, default=0, help="decode processes (default 0: all cores)")
     ap.add_argument(

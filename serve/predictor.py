@@ -30,8 +30,8 @@ import numpy as np
 from tqdm import tqdm
 
 from serve.decode import Decoded, DecodeSpec, decode_chunk
+from stages.bundle import pixel_cap
 from stages.common import StageError, n_workers
-from stages.images import DEFAULT_MAX_PIXELS
 from stages.parallel import in_order
 from stages.scoring import IMAGE_ONLY, METADATA, UNKNOWN_LOCALIZATION, UNKNOWN_SEX, MetaArrays, mode_inputs
 
@@ -44,6 +44,7 @@ TOP_K = 3
 # Side of the display square the Grad-CAM overlay is drawn on (the model input can be 32 px).
 DISPLAY_SIZE = 256
 PRODUCTION_RECORD = "production.json"
+NOT_FINITE = "the model gave no valid probabilities for this image (NaN or inf): the bundle is damaged"
 # What :meth:`Predictor.predict_paths` takes per image: ``(name, path, known error or None)``,
 # optionally with the image's metadata ``(age, sex index, localization index)`` as a 4th element.
 Item = tuple[Any, ...]
@@ -159,8 +160,9 @@ class Predictor:
         self.risk = risk or RiskLevels.parse(DEFAULT_RISK, self.classes)
         params = bundle.meta.get("params", {})
         self.draft_gap = float(params.get("prepare", {}).get("draft_gap", 2.0))
-        # The pixel cap the pipeline validated its own images with (the bomb guard).
-        self.max_pixels = int(max_pixels or params.get("validate", {}).get("max_pixels", DEFAULT_MAX_PIXELS))
+        # The project's one pixel cap (the bomb guard): the stricter of the bundle's validate and
+        # drift caps, the same as the web app's and drift's.
+        self.max_pixels = int(max_pixels or pixel_cap(params, where=str(Path(bundle.root) / "bundle.json")))
         self.cache_size = cache_size
         self._cache: OrderedDict[bytes, np.ndarray] = OrderedDict()
         self._gradcam: Any = None
@@ -304,12 +306,17 @@ class Predictor:
 
         pixels = np.stack([d.pixels for d in decoded])
         probs, modes = self.probabilities(pixels, meta)
-        out = [self.read(n, p, str(m)) for n, p, m in zip(names, probs, modes, strict=True)]
+        # A member that outputs NaN (diverged weights whose md5 still matches) must not give a
+        # prediction marked ok: that image gets an error instead.
+        out = [
+            self.read(n, p, str(m)) if np.all(np.isfinite(p)) else Prediction(n, error=NOT_FINITE)
+            for n, p, m in zip(names, probs, modes, strict=True)
+        ]
         if explain:
             heat = self.heatmaps(pixels, self.bundle.decide(probs, modes), mode_inputs(meta, modes))
             for pred, d, h in zip(out, decoded, heat, strict=True):
                 pred.gradcam_empty = not bool(h.max() > 0)
-                if d.display is not None:
+                if d.display is not None and pred.ok:
                     pred.overlay = overlay(d.display, h)
         return out
 

@@ -16,13 +16,25 @@ still analysed. Each result says the input mode it was scored in (``stages.scori
 only when all three are known and the bundle fuses metadata, else image_only) and that mode's
 threshold.
 
-Limits are enforced at the edge, before any decoding, each refusal with an HTTP 4xx status and a
-message the page shows: the request must state its size (411) and stay under the total limit
-(413); at most ``max_files`` files (400), each under ``max_file_mb`` (413), with a plain file name
-(400: a name with a path in it is refused, not cleaned); the content must be an image of an
-accepted format (415), whole (422) and under the pixel limit (413). One refused file refuses
-the upload, naming every refused file, so no result is shown for a set the user did not send.
-Nothing uploaded is written to disk by the app.
+Limits are enforced at the edge, each refusal with an HTTP status and a message the page shows.
+From the request line and headers, before the body is read: the request must state its size (411)
+and stay under the total limit (413). While the body streams in (the form is parsed here, in
+memory, by python-multipart: no part is ever spooled to a temporary file): at most ``max_files``
+files (400), each refused the moment it passes ``max_file_mb`` (413, without waiting for the rest
+of the body), and an upload that sends nothing for ``upload_stall_s`` or is not complete after
+``upload_deadline_s`` is dropped (408). Then per file: a plain file name (400: a name with a path
+in it is refused, not cleaned), an image of an accepted format (415), under the pixel cap read from
+its header (413) and whole (422). One refused file refuses the upload, naming every refused file,
+so no result is shown for a set the user did not send.
+
+Memory is bounded in total, not only per image. The pixel cap is the project's one cap: the
+stricter of the bundle's ``validate.max_pixels`` (the pipeline's) and ``drift.max_pixels``,
+lowered by ``--max-pixels``. The bytes of uploads held in memory, across all requests, stay under
+``upload_budget_mb``; the pixels being decoded, across all requests, under ``pixel_budget_mp``
+(an image reserves its header's pixel count before it is decoded, on a pool of
+``decode_workers`` threads, and gives it back when done). A request that cannot get its share
+waits in line (first come, first served, at most ``budget_wait_s``) or is answered 503 with
+``Retry-After``. Every response carries security headers (:func:`security_headers`).
 
 Binds to 127.0.0.1 by default: exposing it to a network is a deployment decision (TLS, login)
 this prototype does not make for you.
@@ -31,14 +43,21 @@ this prototype does not make for you.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import base64
+import contextlib
+import hashlib
+import io
 import logging
+import math
 import os
 import re
 import sys
-from collections.abc import AsyncIterator
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -46,13 +65,15 @@ from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.templating import Jinja2Templates
-from starlette.datastructures import UploadFile
-from starlette.exceptions import HTTPException
+from python_multipart import MultipartParser
+from python_multipart.exceptions import FormParserError
+from python_multipart.multipart import parse_options_header
 
-from serve.decode import ALLOWED_FORMATS, Decoded, decode, describe_error
+from serve.decode import ALLOWED_FORMATS, Decoded, DecodeSpec, decode, describe_error
 from serve.predictor import DISCLAIMER, Prediction, Predictor, default_bundle
-from stages.common import LOCALIZATIONS, SEXES, StageError, run_main, setup_logging
-from stages.images import IMAGE_SUFFIXES, ImageRejected
+from stages.bundle import pixel_cap  # noqa: F401 (re-exported: tests and callers)
+from stages.common import LOCALIZATIONS, SEXES, StageError, n_workers, run_main, setup_logging
+from stages.images import IMAGE_SUFFIXES, ImageIncomplete, ImageRejected, open_checked
 from stages.scoring import (
     IMAGE_ONLY,
     META_FIELDS,
@@ -81,6 +102,11 @@ MODE_LABELS = {METADATA: "image with age, sex and site", IMAGE_ONLY: "image only
 FORM_OVERHEAD_BYTES = 64 * 1024
 # Text fields a form may carry besides the metadata (none today; room for a browser's extras).
 SPARE_FIELDS = 8
+# A text field holds an age, a sex or a body site: a few bytes. Anything near this is not ours.
+MAX_FIELD_BYTES = 1024
+# What a 503 tells the client to wait: a worst-case image (40 MP PNG) decodes in ~2 s on one core.
+RETRY_AFTER_S = 5
+MB = 1024 * 1024
 UNKNOWN_ROW = (float("nan"), UNKNOWN_SEX, UNKNOWN_LOCALIZATION)
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
@@ -92,14 +118,26 @@ class WebSettings:
     max_files: int = 16
     max_file_mb: float = 10.0
     explain: bool = True  # Grad-CAM overlay on every result
+    max_pixels: int | None = None  # lowers the bundle's pixel cap (see pixel_cap); never raises it
+    pixel_budget_mp: float | None = None  # megapixels in decoding at once, all requests (None: 2x the cap)
+    upload_budget_mb: float | None = None  # upload bytes in memory at once, all requests (None: 2 uploads)
+    decode_workers: int = 0  # decode threads (0: one per core)
+    budget_wait_s: float = 15.0  # longest wait in line for either budget, then 503
+    max_waiting: int = 32  # requests in line per budget beyond which the answer is 503 at once
+    upload_stall_s: float = 30.0  # no body data for this long: 408
+    upload_deadline_s: float = 300.0  # the whole body not received after this long: 408
 
     @property
     def max_file_bytes(self) -> int:
-        return int(self.max_file_mb * 1024 * 1024)
+        return int(self.max_file_mb * MB)
 
     @property
     def max_request_bytes(self) -> int:
         return self.max_files * self.max_file_bytes + FORM_OVERHEAD_BYTES
+
+    @property
+    def max_fields(self) -> int:
+        return len(META_FIELDS) * self.max_files + SPARE_FIELDS
 
 
 @dataclass
@@ -109,6 +147,7 @@ class Refusal(Exception):
     status: int
     summary: str
     items: list[tuple[str, str]] = field(default_factory=list)
+    headers: dict[str, str] = field(default_factory=dict)
 
 
 # (age, sex, localization) as sent with one file; None: the field was not sent.
@@ -151,31 +190,427 @@ def name_problem(name: str) -> str | None:
 def _status_for(e: BaseException) -> int:
     """413 for the pixel cap (stages.images says "over the limit"), 415 for a non-image or a
     format not accepted, 422 for an image file that is damaged."""
+    if isinstance(e, ImageIncomplete):  # a damaged file, like a truncated one
+        return 422
     if isinstance(e, ImageRejected):
         return 413 if "over the limit" in str(e) else 415
     return 422
 
 
-def decode_uploads(uploads: list[tuple[str, bytes]], predictor: Predictor, *, explain: bool) -> list[Decoded]:
-    """Decode every upload or raise one :class:`Refusal` naming each file that failed."""
-    spec = predictor.decode_spec(explain=explain)
-    decoded: list[Decoded] = []
-    refused: list[tuple[str, str]] = []
-    status = 0
-    for name, data in uploads:
+def _reason(e: BaseException) -> str:
+    reason = describe_error(e)
+    if reason.startswith("cannot identify image file"):
+        reason = f"not an image file ({', '.join(sorted(ALLOWED_FORMATS - {'MPO'}))} expected)"
+    return reason
+
+
+# --------------------------------------------------------------------------- limits and budgets
+
+
+class Busy(Exception):
+    """A budget could not be had in time (or the line was full): the answer is 503."""
+
+
+class Budget:
+    """An amount shared by every request of the process (pixels in decoding, upload bytes held).
+
+    ``acquire(n)`` takes ``n`` at once when it fits and nobody is waiting (first come, first
+    served: a large image is not overtaken forever by small ones); otherwise it waits in line, at
+    most ``wait_s`` and behind at most ``max_waiting`` others, else raises :class:`Busy`.
+    Event-loop side only: a worker thread gives back through ``loop.call_soon_threadsafe``.
+    """
+
+    def __init__(self, capacity: int, *, wait_s: float, max_waiting: int):
+        self.capacity = capacity
+        self.wait_s = wait_s
+        self.max_waiting = max_waiting
+        self.used = 0
+        self.peak = 0
+        self._line: deque[tuple[int, asyncio.Future[None]]] = deque()
+
+    def _take(self, n: int) -> None:
+        self.used += n
+        self.peak = max(self.peak, self.used)
+
+    async def acquire(self, n: int) -> None:
+        if n > self.capacity:  # the settings check makes this impossible; never wait for it
+            raise ValueError(f"{n} is more than the whole budget of {self.capacity}")
+        if not self._line and self.used + n <= self.capacity:
+            self._take(n)
+            return
+        if len(self._line) >= self.max_waiting:
+            raise Busy
+        entry = (n, asyncio.get_running_loop().create_future())
+        self._line.append(entry)
         try:
-            decoded.append(decode(data, spec))
-        except Exception as e:  # any decoder failure is a fact about this upload
-            reason = describe_error(e)
-            if reason.startswith("cannot identify image file"):
-                reason = f"not an image file ({', '.join(sorted(ALLOWED_FORMATS - {'MPO'}))} expected)"
-            refused.append((name, reason))
-            status = status or _status_for(e)
+            await asyncio.wait_for(entry[1], self.wait_s)
+        except BaseException as e:  # the wait ran out, or the request was cancelled
+            if entry[1].done() and not entry[1].cancelled():
+                self.release(n)  # granted just as it gave up
+            else:
+                with contextlib.suppress(ValueError):
+                    self._line.remove(entry)
+                self._grant()  # the head of the line may have changed
+            if isinstance(e, TimeoutError):
+                raise Busy from None
+            raise
+
+    def release(self, n: int) -> None:
+        self.used -= n
+        self._grant()
+
+    def _grant(self) -> None:
+        while self._line and self.used + self._line[0][0] <= self.capacity:
+            n, fut = self._line.popleft()
+            if not fut.done():
+                self._take(n)
+                fut.set_result(None)
+
+
+@dataclass(frozen=True)
+class Limits:
+    """The settings' limits made concrete for a bundle, checked: one that could never serve an
+    upload is one error line at startup."""
+
+    cap: int  # pixels per image
+    pixel_budget: int  # pixels in decoding at once, all requests
+    upload_budget: int  # upload bytes held in memory at once, all requests
+    workers: int  # decode threads
+
+    @classmethod
+    def of(cls, settings: WebSettings, predictor: Predictor) -> Limits:
+        where = str(Path(predictor.bundle.root) / "bundle.json")
+        cap = pixel_cap(predictor.bundle.meta.get("params"), settings.max_pixels, where)
+        if settings.max_files < 1:
+            raise StageError(f"--max-files must be at least 1, got {settings.max_files}")
+        numbers = ("max_file_mb", "pixel_budget_mp", "upload_budget_mb", "budget_wait_s", "upload_stall_s",
+                   "upload_deadline_s")  # fmt: skip
+        for name in numbers:
+            value = getattr(settings, name)
+            if value is not None and not (math.isfinite(value) and value > 0):
+                raise StageError(f"--{name.replace('_', '-')} must be a number above 0, got {value:g}")
+        pixels = int(settings.pixel_budget_mp * 1e6) if settings.pixel_budget_mp is not None else 2 * cap
+        if pixels < cap:
+            raise StageError(
+                f"--pixel-budget-mp {pixels / 1e6:g} is below the pixel cap of {cap / 1e6:g} MP: "
+                "an image at the cap could never be decoded"
+            )
+        full = settings.max_request_bytes
+        upload = int(settings.upload_budget_mb * MB) if settings.upload_budget_mb is not None else 2 * full
+        if upload < full:
+            raise StageError(
+                f"--upload-budget-mb {upload / MB:g} is below one full upload ({full / MB:.3g} MB: "
+                f"--max-files {settings.max_files} x --max-file-mb {settings.max_file_mb:g})"
+            )
+        if settings.decode_workers < 0:
+            raise StageError(
+                f"--decode-workers must be 0 (one per core) or more, got {settings.decode_workers}"
+            )
+        return cls(cap, pixels, upload, n_workers(settings.decode_workers))
+
+
+@dataclass
+class Runtime:
+    """What a serving process shares between requests, made at startup."""
+
+    limits: Limits
+    pixels: Budget  # pixels being decoded
+    uploads: Budget  # upload bytes held in memory
+    decode_pool: ThreadPoolExecutor
+    model_pool: ThreadPoolExecutor  # one thread: the predictor runs one model call at a time anyway
+
+    @classmethod
+    def start(cls, settings: WebSettings, limits: Limits) -> Runtime:
+        kw = {"wait_s": settings.budget_wait_s, "max_waiting": max(0, settings.max_waiting)}
+        return cls(
+            limits=limits,
+            pixels=Budget(limits.pixel_budget, **kw),
+            uploads=Budget(limits.upload_budget, **kw),
+            decode_pool=ThreadPoolExecutor(limits.workers, thread_name_prefix="decode"),
+            model_pool=ThreadPoolExecutor(1, thread_name_prefix="model"),
+        )
+
+    def stop(self) -> None:
+        # Waits for a decode in progress: its budget is given back before the loop closes.
+        self.decode_pool.shutdown(wait=True, cancel_futures=True)
+        self.model_pool.shutdown(wait=True, cancel_futures=True)
+
+    async def run_held(self, pixels: int, fn: Callable[..., Any], *args: Any) -> asyncio.Future[Any]:
+        """Reserve ``pixels``, start ``fn(*args)`` on the decode pool, and give them back when that
+        job ends (not when its awaiter is cancelled: the thread still holds the memory)."""
+        await self.pixels.acquire(pixels)
+        loop = asyncio.get_running_loop()
+        try:
+            job = self.decode_pool.submit(fn, *args)
+        except BaseException:
+            self.pixels.release(pixels)
+            raise
+
+        def done(_: Any) -> None:
+            with contextlib.suppress(RuntimeError):  # the loop already closed (shutdown)
+                loop.call_soon_threadsafe(self.pixels.release, pixels)
+
+        job.add_done_callback(done)
+        return asyncio.wrap_future(job)
+
+
+def _busy(what: str) -> Refusal:
+    return Refusal(
+        503,
+        f"the server is busy: {what}; nothing was analysed, try again in {RETRY_AFTER_S} s",
+        headers={"Retry-After": str(RETRY_AFTER_S)},
+    )
+
+
+# --------------------------------------------------------------------------- reading the form
+
+
+@dataclass
+class FilePart:
+    """A file part of the form, held in memory."""
+
+    filename: str
+    data: bytearray = field(default_factory=bytearray)
+
+
+FormFields = dict[str, list[str | FilePart]]
+
+
+def _text(raw: bytes, charset: str) -> str:
+    try:
+        return raw.decode(charset)
+    except (UnicodeDecodeError, LookupError):
+        return raw.decode("latin-1")
+
+
+class _FormReader:
+    """python-multipart callbacks that build the form in memory and refuse a part the moment it
+    passes its limit (the rest of the body is never read)."""
+
+    def __init__(self, settings: WebSettings, charset: str):
+        self.settings = settings
+        self.charset = charset
+        self.fields: FormFields = {}
+        self.complete = False
+        self._files = 0
+        self._texts = 0
+        self._header = bytearray()
+        self._value = bytearray()
+        self._disposition = b""
+        self._name = ""
+        self._part: FilePart | bytearray = bytearray()
+
+    def callbacks(self) -> dict[str, Any]:
+        return {
+            "on_part_begin": self.on_part_begin,
+            "on_header_field": lambda d, a, b: self._header.extend(d[a:b]),
+            "on_header_value": lambda d, a, b: self._value.extend(d[a:b]),
+            "on_header_end": self.on_header_end,
+            "on_headers_finished": self.on_headers_finished,
+            "on_part_data": self.on_part_data,
+            "on_part_end": self.on_part_end,
+            "on_end": self.on_end,
+        }
+
+    def on_part_begin(self) -> None:
+        self._disposition = b""
+
+    def on_header_end(self) -> None:
+        if bytes(self._header).lower() == b"content-disposition":
+            self._disposition = bytes(self._value)
+        self._header.clear()
+        self._value.clear()
+
+    def on_headers_finished(self) -> None:
+        s = self.settings
+        _, options = parse_options_header(self._disposition)
+        if b"name" not in options:
+            raise Refusal(400, "the upload is not a form this app reads (a part without a field name)")
+        self._name = _text(options[b"name"], self.charset)
+        if b"filename" in options:
+            self._files += 1
+            if self._files > s.max_files:
+                raise Refusal(
+                    400, f"the upload was refused: more than {s.max_files} files (at most {s.max_files})"
+                )
+            self._part = FilePart(_text(options[b"filename"], self.charset))
+        else:
+            self._texts += 1
+            if self._texts > s.max_fields:
+                raise Refusal(
+                    400,
+                    f"the upload was refused: more than {s.max_fields} form fields "
+                    f"({', '.join(META_FIELDS)} once per file, at most {s.max_files} files)",
+                )
+            self._part = bytearray()
+
+    def on_part_data(self, data: bytes, start: int, end: int) -> None:
+        part = self._part
+        if isinstance(part, FilePart):
+            if len(part.data) + end - start > self.settings.max_file_bytes:
+                limit = f"larger than the limit of {self.settings.max_file_mb:g} MB"
+                raise Refusal(
+                    413,
+                    "the upload was stopped at a file over the size limit; nothing was analysed",
+                    [(part.filename[:300], limit)],
+                )
+            part.data.extend(data[start:end])
+        else:
+            if len(part) + end - start > MAX_FIELD_BYTES:
+                raise Refusal(
+                    413, f"the form field {self._name[:50]!r} is longer than {MAX_FIELD_BYTES} bytes"
+                )
+            part.extend(data[start:end])
+
+    def on_part_end(self) -> None:
+        part = self._part
+        value = part if isinstance(part, FilePart) else _text(bytes(part), self.charset)
+        self.fields.setdefault(self._name, []).append(value)
+        self._part = bytearray()
+
+    def on_end(self) -> None:
+        self.complete = True
+
+
+async def body_chunks(request: Request, settings: WebSettings) -> AsyncIterator[bytes]:
+    """The request body as it arrives; 408 when it stalls or takes too long. Sets
+    ``request.state.body_done`` once the last byte is in."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + settings.upload_deadline_s
+    while True:
+        left = deadline - loop.time()
+        try:
+            async with asyncio.timeout(min(settings.upload_stall_s, left)):
+                message = await request.receive()
+        except TimeoutError:
+            if left <= settings.upload_stall_s:
+                why = f"took longer than {settings.upload_deadline_s:g} s"
+            else:
+                why = f"stalled: nothing arrived for {settings.upload_stall_s:g} s"
+            raise Refusal(408, f"the upload {why}; nothing was analysed") from None
+        if message["type"] == "http.disconnect":
+            raise Refusal(400, "the connection closed before the upload was complete")
+        if message.get("body"):
+            yield message["body"]
+        if not message.get("more_body", False):
+            request.state.body_done = True
+            return
+
+
+async def read_form(request: Request, settings: WebSettings) -> FormFields:
+    """Every field of the multipart form, each in the order sent (files as :class:`FilePart`)."""
+    kind, params = parse_options_header(request.headers.get("content-type"))
+    if kind != b"multipart/form-data" or b"boundary" not in params:
+        raise Refusal(400, "the upload must be a multipart/form-data form with the images as 'files'")
+    reader = _FormReader(settings, _text(params.get(b"charset", b"utf-8"), "latin-1"))
+    parser = MultipartParser(params[b"boundary"], reader.callbacks())
+    try:
+        async with contextlib.aclosing(body_chunks(request, settings)) as chunks:
+            async for chunk in chunks:
+                parser.write(chunk)
+        parser.finalize()
+    except FormParserError:
+        raise Refusal(400, "the upload is not a well-formed multipart form") from None
+    if not reader.complete:
+        raise Refusal(400, "the upload ended before its form did (the closing boundary is missing)")
+    return reader.fields
+
+
+def uploads_of(fields: FormFields, settings: WebSettings) -> list[Upload]:
+    """The form's ``files`` with the metadata sent for each, or a :class:`Refusal`."""
+    parts = [f for f in fields.get("files", []) if isinstance(f, FilePart)]
+    # An empty file input sends one nameless part: not a file the user chose.
+    chosen = [i for i, f in enumerate(parts) if f.filename or f.data]
+    if not chosen:
+        raise Refusal(400, "choose one or more image files first")
+    # Paired by position among the parts sent, as the form lists them.
+    texts = metadata_texts({k: fields.get(k, []) for k in META_FIELDS}, len(parts))
+    refused: list[tuple[str, str]] = []
+    out: list[Upload] = []
+    for i in chosen:
+        part = parts[i]
+        problem = name_problem(part.filename)
+        if problem is not None:
+            refused.append((part.filename[:300], problem))
+        else:
+            out.append(Upload(part.filename, bytes(part.data), texts[i]))
+        part.data = bytearray()  # one copy of each file in memory, not two
+    if refused:
+        raise Refusal(400, f"{len(refused)} of {len(chosen)} file(s) refused; nothing was analysed", refused)
+    return out
+
+
+def content_length(request: Request, settings: WebSettings) -> int:
+    """The upload's size from its header: stated (411) and under the total limit (413)."""
+    length = request.headers.get("content-length")
+    if length is None:
+        raise Refusal(411, "the upload must state its size (Content-Length)")
+    if not length.isdigit() or int(length) > settings.max_request_bytes:
+        raise Refusal(
+            413,
+            f"the upload is larger than {settings.max_request_bytes / MB:.3g} MB "
+            f"({settings.max_files} files of at most {settings.max_file_mb:g} MB)",
+        )
+    return int(length)
+
+
+# --------------------------------------------------------------------------- decoding
+
+
+def header_pixels(data: list[bytes], cap: int) -> list[int | BaseException]:
+    """Per upload, its pixel count from the header alone (nothing decoded), or why it is refused."""
+    out: list[int | BaseException] = []
+    for d in data:
+        try:
+            with open_checked(io.BytesIO(d), cap) as img:
+                out.append(img.width * img.height)
+        except Exception as e:  # any reader failure is a fact about this upload
+            out.append(e)
+    return out
+
+
+def _decode_one(data: bytes, spec: DecodeSpec) -> Decoded | BaseException:
+    try:
+        return decode(data, spec)
+    except Exception as e:  # any decoder failure is a fact about this upload
+        return e
+
+
+async def decode_uploads(rt: Runtime, uploads: list[Upload], spec: DecodeSpec) -> list[Decoded]:
+    """Decode every upload within the pixel budget, or raise one :class:`Refusal` naming each file
+    refused (when some are refused from their header, the others are not decoded)."""
+    loop = asyncio.get_running_loop()
+    sizes = await loop.run_in_executor(
+        rt.decode_pool, header_pixels, [u.data for u in uploads], spec.max_pixels
+    )
+    results: list[Decoded | BaseException | None] = [
+        s if isinstance(s, BaseException) else None for s in sizes
+    ]
+    if not any(results):
+        jobs: list[tuple[int, asyncio.Future[Any]]] = []
+        try:
+            for i, (u, px) in enumerate(zip(uploads, sizes, strict=True)):
+                assert isinstance(px, int)
+                jobs.append((i, await rt.run_held(px, _decode_one, u.data, spec)))
+        except Busy:
+            raise _busy(
+                f"the images it is decoding already fill its memory budget ({rt.pixels.capacity / 1e6:g} MP)"
+            ) from None
+        finally:  # the jobs started run to their end either way
+            done = await asyncio.gather(*(job for _, job in jobs))
+            for (i, _), result in zip(jobs, done, strict=True):
+                results[i] = result
+    refused = [(u.name, r) for u, r in zip(uploads, results, strict=True) if isinstance(r, BaseException)]
     if refused:
         raise Refusal(
-            status, f"{len(refused)} of {len(uploads)} file(s) refused; nothing was analysed", refused
+            _status_for(refused[0][1]),
+            f"{len(refused)} of {len(uploads)} file(s) refused; nothing was analysed",
+            [(name, _reason(e)) for name, e in refused],
         )
-    return decoded
+    return [r for r in results if isinstance(r, Decoded)]
+
+
+# --------------------------------------------------------------------------- metadata and answers
 
 
 def _informative(text: str | None) -> bool:
@@ -236,58 +671,6 @@ def predict_uploads(
     ]
 
 
-async def read_uploads(request: Request, settings: WebSettings) -> list[Upload]:
-    """The form's ``files`` with the metadata sent for each, or a :class:`Refusal` (limits first)."""
-    length = request.headers.get("content-length")
-    if length is None:
-        raise Refusal(411, "the upload must state its size (Content-Length)")
-    if not length.isdigit() or int(length) > settings.max_request_bytes:
-        raise Refusal(
-            413,
-            f"the upload is larger than {settings.max_request_bytes / 2**20:.3g} MB "
-            f"({settings.max_files} files of at most {settings.max_file_mb:g} MB)",
-        )
-    try:
-        form = await request.form(
-            max_files=settings.max_files, max_fields=len(META_FIELDS) * settings.max_files + SPARE_FIELDS
-        )
-    except HTTPException as e:  # too many files or fields, malformed multipart
-        raise Refusal(
-            400, f"the upload was refused: {e.detail} (at most {settings.max_files} files)"
-        ) from None
-    parts = [f for f in form.getlist("files") if isinstance(f, UploadFile)]
-    # An empty file input sends one nameless part: not a file the user chose.
-    chosen = [i for i, f in enumerate(parts) if f.filename or f.size]
-    if not chosen:
-        raise Refusal(400, "choose one or more image files first")
-    # Paired by position among the parts sent, as the form lists them.
-    texts = metadata_texts({k: form.getlist(k) for k in META_FIELDS}, len(parts))
-    files = [parts[i] for i in chosen]
-    refused: list[tuple[str, str]] = []
-    out: list[Upload] = []
-    status = 0
-    for i, f in zip(chosen, files, strict=True):
-        name = f.filename or ""
-        problem = name_problem(name)
-        if problem is None:
-            data = await f.read(settings.max_file_bytes + 1)
-            if len(data) > settings.max_file_bytes:
-                problem, code = f"larger than the limit of {settings.max_file_mb:g} MB", 413
-            else:
-                out.append(Upload(name, data, texts[i]))
-        else:
-            code = 400
-        if problem is not None:
-            refused.append((name[:300], problem))
-            status = status or code
-        await f.close()
-    if refused:
-        raise Refusal(
-            status, f"{len(refused)} of {len(files)} file(s) refused; nothing was analysed", refused
-        )
-    return out
-
-
 def metadata_json(row: MetaRow | None) -> dict[str, Any] | None:
     """The metadata given with an image, in the vocabulary (age None when unknown)."""
     if row is None:
@@ -329,26 +712,119 @@ def _png(pixels: Any) -> bytes:
     return png_bytes(pixels)
 
 
+# --------------------------------------------------------------------------- security headers
+
+
+def _inline_hashes(tag: str) -> list[str]:
+    """CSP hash sources of every inline ``<tag>`` block of the templates. A block with template
+    syntax in it would render to other bytes than its hash: refused here, at startup."""
+    out = []
+    for path in sorted(TEMPLATES.glob("*.html")):
+        for body in re.findall(rf"<{tag}>(.*?)</{tag}>", path.read_text(encoding="utf-8"), re.S):
+            if any(mark in body for mark in ("{{", "{%", "{#")):
+                raise RuntimeError(f"{path.name}: an inline <{tag}> holds template syntax; CSP cannot pin it")
+            digest = base64.b64encode(hashlib.sha256(body.encode("utf-8")).digest()).decode("ascii")
+            out.append(f"'sha256-{digest}'")
+    return out
+
+
+def security_headers() -> dict[str, str]:
+    """Headers on every response. The CSP allows the templates' own inline script and style block
+    by hash, nothing else; ``style=`` attributes (the top-3 bar widths) need 'unsafe-inline' in
+    ``style-src``, which a browser reading ``style-src-elem`` applies to attributes only; images
+    from the app itself (plots) and ``data:`` (the Grad-CAM overlays)."""
+    scripts = " ".join(_inline_hashes("script")) or "'none'"
+    styles = " ".join(_inline_hashes("style")) or "'none'"
+    csp = (
+        f"default-src 'none'; script-src {scripts}; style-src 'unsafe-inline'; style-src-elem {styles}; "
+        "img-src 'self' data:; form-action 'self'; base-uri 'none'; frame-ancestors 'none'"
+    )
+    return {
+        "Content-Security-Policy": csp,
+        "X-Content-Type-Options": "nosniff",
+        "X-Frame-Options": "DENY",
+        "Referrer-Policy": "no-referrer",
+    }
+
+
+class SecurityHeaders:
+    """ASGI middleware adding :func:`security_headers` to every HTTP response (a header the app
+    set itself is kept)."""
+
+    def __init__(self, app: Any, headers: dict[str, str]):
+        self.app = app
+        self.headers = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_with_headers(message: Any) -> None:
+            if message["type"] == "http.response.start":
+                present = {k.lower() for k, _ in message.get("headers", [])}
+                extra = [(k, v) for k, v in self.headers if k not in present]
+                message = {**message, "headers": [*message.get("headers", []), *extra]}
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
+
+
+class _App(FastAPI):
+    def build_middleware_stack(self) -> Any:
+        # Outside Starlette's error handler, so a 500 carries the headers too.
+        return SecurityHeaders(super().build_middleware_stack(), security_headers())
+
+
+# --------------------------------------------------------------------------- the app
+
+
+def load_predictor(settings: WebSettings) -> Predictor:
+    """The bundle checked (bundle.json's values, the pixel cap), then loaded with the web's cap."""
+    from stages.bundle import read_bundle_json
+
+    meta = read_bundle_json(settings.bundle)
+    cap = pixel_cap(meta.get("params"), settings.max_pixels, str(Path(settings.bundle) / "bundle.json"))
+    return Predictor.load(settings.bundle, max_pixels=cap)
+
+
 def create_app(settings: WebSettings, predictor: Predictor | None = None) -> FastAPI:
-    """The FastAPI app. ``predictor``: an already loaded one (tests); else loaded at startup."""
+    """The FastAPI app. ``predictor``: an already loaded one (tests, ``main``: then the settings
+    are checked here, before serving); else loaded and checked at startup."""
     import markdown
 
     from serve.plots import find_figures
 
     templates = Jinja2Templates(directory=str(TEMPLATES))
+    if predictor is not None:
+        Limits.of(settings, predictor)  # fail now, with one line, not at startup
+    security_headers()  # an unpinnable inline block fails here, not on the first request
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        p = predictor or await run_in_threadpool(Predictor.load, settings.bundle)
+        p = predictor or await run_in_threadpool(load_predictor, settings)
+        rt = Runtime.start(settings, Limits.of(settings, p))
         app.state.predictor = p
+        app.state.runtime = rt
         members = [m["name"] for m in p.bundle.meta.get("members", [])]
         app.state.figures = {f.key: f for f in find_figures(settings.metrics, members)}
-        log.info("serving bundle %s (%s)", settings.bundle, p.version["label"])
-        yield
+        log.info(
+            "serving bundle %s (%s); pixel cap %s, %s MP in decoding at once on %d thread(s)",
+            settings.bundle, p.version["label"], f"{rt.limits.cap:,}", f"{rt.pixels.capacity / 1e6:g}",
+            rt.limits.workers,
+        )  # fmt: skip
+        try:
+            yield
+        finally:
+            rt.stop()
 
-    app = FastAPI(title="Skin lesion classifier (research prototype)", lifespan=lifespan, docs_url=None)
+    app = _App(
+        title="Skin lesion classifier (research prototype)", lifespan=lifespan, docs_url=None, redoc_url=None
+    )
 
-    def page(request: Request, name: str, status: int = 200, **ctx: Any) -> HTMLResponse:
+    def page(
+        request: Request, name: str, status: int = 200, headers: dict[str, str] | None = None, **ctx: Any
+    ) -> HTMLResponse:
         p: Predictor = request.app.state.predictor
         base = {
             "disclaimer": DISCLAIMER,
@@ -366,15 +842,37 @@ def create_app(settings: WebSettings, predictor: Predictor | None = None) -> Fas
             "results": [],
             "refusal": None,
         }
-        return templates.TemplateResponse(request, name, {**base, **ctx}, status_code=status)
+        return templates.TemplateResponse(request, name, {**base, **ctx}, status_code=status, headers=headers)
 
     async def analyse(request: Request, explain: bool) -> list[Answer]:
         p: Predictor = request.app.state.predictor
-        uploads = await read_uploads(request, settings)
-        decoded = await run_in_threadpool(
-            decode_uploads, [(u.name, u.data) for u in uploads], p, explain=explain
+        rt: Runtime = request.app.state.runtime
+        try:
+            held = content_length(request, settings)
+            try:
+                await rt.uploads.acquire(held)
+            except Busy:
+                raise _busy(
+                    f"other uploads fill its memory budget ({rt.uploads.capacity / MB:.3g} MB)"
+                ) from None
+            try:
+                uploads = uploads_of(await read_form(request, settings), settings)
+                spec = replace(p.decode_spec(explain=explain), max_pixels=rt.limits.cap)
+                decoded = await decode_uploads(rt, uploads, spec)
+            finally:
+                rt.uploads.release(held)
+        except Refusal as r:
+            if not getattr(request.state, "body_done", False):
+                # Refused before the body was all read: close, rather than receive the rest for nothing.
+                r.headers.setdefault("Connection", "close")
+            log.info("refused upload (%d): %s %s", r.status, r.summary, r.items)
+            raise
+        light = [Upload(u.name, b"", u.texts) for u in uploads]  # the bytes are no longer needed
+        del uploads
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(
+            rt.model_pool, lambda: predict_uploads(p, light, decoded, explain=explain)
         )
-        return await run_in_threadpool(predict_uploads, p, uploads, decoded, explain=explain)
 
     @app.get("/", response_class=HTMLResponse)
     async def index(request: Request) -> HTMLResponse:
@@ -385,8 +883,7 @@ def create_app(settings: WebSettings, predictor: Predictor | None = None) -> Fas
         try:
             answers = await analyse(request, settings.explain)
         except Refusal as r:
-            log.info("refused upload (%d): %s %s", r.status, r.summary, r.items)
-            return page(request, "index.html", status=r.status, refusal=r)
+            return page(request, "index.html", status=r.status, headers=r.headers, refusal=r)
         return page(request, "index.html", results=[_result_view(a) for a in answers])
 
     @app.post("/api/predict")
@@ -396,7 +893,9 @@ def create_app(settings: WebSettings, predictor: Predictor | None = None) -> Fas
             answers = await analyse(request, explain)
         except Refusal as r:
             refused = [{"file": n, "reason": why} for n, why in r.items]
-            return JSONResponse({"detail": r.summary, "refused": refused}, status_code=r.status)
+            return JSONResponse(
+                {"detail": r.summary, "refused": refused}, status_code=r.status, headers=r.headers
+            )
         results = []
         for a in answers:
             x = a.prediction
@@ -450,14 +949,45 @@ def create_app(settings: WebSettings, predictor: Predictor | None = None) -> Fas
     @app.get("/healthz")
     async def healthz(request: Request) -> dict[str, Any]:
         p: Predictor = request.app.state.predictor
+        rt: Runtime = request.app.state.runtime
         return {
             "status": "ok",
             "bundle": p.version,
             "members": [m.name for m in p.bundle.members],
             "modes": list(p.modes),
+            "limits": {
+                "max_pixels": rt.limits.cap,
+                "pixel_budget": rt.pixels.capacity,
+                "pixels_in_use": rt.pixels.used,
+                "pixels_peak": rt.pixels.peak,
+                "upload_budget_bytes": rt.uploads.capacity,
+                "decode_workers": rt.limits.workers,
+            },
         }
 
     return app
+
+
+# Blocks this large are mapped from and unmapped to the system on every allocation (glibc).
+MMAP_THRESHOLD_BYTES = 4 * MB
+
+
+def give_freed_images_back() -> None:
+    """Make a decoded image's memory go back to the system when freed (glibc; elsewhere nothing).
+
+    glibc raises its mmap threshold after the first large free, and from then on each decode
+    thread's arena keeps the blocks of the largest image it decoded: with 8 decode threads the
+    worst-case peak rose by ~300 MB over what the pixel budget allows (bench/results/web_memory.md).
+    A fixed threshold keeps the budget the bound, whatever the number of threads.
+    """
+    import ctypes
+
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):  # not glibc
+        return
+    m_mmap_threshold = -3  # malloc.h
+    mallopt(ctypes.c_int(m_mmap_threshold), ctypes.c_int(MMAP_THRESHOLD_BYTES))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -474,6 +1004,31 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--port", type=int, default=8000)
     ap.add_argument("--max-files", type=int, default=16, help="images per upload (default 16)")
     ap.add_argument("--max-file-mb", type=float, default=10.0, help="size limit per image (default 10 MB)")
+    ap.add_argument(
+        "--max-pixels",
+        type=int,
+        help="pixel cap per image, read from its header before anything is decoded (default: the "
+        "project's one cap, the stricter of the bundle's params validate.max_pixels and "
+        "drift.max_pixels; this option can only lower it)",
+    )
+    ap.add_argument(
+        "--pixel-budget-mp",
+        type=float,
+        help="megapixels being decoded at once across all requests; an image waits its turn (up to "
+        "15 s), then 503 with Retry-After (default: 2x the pixel cap)",
+    )
+    ap.add_argument(
+        "--upload-budget-mb",
+        type=float,
+        help="MB of uploads held in memory at once across all requests (default: 2 full uploads)",
+    )
+    ap.add_argument("--decode-workers", type=int, default=0, help="decode threads (default 0: one per core)")
+    ap.add_argument(
+        "--upload-stall-s", type=float, default=30.0, help="408 when an upload sends nothing this long (30)"
+    )
+    ap.add_argument(
+        "--upload-deadline-s", type=float, default=300.0, help="408 when an upload takes longer (300)"
+    )
     ap.add_argument("--no-explain", action="store_true", help="no Grad-CAM overlays (faster)")
     ap.add_argument("-v", "--verbose", action="store_true")
     args = ap.parse_args(argv)
@@ -489,10 +1044,18 @@ def main(argv: list[str] | None = None) -> int:
             max_files=args.max_files,
             max_file_mb=args.max_file_mb,
             explain=not args.no_explain,
+            max_pixels=args.max_pixels,
+            pixel_budget_mp=args.pixel_budget_mp,
+            upload_budget_mb=args.upload_budget_mb,
+            decode_workers=args.decode_workers,
+            upload_stall_s=args.upload_stall_s,
+            upload_deadline_s=args.upload_deadline_s,
         )
-        # Loaded here, once, so a missing or damaged bundle is one error line, not a server traceback.
-        predictor = Predictor.load(settings.bundle)
-        uvicorn.run(create_app(settings, predictor), host=args.host, port=args.port, log_level="info")
+        # Loaded and checked here, once, before serving: a missing or damaged bundle, a bad value in
+        # bundle.json or a setting that could never serve an upload is one error line and exit 1.
+        app = create_app(settings, load_predictor(settings))
+        give_freed_images_back()
+        uvicorn.run(app, host=args.host, port=args.port, log_level="info")
         return 0
 
     return run_main(body)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from stages.common import CLASSES, StageError, n_workers
+from stages.images import DEFAULT_MAX_PIXELS
 from stages.metadata import read_table
 from stages.metrics import malignant_score
 from stages.scoring import (
@@ -62,6 +64,11 @@ def read_bundle_json(bundle_dir: str | Path) -> dict[str, Any]:
 
     Format 2 holds one operating point per input mode (``operating_points``); a format-1 bundle
     (one temperature/threshold at the top level) is read as a bundle with ``image_only`` only.
+    Every value serving uses is checked here, so the CLI, the web app and drift refuse the same
+    bundle with the same one-line message naming the key: the classes, the input size and
+    aspect, each operating point (:meth:`OperatingPoint.from_json`), the members (name, weight
+    >= 0 with a positive sum, a path that stays inside the folder, symlinks resolved), the
+    params serving reads, and no NaN or Infinity anywhere (``calibrate`` writes strict JSON).
     """
     path = Path(bundle_dir) / BUNDLE_JSON
     if not Path(bundle_dir).is_dir():
@@ -78,19 +85,28 @@ def read_bundle_json(bundle_dir: str | Path) -> dict[str, Any]:
     if not isinstance(meta, dict):
         raise StageError(f"{path}: not a bundle description (a JSON object)")
     version = meta.get("format_version", 1)
-    if version not in (1, BUNDLE_FORMAT_VERSION):
+    if not _is_int(version) or version not in (1, BUNDLE_FORMAT_VERSION):
         raise StageError(
-            f"{path}: format_version {version!r}; this code reads 1 and {BUNDLE_FORMAT_VERSION} "
+            f"{path}: format_version {version!r:.50}; this code reads 1 and {BUNDLE_FORMAT_VERSION} "
             "(a bundle from a newer version of the project?)"
         )
     for key in ("classes", "members", "image_size"):
         if key not in meta:
             raise StageError(f"{path}: missing key {key!r}; the bundle is incomplete or from another tool")
     size = meta["image_size"]
-    if not isinstance(size, int) or isinstance(size, bool) or not 8 <= size <= 2048:
+    if not _is_int(size) or not 8 <= size <= 2048:
         raise StageError(
             f"{path}: 'image_size' must be a whole number of pixels in 8..2048, got {size!r:.50}"
         )
+    if meta["classes"] != list(CLASSES):
+        # The members' outputs are in this order (train refuses any other): a bundle naming other
+        # classes, or these in another order, would label every probability wrongly.
+        raise StageError(
+            f"{path}: 'classes' must be HAM10000's {len(CLASSES)} classes in this order {list(CLASSES)}, "
+            f"got {meta['classes']!r:.200}"
+        )
+    if meta.get("aspect") not in (None, "crop", "pad"):
+        raise StageError(f"{path}: 'aspect' must be 'crop' or 'pad', got {meta['aspect']!r:.50}")
     if version == 1:
         for key in ("temperature", "threshold"):
             if key not in meta:
@@ -107,11 +123,138 @@ def read_bundle_json(bundle_dir: str | Path) -> dict[str, Any]:
     for mode, point in points.items():
         if not isinstance(point, dict):
             raise StageError(f"{path}: operating point {mode!r} is not an object")
-        OperatingPoint.from_json(point, len(meta["classes"]), f"{path}: {mode}")
+        OperatingPoint.from_json(point, len(CLASSES), f"{path}: {mode}")
+    _check_members(meta["members"], Path(bundle_dir), path)
+    _check_served_params(meta, path)
+    _check_finite(meta, path)
     return meta
 
 
 _POINT_KEYS = ("temperature", "threshold", "class_bias", "class_prior", "decision")
+# What serving reads from ``params``: (section, key, check, what it must be), with the bounds of
+# stages.params (the pixel caps: serve.web takes the stricter of the two).
+_SERVED_PARAMS: tuple[tuple[str, str, Any, str], ...] = (
+    ("prepare", "draft_gap", lambda v: _is_number(v) and 1.0 <= v <= 16.0, "a number in 1..16"),
+    ("validate", "max_pixels", lambda v: _is_int(v) and v >= 1, "a whole number of pixels >= 1"),
+    ("drift", "max_pixels", lambda v: _is_int(v) and v >= 1, "a whole number of pixels >= 1"),
+    ("evaluate", "batch_size", lambda v: _is_int(v) and 1 <= v <= 4096, "a whole number in 1..4096"),
+    ("evaluate", "tta", lambda v: isinstance(v, bool), "true or false"),
+)
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _check_members(members: Any, root: Path, path: Path) -> None:
+    """``members``: a non-empty list of ``{name, weight, path[, md5]}``, weights >= 0 with a positive
+    sum, each path inside the bundle folder (after symlinks). The files are checked by load."""
+    shape = "a non-empty list of {name, weight, path, md5} objects"
+    if not isinstance(members, list) or not members:
+        raise StageError(f"{path}: 'members' must be {shape}, got {members!r:.200}")
+    names: set[str] = set()
+    inside = root.resolve()
+    for k, m in enumerate(members):
+        if not isinstance(m, dict):
+            raise StageError(f"{path}: 'members' must be {shape}; member {k} is {m!r:.100}")
+        name = m.get("name")
+        if not isinstance(name, str) or not name or name in names:
+            why = "listed twice" if name in names else "must be a non-empty text"
+            raise StageError(f"{path}: member {k} 'name' {why}, got {name!r:.100}")
+        names.add(name)
+        weight = m.get("weight")
+        if not _is_number(weight) or weight < 0:
+            raise StageError(
+                f"{path}: member {name!r} 'weight' must be a finite number >= 0, got {weight!r:.100}"
+            )
+        rel = m.get("path")
+        if not isinstance(rel, str) or not rel:
+            raise StageError(f"{path}: member {name!r} 'path' must be a relative file path, got {rel!r:.100}")
+        if m.get("md5") is not None and not isinstance(m["md5"], str):
+            raise StageError(f"{path}: member {name!r} 'md5' must be hex text, got {m['md5']!r:.100}")
+        p = Path(rel)
+        if p.is_absolute() or ".." in p.parts:
+            raise StageError(f"{path}: member {name!r} path {rel!r} leaves the bundle folder")
+        target = (root / p).resolve()
+        if inside not in target.parents:
+            raise StageError(
+                f"{path}: member {name!r} path {rel!r} resolves to {target}, outside the bundle folder "
+                "(a symlink?)"
+            )
+    total = math.fsum(float(m["weight"]) for m in members)
+    if not total > 0:
+        raise StageError(f"{path}: member 'weight's must have a positive sum, got {total:g}")
+
+
+def _check_served_params(meta: dict[str, Any], path: Path) -> None:
+    """The recorded params serving reads (decode, pixel cap, TTA, batch), and the data version."""
+    params = meta.get("params")
+    if params is None:
+        return
+    if not isinstance(params, dict):
+        raise StageError(f"{path}: 'params' must be an object, got {params!r:.100}")
+    for section, key, ok, want in _SERVED_PARAMS:
+        sect = params.get(section)
+        if sect is None:
+            continue
+        if not isinstance(sect, dict):
+            raise StageError(f"{path}: 'params.{section}' must be an object, got {sect!r:.100}")
+        if key in sect and not ok(sect[key]):
+            raise StageError(f"{path}: 'params.{section}.{key}' must be {want}, got {sect[key]!r:.50}")
+    version = meta.get("data_version")
+    if version is not None and (
+        not isinstance(version, dict) or not isinstance(version.get("md5"), str | None)
+    ):
+        raise StageError(
+            f"{path}: 'data_version' must be {{path, md5}} (md5 text or null), got {version!r:.80}"
+        )
+
+
+def _check_finite(value: Any, path: Path, key: str = "") -> None:
+    """No NaN or Infinity anywhere: Python's json reads them, but they are not JSON, calibrate
+    never writes them (``allow_nan=False``), and a key nothing checks may be read by a tool later."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise StageError(f"{path}: {key!r} is {value!r}, not a finite number (NaN and Infinity are not JSON)")
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _check_finite(v, path, f"{key}.{k}" if key else str(k))
+    elif isinstance(value, list):
+        for k, v in enumerate(value):
+            _check_finite(v, path, f"{key}[{k}]")
+
+
+def pixel_cap(params: Any, limit: int | None = None, where: str = "bundle.json") -> int:
+    """The project's one pixel cap for a bundle: the stricter of its ``params.validate.max_pixels``
+    (what the pipeline accepted) and ``params.drift.max_pixels`` (what drift reads), lowered by
+    ``limit`` (``--max-pixels``), which may not raise it. Neither given: stages.images' default."""
+    params = params if isinstance(params, dict) else {}
+    found = []
+    for section in ("validate", "drift"):
+        values = params.get(section)
+        value = values.get("max_pixels") if isinstance(values, dict) else None
+        if value is None:
+            continue
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise StageError(
+                f"{where}: 'params.{section}.max_pixels' must be a whole number of pixels >= 1, "
+                f"got {value!r:.50}"
+            )
+        found.append(value)
+    cap = min(found) if found else DEFAULT_MAX_PIXELS
+    if limit is not None:
+        if limit < 1:
+            raise StageError(f"--max-pixels must be at least 1, got {limit}")
+        if limit > cap:
+            raise StageError(
+                f"--max-pixels {limit:,} is above the bundle's cap of {cap:,} pixels (the stricter of "
+                "params validate.max_pixels and drift.max_pixels): it can only lower it"
+            )
+        cap = limit
+    return cap
 
 
 def file_md5(path: Path) -> str:
@@ -198,12 +341,7 @@ class Bundle:
                 # A member the ensemble gave no weight changes no prediction: not worth loading.
                 log.info("bundle %s: member %s has weight 0, not loaded", root, m["name"])
                 continue
-            rel = Path(str(m["path"]))
-            path = root / rel
-            if rel.is_absolute() or ".." in rel.parts:
-                raise StageError(
-                    f"{root / BUNDLE_JSON}: member {m['name']!r} path {m['path']!r} leaves the bundle folder"
-                )
+            path = root / m["path"]  # inside the folder: read_bundle_json checked it
             if not path.is_file():
                 raise StageError(f"{path}: member {m['name']!r} listed in {root / BUNDLE_JSON} is missing")
             if check_md5 and m.get("md5") and file_md5(path) != m["md5"]:

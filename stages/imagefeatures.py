@@ -9,6 +9,7 @@ same decoded image, the square model input. :func:`build_table` streams a list o
 a process pool (all cores, a bounded window, a progress bar: memory is flat in the number of
 images but for the per-image rows and embeddings) and runs the model bundle on the pixels as
 they arrive, adding the bundle's embedding, predicted class and calibrated confidence.
+:func:`list_batch` lists a folder of new images for it, naming every entry it cannot use.
 
 Photometric features are measured on a "stats view" whose long side is ``stats_size`` pixels,
 so a 600x450 original and a 200x150 copy of the same photograph give nearly the same
@@ -20,6 +21,7 @@ No TensorFlow here: worker processes import this module. The bundle object is pa
 
 from __future__ import annotations
 
+import errno
 import logging
 import math
 import os
@@ -33,7 +35,15 @@ import pandas as pd
 from PIL import Image
 from tqdm import tqdm
 
-from stages.images import DEFAULT_MAX_PIXELS, decode_rgb, draft_request, open_checked, to_square
+from stages.images import (
+    DEFAULT_MAX_PIXELS,
+    IMAGE_SUFFIXES,
+    decode_rgb,
+    draft_request,
+    list_images,
+    open_checked,
+    to_square,
+)
 from stages.parallel import in_order
 
 log = logging.getLogger(__name__)
@@ -198,6 +208,71 @@ def features_chunk(
         else:
             out.append((name, feats, pixels, None))
     return out
+
+
+# --------------------------------------------------------------------------- the batch folder
+
+
+def _why_unusable(path: Path) -> str | None:
+    """Why an entry :func:`list_images` left out is worth a row, or None when it is not.
+
+    A symbolic link that loops is named whatever its name; one that leads nowhere, or a
+    non-file, only when it is named like an image.
+    """
+    image_name = path.suffix.lower() in IMAGE_SUFFIXES
+    try:
+        path.stat()
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return "symbolic link loop (too many levels of symbolic links): no file to read"
+        if not image_name:
+            return None
+        if e.errno == errno.ENOENT and path.is_symlink():
+            return f"symbolic link to a missing file ({os.readlink(path)})"
+        return f"cannot read ({e.strerror or e})"
+    return "not a regular file" if image_name and not path.is_file() else None
+
+
+def list_batch(folder: str | Path) -> tuple[list[Path], list[tuple[str, str]]]:
+    """A batch folder's image files (:func:`stages.images.list_images`) and what it cannot use.
+
+    The second list names, relative to ``folder``, every entry left out that a user may have
+    meant as an image, with why: a symbolic link that loops, or (named like an image) leads
+    nowhere or to no regular file; a symbolic link to a folder (not searched: the listing, like
+    the monitor's batch fingerprint, follows links to files only, and a linked folder may lead
+    back into the batch); a folder that cannot be read. Hidden entries are skipped, as
+    :func:`list_images` skips them.
+    """
+    folder = Path(folder)
+    files = list_images(folder)
+    listed = set(files)
+    problems: list[tuple[str, str]] = []
+    home = folder.resolve()
+
+    def rel(path: Path) -> str:
+        return path.relative_to(folder).as_posix()
+
+    def on_error(e: OSError) -> None:
+        if e.filename and Path(e.filename) != folder:
+            problems.append((rel(Path(e.filename)), f"folder not searched ({e.strerror or e})"))
+
+    for dirpath, dirnames, filenames in os.walk(folder, onerror=on_error):
+        here = Path(dirpath)
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        for d in dirnames:
+            if (here / d).is_symlink():
+                target = (here / d).resolve()
+                back = target.is_relative_to(home) or target in home.parents
+                where = "it leads back into the batch" if back else "link or copy the files themselves"
+                problems.append((rel(here / d), f"symbolic link to a folder: not searched ({where})"))
+        for name in filenames:
+            path = here / name
+            if name.startswith(".") or path in listed:
+                continue
+            why = _why_unusable(path)
+            if why:
+                problems.append((rel(path), why))
+    return files, sorted(problems)
 
 
 # --------------------------------------------------------------------------- the table

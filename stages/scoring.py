@@ -117,6 +117,12 @@ def row_modes(meta: MetaArrays | None, n: int, modes: Sequence[str]) -> np.ndarr
 # --------------------------------------------------------------------------- the recipe
 
 
+# The temperatures a bundle may hold. calibrate fits T in [0.05, 20]; below ~1e-307 log p / T
+# overflows to -inf and the softmax is NaN, and anything under 0.001 is already a hard arg-max,
+# so the floor refuses a damaged value long before it could give NaN probabilities.
+TEMPERATURE_RANGE = (0.001, 1000.0)
+
+
 @dataclass(frozen=True)
 class OperatingPoint:
     """What calibrate fits on validation data for one input mode (bundle.json ``operating_points``)."""
@@ -144,13 +150,11 @@ class OperatingPoint:
     def from_json(cls, d: dict[str, Any], n_classes: int, where: str) -> OperatingPoint:
         """Checked: a value that is not a usable number is refused by name, never served."""
 
-        def number(key: str, lo: float, hi: float, *, lo_open: bool = False) -> float:
+        def number(key: str, lo: float, hi: float) -> float:
             v = d.get(key)
             ok = isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
-            ok = ok and (lo < v if lo_open else lo <= v) and v <= hi
-            if not ok:
-                rng = f"{'(' if lo_open else '['}{lo:g}, {hi:g}]"
-                raise StageError(f"{where}: {key!r} must be a number in {rng}, got {v!r:.100}")
+            if not (ok and lo <= v <= hi):
+                raise StageError(f"{where}: {key!r} must be a number in [{lo:g}, {hi:g}], got {v!r:.100}")
             return float(v)
 
         def vector(key: str, positive: bool) -> tuple[float, ...] | None:
@@ -176,7 +180,9 @@ class OperatingPoint:
                 f"{where}: 'class_prior' is needed by the balanced decision ({n_classes} numbers > 0)"
             )
         return cls(
-            temperature=number("temperature", 0.0, 1000.0, lo_open=True),
+            temperature=number("temperature", *TEMPERATURE_RANGE),
+            # closed: recall_first_threshold may return a score itself, and a score can be 0 or 1
+            # (refer everyone / only the certain); beyond them no row is ever (or always) referred
             threshold=number("threshold", 0.0, 1.0),
             class_bias=vector("class_bias", False),
             class_prior=prior if decision == "balanced" else None,

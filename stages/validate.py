@@ -47,6 +47,7 @@ from PIL import Image, ImageFile, UnidentifiedImageError
 from tqdm import tqdm
 
 from stages.common import HAM_COLUMNS, StageError, atomic_dir, n_workers, run_main, setup_logging, write_json
+from stages.images import load_checked
 from stages.metadata import read_rows, read_table
 from stages.parallel import in_order
 from stages.params import FractionsParams, ValidateParams, load_params
@@ -276,8 +277,9 @@ def inspect_image(path: str | Path, max_pixels: int) -> dict[str, Any]:
     """Facts about one image file. Never raises for a bad file: the problem is a fact too.
 
     The pixel count is read from the header and the image is only decoded when it is within
-    ``max_pixels``, so a 20,000 x 20,000 header allocates nothing. The decode is a full
-    ``load()``: a truncated JPEG has a valid header and only fails there.
+    ``max_pixels``, so a 20,000 x 20,000 header allocates nothing. The decode is a full load
+    through the project's image gate (:func:`stages.images.load_checked`): a truncated JPEG has a
+    valid header and only fails there, and one that Pillow would pad with grey is refused.
     """
     facts: dict[str, Any] = {
         "bytes": None,
@@ -309,7 +311,8 @@ def inspect_image(path: str | Path, max_pixels: int) -> dict[str, Any]:
             with Image.open(io.BytesIO(data)) as img:
                 facts.update(format=img.format, mode=img.mode, width=img.width, height=img.height)
                 if img.width * img.height <= max_pixels:
-                    img.load()
+                    # the one image gate: also refuses a JPEG Pillow would pad with grey
+                    load_checked(img)
     except UnidentifiedImageError:
         facts["error"] = "not an image Pillow can identify"
     except Exception as e:  # any decoder failure is a fact about this file

@@ -204,7 +204,7 @@ def test_format_version_3_is_refused_by_name(tmp_path):
         ({**POINTS, "meta": POINTS[METADATA]}, "'operating_points' must map 'image_only'"),
         ({IMAGE_ONLY: 0.3}, "operating point 'image_only' is not an object"),
         ({**POINTS, METADATA: {**POINTS[METADATA], "temperature": "hot"}},
-         "metadata: 'temperature' must be a number in (0, 1000], got 'hot'"),
+         "metadata: 'temperature' must be a number in [0.001, 1000], got 'hot'"),
         ({**POINTS, IMAGE_ONLY: {**POINTS[IMAGE_ONLY], "threshold": 1.5}},
          "image_only: 'threshold' must be a number in [0, 1], got 1.5"),
     ],
@@ -327,3 +327,169 @@ def test_a_mixed_batch_scores_each_row_in_its_own_mode(fusion_bundle):
     emb, probs = b.predict(x)
     np.testing.assert_array_equal(probs, all_image)
     assert emb.shape[0] == 4
+
+
+# --------------------------------------------------------------------------- bundle.json values
+
+
+@pytest.fixture(scope="module")
+def good_bundle(tmp_path_factory) -> Path:
+    """A real image-only format-2 bundle; each case below copies it and edits its bundle.json."""
+    return write_bundle(
+        tmp_path_factory.mktemp("good"), fusion=False, points={IMAGE_ONLY: POINTS[IMAGE_ONLY]}
+    )
+
+
+def edited(good: Path, root: Path, where: tuple, literal: str) -> Path:
+    """A copy of ``good`` with the value at ``where`` in bundle.json written as the raw JSON text
+    ``literal`` (so NaN, Infinity and 1e999 are in the file exactly as a hand edit puts them)."""
+    import shutil
+
+    shutil.copytree(good, root)
+    meta = json.loads((root / "bundle.json").read_text())
+    node = meta
+    for k in where[:-1]:
+        node = node[k]
+    node[where[-1]] = "@@VALUE@@"
+    (root / "bundle.json").write_text(json.dumps(meta, indent=1).replace('"@@VALUE@@"', literal))
+    return root
+
+
+OP = ("operating_points", IMAGE_ONLY)
+W = ("members", 0, "weight")
+T = "image_only: 'temperature' must be a number in [0.001, 1000], got "
+TH = "image_only: 'threshold' must be a number in [0, 1], got "
+MEMBERS = "'members' must be a non-empty list of {name, weight, path, md5} objects"
+BAD_VALUES = [
+    # (where, literal JSON text, message after "<path>/bundle.json: ")
+    ((*OP, "threshold"), "NaN", TH + "nan"),
+    ((*OP, "threshold"), "Infinity", TH + "inf"),
+    ((*OP, "threshold"), "1e999", TH + "inf"),
+    ((*OP, "threshold"), '"abc"', TH + "'abc'"),
+    ((*OP, "threshold"), "2.0", TH + "2.0"),
+    ((*OP, "threshold"), "-1", TH + "-1"),
+    ((*OP, "threshold"), "null", TH + "None"),
+    ((*OP, "temperature"), "0", T + "0"),
+    ((*OP, "temperature"), "-1", T + "-1"),
+    ((*OP, "temperature"), "NaN", T + "nan"),
+    ((*OP, "temperature"), "1e-320", T + "1e-3"),
+    ((*OP, "temperature"), '"abc"', T + "'abc'"),
+    ((*OP, "class_bias"), "[0, 0, 0, 0, 0, 0, NaN]", "image_only: 'class_bias' must be 7 finite numbers"),
+    (W, "NaN", "member 'm' 'weight' must be a finite number >= 0, got nan"),
+    (W, "-Infinity", "member 'm' 'weight' must be a finite number >= 0, got -inf"),
+    (W, "-1", "member 'm' 'weight' must be a finite number >= 0, got -1"),
+    (W, '"abc"', "member 'm' 'weight' must be a finite number >= 0, got 'abc'"),
+    (W, "true", "member 'm' 'weight' must be a finite number >= 0, got True"),
+    (W, "0", "member 'weight's must have a positive sum, got 0"),
+    (("members", 0, "name"), "7", "member 0 'name' must be a non-empty text, got 7"),
+    (("members", 0, "path"), "null", "member 'm' 'path' must be a relative file path, got None"),
+    (("members", 0, "md5"), "5", "member 'm' 'md5' must be hex text, got 5"),
+    (("members",), "[]", MEMBERS + ", got []"),
+    (("members",), '"m"', MEMBERS + ", got 'm'"),
+    (("members", 0), '"m"', MEMBERS + "; member 0 is 'm'"),
+    (("image_size",), '"abc"', "'image_size' must be a whole number of pixels in 8..2048, got 'abc'"),
+    (("image_size",), "0", "'image_size' must be a whole number of pixels in 8..2048, got 0"),
+    (("image_size",), "8.0", "'image_size' must be a whole number of pixels in 8..2048, got 8.0"),
+    (("image_size",), "NaN", "'image_size' must be a whole number of pixels in 8..2048, got nan"),
+    (("classes",), json.dumps(list(CLASSES)[::-1]), "'classes' must be HAM10000's 7 classes in this order"),
+    (("classes",), json.dumps(list(CLASSES)[:6]), "'classes' must be HAM10000's 7 classes in this order"),
+    (("classes",), json.dumps(["nv"] * 7), "'classes' must be HAM10000's 7 classes in this order"),
+    (("aspect",), '"stretch"', "'aspect' must be 'crop' or 'pad', got 'stretch'"),
+    (("format_version",), "true", "format_version True; this code reads 1 and 2"),
+    (("params", "evaluate", "batch_size"), '"abc"',
+     "'params.evaluate.batch_size' must be a whole number in 1..4096, got 'abc'"),
+    (("params", "evaluate", "tta"), '"yes"', "'params.evaluate.tta' must be true or false, got 'yes'"),
+    (("params", "prepare", "draft_gap"), "NaN",
+     "'params.prepare.draft_gap' must be a number in 1..16, got nan"),
+    (("params", "validate", "max_pixels"), "-1",
+     "'params.validate.max_pixels' must be a whole number of pixels >= 1, got -1"),
+    (("params", "drift"), '{"max_pixels": 1.5}',
+     "'params.drift.max_pixels' must be a whole number of pixels >= 1, got 1.5"),
+    (("params", "evaluate"), "[]", "'params.evaluate' must be an object, got []"),
+    (("data_version", "md5"), "12", "'data_version' must be {path, md5} (md5 text or null), got"),
+    # a key nothing else reads: Python's json takes NaN, but it is not JSON and calibrate never writes it
+    (("metrics",), '{"macro_auc": NaN}', "'metrics.macro_auc' is nan, not a finite number (NaN and Infinity"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("where", "literal", "message"), BAD_VALUES, ids=lambda v: str(v)[:40])
+def test_every_bad_bundle_json_value_is_one_line_naming_the_key(
+    good_bundle, tmp_path, where, literal, message
+):
+    root = edited(good_bundle, tmp_path / "b", where, literal)
+    for read in (read_bundle_json, Bundle.load):  # the web app and drift read through the first
+        with pytest.raises(StageError) as e:
+            read(root)
+        text = str(e.value)
+        assert text.startswith(f"{root / 'bundle.json'}: {message}"), text
+        assert "\n" not in text
+
+
+def test_a_format_1_bundle_with_a_nan_threshold_is_refused_by_name(tmp_path):
+    root = write_bundle(
+        tmp_path / "v1", fusion=False, format_version=1, points={"temperature": 1.0, "threshold": 0.3}
+    )
+    text = (root / "bundle.json").read_text().replace('"threshold": 0.3', '"threshold": NaN')
+    (root / "bundle.json").write_text(text)
+    with pytest.raises(StageError) as e:
+        Bundle.load(root)
+    assert (
+        str(e.value) == f"{root / 'bundle.json'}: image_only: 'threshold' must be a number in [0, 1], got nan"
+    )
+
+
+@pytest.mark.parametrize(("threshold", "temperature"), [(0, 0.001), (1, 1000), (0.0, 0.05), (1.0, 20)])
+def test_the_ends_of_the_accepted_ranges_load(good_bundle, tmp_path, threshold, temperature):
+    # what calibrate can write (a threshold of exactly 0 or 1; T within its fit bounds) is served
+    root = edited(good_bundle, tmp_path / "b", (*OP, "threshold"), json.dumps(threshold))
+    meta = json.loads((root / "bundle.json").read_text())
+    meta["operating_points"][IMAGE_ONLY]["temperature"] = temperature
+    (root / "bundle.json").write_text(json.dumps(meta))
+    b = Bundle.load(root)
+    assert b.threshold() == threshold
+    probs = b.predict(_images(3))[1]
+    assert np.isfinite(probs).all()
+
+
+def test_a_zero_weight_member_beside_a_weighted_one_is_fine(tmp_path):
+    root = write_bundle(tmp_path / "b", fusion=False, points={IMAGE_ONLY: POINTS[IMAGE_ONLY]})
+    meta = json.loads((root / "bundle.json").read_text())
+    meta["members"].append({**meta["members"][0], "name": "unused", "weight": 0.0})
+    (root / "bundle.json").write_text(json.dumps(meta))
+    assert [m.name for m in Bundle.load(root).members] == ["m"]
+    meta["members"][1]["name"] = "m"
+    (root / "bundle.json").write_text(json.dumps(meta))
+    with pytest.raises(StageError, match=r"bundle.json: member 1 'name' listed twice, got 'm'$"):
+        read_bundle_json(root)
+
+
+def test_a_member_symlink_resolving_outside_the_bundle_folder_is_refused(tmp_path):
+    root = write_bundle(tmp_path / "b", fusion=False, points={IMAGE_ONLY: POINTS[IMAGE_ONLY]})
+    outside = tiny_model(tmp_path / "elsewhere" / "model.keras", SIZE)
+    # a member folder that is a symlink out of the bundle: the path text itself looks harmless
+    (root / "members" / "out").symlink_to(outside.parent, target_is_directory=True)
+    meta = json.loads((root / "bundle.json").read_text())
+    meta["members"][0].update(path="members/out/model.keras", md5=file_md5(outside))
+    (root / "bundle.json").write_text(json.dumps(meta))
+    with pytest.raises(StageError) as e:
+        Bundle.load(root)
+    assert str(e.value) == (
+        f"{root / 'bundle.json'}: member 'm' path 'members/out/model.keras' resolves to "
+        f"{outside.resolve()}, outside the bundle folder (a symlink?)"
+    )
+    # a symlink that stays inside the folder is followed
+    (root / "members" / "out").unlink()
+    (root / "members" / "alias").symlink_to("m", target_is_directory=True)
+    meta["members"][0].update(path="members/alias/model.keras", md5=file_md5(root / "members/m/model.keras"))
+    (root / "bundle.json").write_text(json.dumps(meta))
+    assert [m.name for m in Bundle.load(root).members] == ["m"]
+
+
+def test_the_drift_reference_reader_refuses_the_same_bundle(good_bundle, tmp_path):
+    from stages.bundle import read_drift_reference
+
+    root = edited(good_bundle, tmp_path / "b", (*OP, "threshold"), "NaN")
+    with pytest.raises(
+        StageError, match=r"bundle.json: image_only: 'threshold' must be a number in \[0, 1\]"
+    ):
+        read_drift_reference(root)

@@ -699,3 +699,13 @@ def test_the_evaluation_goes_into_its_own_evidently_project(tmp_path):
     assert len(ws.list_runs(project.id)) == 2
     panels = project.dashboard.model().panels
     assert [p.title for p in panels][0] == "Malignant recall on labelled batches"
+
+
+def test_a_batch_too_small_for_a_drift_test_says_so_instead_of_no_drift():
+    from flows.monitor import verdict_text
+
+    few = {"drift_detected": None, "verdict": "too few images",
+           "verdict_reason": "too few images for a drift test: 2 < 12"}  # fmt: skip
+    assert verdict_text(few) == "too few images for a drift test: 2 < 12"
+    assert verdict_text({"drift_detected": True}, drift="DRIFT DETECTED") == "DRIFT DETECTED"
+    assert verdict_text({"drift_detected": False}) == "no drift"

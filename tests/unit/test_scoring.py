@@ -230,13 +230,18 @@ def test_operating_point_calibrates_and_decides():
 @pytest.mark.parametrize(
     ("key", "value", "message"),
     [
-        ("temperature", float("nan"), "'temperature' must be a number in (0, 1000], got nan"),
-        ("temperature", "1.0", "'temperature' must be a number in (0, 1000], got '1.0'"),
-        ("temperature", -1.0, "'temperature' must be a number in (0, 1000], got -1.0"),
-        ("temperature", 0, "'temperature' must be a number in (0, 1000], got 0"),
-        ("temperature", True, "'temperature' must be a number in (0, 1000], got True"),
-        ("temperature", None, "'temperature' must be a number in (0, 1000], got None"),
+        ("temperature", float("nan"), "'temperature' must be a number in [0.001, 1000], got nan"),
+        ("temperature", "1.0", "'temperature' must be a number in [0.001, 1000], got '1.0'"),
+        ("temperature", -1.0, "'temperature' must be a number in [0.001, 1000], got -1.0"),
+        ("temperature", 0, "'temperature' must be a number in [0.001, 1000], got 0"),
+        ("temperature", True, "'temperature' must be a number in [0.001, 1000], got True"),
+        ("temperature", None, "'temperature' must be a number in [0.001, 1000], got None"),
+        ("temperature", 5e-324, "'temperature' must be a number in [0.001, 1000], got 5e-324"),
+        ("temperature", 1e-4, "'temperature' must be a number in [0.001, 1000], got 0.0001"),
+        ("temperature", float("inf"), "'temperature' must be a number in [0.001, 1000], got inf"),
         ("threshold", 2.0, "'threshold' must be a number in [0, 1], got 2.0"),
+        ("threshold", "abc", "'threshold' must be a number in [0, 1], got 'abc'"),
+        ("threshold", float("-inf"), "'threshold' must be a number in [0, 1], got -inf"),
         ("threshold", float("nan"), "'threshold' must be a number in [0, 1], got nan"),
         ("threshold", -0.1, "'threshold' must be a number in [0, 1], got -0.1"),
         ("class_bias", [0.0] * 6, "'class_bias' must be 7 finite numbers (one per class), got [0.0, 0.0"),
@@ -256,6 +261,25 @@ def test_operating_point_refuses_an_unusable_value_by_its_key(key, value, messag
     with pytest.raises(StageError) as e:
         OperatingPoint.from_json({**POINT, key: value}, 7, "x/bundle.json: metadata")
     assert str(e.value).startswith(f"x/bundle.json: metadata: {message}"), str(e.value)
+
+
+@pytest.mark.parametrize("temperature", [0.001, 0.05, 1, 20, 1000])
+@pytest.mark.parametrize("threshold", [0, 1])
+def test_every_accepted_operating_point_gives_finite_probabilities(temperature, threshold):
+    # the bounds of the accepted range on the most extreme mixes (0 and 1 probabilities, a
+    # uniform row, a tiny row) and the largest finite bias: never a NaN to serve as ok
+    p = OperatingPoint.from_json(
+        {"temperature": temperature, "threshold": threshold, "class_bias": [1e308, -1e308, 0, 0, 0, 0, 1]},
+        7, "here",
+    )  # fmt: skip
+    mixed = np.array([np.eye(7)[0], np.full(7, 1 / 7), np.full(7, 1e-300), np.eye(7)[6] * 1e300])
+    with np.errstate(over="ignore"):
+        probs = p.calibrate(mixed)
+    assert np.isfinite(probs).all() and np.allclose(probs.sum(1), 1.0)
+    score, thr = malignant_flags(probs, np.full(4, IMAGE_ONLY, dtype=object), {IMAGE_ONLY: p}, CLASSES)
+    assert np.isfinite(score).all()
+    if threshold == 0:  # the degenerate point calibrate may pick: every row referred
+        assert (score >= thr).all()
 
 
 @pytest.mark.parametrize(

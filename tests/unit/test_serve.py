@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import shutil
 import struct
 import subprocess
@@ -234,6 +235,18 @@ def test_refer_is_at_or_above_the_threshold():
     assert not below.refer
 
 
+def test_a_model_output_that_is_not_finite_is_an_error_row_never_a_prediction():
+    from serve.decode import Decoded
+    from serve.predictor import NOT_FINITE
+
+    fake = FakeBundle({1: _probs(nv=0.9), 2: [float("nan")] * len(CLASSES)})
+    p = Predictor(fake)
+    decoded = [Decoded(np.full((8, 8, 3), v, np.uint8), None) for v in (1, 2)]
+    good, bad = p.predict_decoded(["good.jpg", "bad.jpg"], decoded)
+    assert good.ok and good.predicted == "nv"
+    assert not bad.ok and bad.error == NOT_FINITE and bad.as_row(CLASSES, {})["status"] == "error"
+
+
 def test_identical_inputs_are_computed_once_and_get_identical_numbers():
     fake = FakeBundle({1: _probs(nv=0.9), 2: _probs(bkl=0.6)})
     p = Predictor(fake)
@@ -411,6 +424,134 @@ def test_bad_arguments_are_one_line_errors(bundle_dir, tmp_path, capsys):
         f"error: {tmp_path / 'empty' / 'bundle.json'}: not found; {tmp_path / 'empty'} is not a model "
         "bundle (the calibrate stage writes one: `dvc repro calibrate`)"
     )
+
+
+# --------------------------------------------------------------------------- output paths, bundle values
+
+
+def _error_lines(err: str) -> list[str]:
+    return [line for line in err.splitlines() if line.strip()]
+
+
+def _unwritable_cases(tmp_path: Path) -> list[tuple[list[str], str]]:
+    """``(arguments, the error line)`` for outputs that cannot be written, made at test time."""
+    folder, file, png = tmp_path / "a_folder", tmp_path / "file.txt", tmp_path / "cams.png"
+    folder.mkdir()
+    file.write_text("a regular file")
+    png.write_bytes(b"\x89PNG not a folder")
+    txt = tmp_path / "rows.txt"
+    cases = [
+        (["--out", str(folder)],
+         f"--out {folder}: is a folder; give a file name (e.g. {folder / 'NAME'}.csv)"),
+        (["--out", str(file / "out.csv")], f"--out {file / 'out.csv'}: {file} is a file, not a folder"),
+        (["--out", str(txt)], f"--out {txt}: use a .csv or .json file name"),
+        (["--explain", str(png)],
+         f"--explain {png}: a file is there; give a folder (a new or an existing one)"),
+        (["--explain", str(file / "cams")], f"--explain {file / 'cams'}: {file} is a file, not a folder"),
+    ]  # fmt: skip
+    if os.geteuid() != 0:  # root ignores permission bits: the file.txt cases above stand in for it
+        locked = tmp_path / "locked"
+        locked.mkdir()
+        locked.chmod(0o500)
+        out, cams = locked / "out.csv", locked / "cams"
+        cases += [
+            (["--out", str(out)], f"--out {out}: folder {locked} is not writable"),
+            (["--explain", str(cams)], f"--explain {cams}: folder {locked} is not writable"),
+        ]
+    return cases
+
+
+def test_a_bad_output_path_is_one_line_before_the_bundle_or_the_inputs_are_read(tmp_path, capsys):
+    # --bundle names no folder and the image does not exist: the output path error still comes
+    # first, so nothing was loaded or predicted before it
+    for extra, message in _unwritable_cases(tmp_path):
+        rc = main(
+            [str(tmp_path / "nowhere.jpg"), "--bundle", str(tmp_path / "no-bundle"), *extra, "--no-progress"]
+        )
+        out, err = capsys.readouterr()
+        assert rc == 1, extra
+        assert _error_lines(err) == [f"error: {message}"], extra
+        assert out == ""  # no header, no row
+    assert sorted(p.name for p in (tmp_path / "a_folder").iterdir()) == []
+
+
+def test_output_checks_do_not_import_tensorflow(tmp_path):
+    # the real command in a fresh interpreter: the refusal comes before TensorFlow is imported
+    (tmp_path / "a_folder").mkdir()
+    code = (
+        "import sys; from serve.predict import main; "
+        f"rc = main([{str(tmp_path / 'x.jpg')!r}, '--out', {str(tmp_path / 'a_folder')!r}]); "
+        "print('tensorflow' in sys.modules); sys.exit(rc)"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and proc.stdout.strip() == "False", proc.stderr
+    folder = tmp_path / "a_folder"
+    assert _error_lines(proc.stderr) == [
+        f"error: --out {folder}: is a folder; give a file name (e.g. {folder / 'NAME'}.csv)"
+    ]
+
+
+def test_an_existing_out_file_is_replaced_an_existing_explain_folder_added_to_new_ones_made(
+    bundle_dir, tmp_path
+):
+    make_jpeg(tmp_path / "a.jpg", size=(80, 60), seed=5)
+    out, cams = tmp_path / "p.csv", tmp_path / "cams"
+    out.write_text("yesterday's rows\n")
+    cams.mkdir()
+    (cams / "notes.txt").write_text("kept")
+    args = [str(tmp_path / "a.jpg"), "--bundle", str(bundle_dir), "--out", str(out), "--explain", str(cams)]
+    assert main([*args, "--no-progress"]) == 0
+    rows = _rows(out)
+    assert len(rows) == 1 and rows[0]["status"] == "ok"
+    assert sorted(p.name for p in cams.iterdir()) == ["a.gradcam.png", "notes.txt"]
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".p.csv.tmp")] == []
+    # folders that do not exist yet are created (in a writable folder)
+    out, cams = tmp_path / "new" / "deeper" / "p.json", tmp_path / "new" / "cams"
+    args = [str(tmp_path / "a.jpg"), "--bundle", str(bundle_dir), "--out", str(out), "--explain", str(cams)]
+    assert main([*args, "--no-progress"]) == 0
+    assert len(json.loads(out.read_text())["predictions"]) == 1 and len(list(cams.iterdir())) == 1
+
+
+T = "image_only: 'temperature' must be a number in [0.001, 1000], got "
+
+
+def _bad_copy(bundle_dir: Path, root: Path, key: str, literal: str, member: bool = False) -> Path:
+    """A copy of the (format-1) test bundle whose bundle.json has ``key`` written as ``literal``."""
+    shutil.copytree(bundle_dir, root)
+    meta = json.loads((root / "bundle.json").read_text())
+    (meta["members"][0] if member else meta)[key] = "@@"
+    (root / "bundle.json").write_text(json.dumps(meta).replace('"@@"', literal))
+    return root
+
+
+@pytest.mark.parametrize(
+    ("key", "literal", "member", "message"),
+    [
+        ("threshold", "NaN", False, "image_only: 'threshold' must be a number in [0, 1], got nan"),
+        ("threshold", "2.0", False, "image_only: 'threshold' must be a number in [0, 1], got 2.0"),
+        ("threshold", "-1", False, "image_only: 'threshold' must be a number in [0, 1], got -1"),
+        ("threshold", '"abc"', False, "image_only: 'threshold' must be a number in [0, 1], got 'abc'"),
+        ("temperature", "0", False, T + "0"),
+        ("temperature", "-1.5", False, T + "-1.5"),
+        ("temperature", "Infinity", False, T + "inf"),
+        ("weight", '"abc"', True, "member 'custom_cnn' 'weight' must be a finite number >= 0, got 'abc'"),
+        ("weight", "NaN", True, "member 'custom_cnn' 'weight' must be a finite number >= 0, got nan"),
+        ("weight", "0", True, "member 'weight's must have a positive sum, got 0"),
+        ("image_size", '"abc"', False, "'image_size' must be a whole number of pixels in 8..2048, got 'abc'"),
+        ("image_size", "-1", False, "'image_size' must be a whole number of pixels in 8..2048, got -1"),
+    ],
+)  # fmt: skip
+def test_a_bad_bundle_value_is_one_error_line_and_nothing_is_predicted(
+    bundle_dir, tmp_path, capsys, key, literal, member, message
+):
+    root = _bad_copy(bundle_dir, tmp_path / "bad", key, literal, member)
+    make_jpeg(tmp_path / "a.jpg", seed=2)
+    out = tmp_path / "p.csv"
+    rc = main([str(tmp_path / "a.jpg"), "--bundle", str(root), "--out", str(out), "--no-progress"])
+    stdout, err = capsys.readouterr()
+    assert rc == 1  # never exit 0 with nobody referred, never NaN probabilities marked ok
+    assert _error_lines(err) == [f"error: {root / 'bundle.json'}: {message}"]
+    assert stdout == "" and not out.exists()
 
 
 def test_explain_writes_one_overlay_per_image_with_unique_names(bundle_dir, tmp_path):

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import shutil
 import zipfile
 from pathlib import Path
 
@@ -338,6 +340,86 @@ def test_a_zip_of_the_folder_is_read_like_the_folder(image_bundle, folder, tmp_p
     b = run(folder, bundle=image_bundle, bootstrap=0, progress=False, workers=1)
     assert a["metadata_table"] == f"{archive}/ours/HAM10000_metadata.csv"
     assert a["modes"] == b["modes"] and a["n_images"] == 24
+
+
+# --------------------------------------------------------------------------- output paths, bundle values
+
+
+def test_a_bad_output_path_is_one_line_before_the_folder_or_the_bundle_is_read(tmp_path, capsys):
+    folder, file, png = tmp_path / "a_folder", tmp_path / "file.txt", tmp_path / "plots.png"
+    folder.mkdir()
+    file.write_text("a regular file")
+    png.write_bytes(b"\x89PNG not a folder")
+    cases = [
+        (["--out", str(folder)],
+         f"--out {folder}: is a folder; give a file name (e.g. {folder / 'NAME'}.json)"),
+        (["--out", str(file / "m.json")], f"--out {file / 'm.json'}: {file} is a file, not a folder"),
+        (["--out", str(tmp_path / "m.csv")], f"--out {tmp_path / 'm.csv'}: use a .json file name"),
+        (["--plots", str(png)], f"--plots {png}: a file is there; give a folder (a new or an existing one)"),
+        (["--plots", str(file / "plots")], f"--plots {file / 'plots'}: {file} is a file, not a folder"),
+    ]  # fmt: skip
+    if os.geteuid() != 0:  # root ignores permission bits: the file.txt cases stand in for it
+        locked = tmp_path / "locked"
+        locked.mkdir()
+        locked.chmod(0o500)
+        cases += [
+            (
+                ["--out", str(locked / "m.json")],
+                f"--out {locked / 'm.json'}: folder {locked} is not writable",
+            ),
+            (["--plots", str(locked / "p")], f"--plots {locked / 'p'}: folder {locked} is not writable"),
+        ]
+    # neither the labelled folder nor the bundle exists: the output path is refused first
+    for extra, message in cases:
+        rc = main(
+            [str(tmp_path / "no-folder"), "--bundle", str(tmp_path / "no-bundle"), *extra, "--no-progress"]
+        )
+        out, err = capsys.readouterr()
+        assert rc == 1, extra
+        assert [line for line in err.splitlines() if line.strip()] == [f"error: {message}"], extra
+        assert out == ""
+
+
+def test_an_existing_out_file_is_replaced_and_an_existing_plots_folder_is_added_to(
+    image_bundle, folder, tmp_path
+):
+    out, plots = tmp_path / "m.json", tmp_path / "plots"
+    out.write_text("last week's numbers\n")
+    plots.mkdir()
+    (plots / "notes.txt").write_text("kept")
+    args = [str(folder), "--bundle", str(image_bundle), "--out", str(out), "--plots", str(plots)]
+    assert main([*args, "--bootstrap", "0", "--no-progress"]) == 0
+    assert json.loads(out.read_text())["n_images"] == 24
+    assert sorted(p.name for p in plots.iterdir()) == [
+        "confusion_image_only.png", "notes.txt", "subgroups_image_only.csv"
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("key", "literal", "message"),
+    [
+        ("threshold", "NaN", "image_only: 'threshold' must be a number in [0, 1], got nan"),
+        ("threshold", "2.0", "image_only: 'threshold' must be a number in [0, 1], got 2.0"),
+        ("temperature", "0", "image_only: 'temperature' must be a number in [0.001, 1000], got 0"),
+        ("image_size", '"abc"', "'image_size' must be a whole number of pixels in 8..2048, got 'abc'"),
+    ],
+)
+def test_a_bad_bundle_value_is_one_error_line_and_nothing_is_measured(
+    image_bundle, folder, tmp_path, capsys, key, literal, message
+):
+    root = tmp_path / "bad"
+    shutil.copytree(image_bundle, root)
+    meta = json.loads((root / "bundle.json").read_text())
+    meta[key] = "@@"
+    (root / "bundle.json").write_text(json.dumps(meta).replace('"@@"', literal))
+    out = tmp_path / "m.json"
+    rc = main([str(folder), "--bundle", str(root), "--out", str(out), "--bootstrap", "0", "--no-progress"])
+    printed, err = capsys.readouterr()
+    assert rc == 1 and "Traceback" not in err
+    assert [line for line in err.splitlines() if line.startswith("error:")] == [
+        f"error: {root / 'bundle.json'}: {message}"
+    ]
+    assert printed == "" and not out.exists()
 
 
 @pytest.mark.parametrize(

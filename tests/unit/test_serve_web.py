@@ -1,5 +1,8 @@
 """The web app through FastAPI's TestClient: results, every refusal with its message, limits, pages,
-and the optional age / sex / site per image.
+and the optional age / sex / site per image; and on a real uvicorn on 127.0.0.1 where streaming
+matters (a part over the limit answered before the body is all sent, a stalled upload, the pixel
+budget under concurrent uploads). Also: the one pixel cap, uploads never written to disk, security
+headers on every response, and a bundle with bad values refused at startup.
 
 One small bundle (an untrained custom CNN, as in test_serve.py) and one predictor serve most tests
 of the module; the metadata tests add a two-mode bundle whose member fuses metadata. The refusal
@@ -8,20 +11,32 @@ tests assert the HTTP status and the sentence the user reads.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import hashlib
 import io
 import json
 import re
+import select
+import shutil
+import socket
+import struct
 import subprocess
 import sys
+import tempfile
+import threading
+import time
+import zlib
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 from PIL import Image
 
 from serve.predictor import Predictor
-from serve.web import WebSettings, create_app, main, name_problem
-from stages.common import CLASSES, LOCALIZATIONS, SEXES
+from serve.web import Budget, Busy, WebSettings, create_app, load_predictor, main, name_problem, pixel_cap
+from stages.common import CLASSES, LOCALIZATIONS, SEXES, StageError
 from stages.scoring import parse_metadata
 from tests.unit.test_serve import SIZE, make_bomb, make_bundle, make_truncated
 
@@ -234,16 +249,14 @@ def test_size_limits_per_file_per_upload_and_file_count(bundle_dir, predictor):
     with TestClient(create_app(settings, predictor)) as c:
         r = c.post("/predict", files=[("files", ("big.jpg", big, "image/jpeg"))])
         assert r.status_code == 413
-        assert (
-            _error_box(r.text)
-            == "1 of 1 file(s) refused; nothing was analysed big.jpg : larger than the limit of 0.05 MB"
+        assert _error_box(r.text) == (
+            "the upload was stopped at a file over the size limit; nothing was analysed "
+            "big.jpg : larger than the limit of 0.05 MB"
         )
         three = [("files", (f"{i}.jpg", _jpeg(i, size=(64, 48)), "image/jpeg")) for i in range(3)]
         r = c.post("/predict", files=three)
         assert r.status_code == 400
-        assert _error_box(r.text) == (
-            "the upload was refused: Too many files. Maximum number of files is 2. (at most 2 files)"
-        )
+        assert _error_box(r.text) == ("the upload was refused: more than 2 files (at most 2)")
         r = c.post("/predict", files=[("files", (f"{i}.jpg", big, "image/jpeg")) for i in range(3)])
         assert r.status_code == 413
         assert _error_box(r.text) == "the upload is larger than 0.162 MB (2 files of at most 0.05 MB)"
@@ -514,7 +527,8 @@ def test_metadata_given_once_for_several_files_is_refused(fusion_client, bundle_
         r = c.post("/api/predict", **_upload(files[:1], age=[""] * 15))
     assert r.status_code == 400
     assert r.json()["detail"] == (
-        "the upload was refused: Too many fields. Maximum number of fields is 14. (at most 2 files)"
+        "the upload was refused: more than 14 form fields (age, sex, localization once per file, "
+        "at most 2 files)"
     )
 
 
@@ -591,3 +605,468 @@ def test_the_model_page_shows_each_operating_point(fusion_client, client):
     rows = re.findall(r'<tr data-mode="(\w+)">', plain)
     assert rows == ["image_only"] and "This model does not use metadata" in plain
     assert fusion_client.get("/healthz").json()["modes"] == ["metadata", "image_only"]
+
+
+# --------------------------------------------------------------------------- memory, streaming, headers
+# (issue 21) The pixel cap, the pixel budget, uploads parsed in memory as they stream, timeouts,
+# security headers, and a bundle with bad values refused at startup. Streaming behaviour is shown
+# on a real uvicorn on 127.0.0.1 (a raw socket sees when the server answers); the rest through
+# the TestClient.
+
+
+@contextlib.contextmanager
+def _serving(app):
+    """``app`` on a real uvicorn on 127.0.0.1 (a free port) in a thread; yields ``(host, port)``."""
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.02)
+    try:
+        yield "127.0.0.1", server.servers[0].sockets[0].getsockname()[1]
+    finally:
+        server.should_exit = True
+        thread.join(30)
+
+
+def _multipart_head(boundary: str, name: str, ctype: str) -> bytes:
+    return (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="files"; filename="{name}"\r\n'
+        f"Content-Type: {ctype}\r\n\r\n"
+    ).encode()
+
+
+def _request_head(port: int, boundary: str, length: int) -> bytes:
+    return (
+        f"POST /api/predict HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+        f"Content-Type: multipart/form-data; boundary={boundary}\r\nContent-Length: {length}\r\n\r\n"
+    ).encode()
+
+
+def _read_response(sock: socket.socket, timeout: float) -> bytes:
+    """Everything the server sends until it closes (or ``timeout``), what a reset left included."""
+    sock.settimeout(timeout)
+    got = b""
+    with contextlib.suppress(TimeoutError, ConnectionResetError):
+        while chunk := sock.recv(65536):
+            got += chunk
+            if b"\r\n\r\n" in got:
+                head, _, body = got.partition(b"\r\n\r\n")
+                m = re.search(rb"content-length: (\d+)", head, re.I)
+                if m and len(body) >= int(m.group(1)):
+                    break
+    return got
+
+
+def _png_with_filler(filler_mb: float) -> bytes:
+    """A real, valid PNG (60x40) carrying ``filler_mb`` MB in a private ancillary chunk: as large
+    as wanted, in no time."""
+    buf = io.BytesIO()
+    Image.new("RGB", (60, 40), (180, 90, 60)).save(buf, "PNG")
+    png = buf.getvalue()
+    data = bytes(int(filler_mb * 2**20))
+    chunk = struct.pack(">I", len(data)) + b"prVt" + data + struct.pack(">I", zlib.crc32(b"prVt" + data))
+    return png[:33] + chunk + png[33:]  # after the signature and IHDR
+
+
+def _noise_png(side: int) -> bytes:
+    """A real PNG of random pixels: ~3 bytes per pixel (noise does not compress)."""
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (side, side, 3), dtype=np.uint8)).save(
+        buf, "PNG"
+    )
+    return buf.getvalue()
+
+
+SECURITY = {"x-content-type-options": "nosniff", "x-frame-options": "DENY", "referrer-policy": "no-referrer"}
+
+
+def _assert_secure(r) -> str:
+    for k, v in SECURITY.items():
+        assert r.headers.get(k) == v, (r.request.url, k, r.status_code)
+    csp = r.headers["content-security-policy"]
+    for part in (
+        "default-src 'none'",
+        "frame-ancestors 'none'",
+        "img-src 'self' data:",
+        "form-action 'self'",
+    ):
+        assert part in csp
+    return csp
+
+
+# ---- one pixel cap
+
+
+def test_the_pixel_cap_is_the_stricter_of_validate_and_drift_and_can_only_be_lowered():
+    both = {"validate": {"max_pixels": 100_000_000}, "drift": {"max_pixels": 40_000_000}}
+    assert pixel_cap(both) == 40_000_000
+    assert (
+        pixel_cap({"validate": {"max_pixels": 30_000_000}, "drift": {"max_pixels": 40_000_000}}) == 30_000_000
+    )
+    assert pixel_cap({"validate": {"max_pixels": 100_000_000}}) == 100_000_000
+    assert pixel_cap({}) == pixel_cap(None) == 100_000_000  # stages.images' default
+    assert pixel_cap(both, 10_000_000) == 10_000_000
+    with pytest.raises(
+        StageError, match=r"--max-pixels 50,000,000 is above the bundle's cap of 40,000,000 .*can only lower"
+    ):
+        pixel_cap(both, 50_000_000)
+    for bad in ("abc", -5, 0, 1.5e7, True):
+        with pytest.raises(
+            StageError, match=r"^b.json: 'params.drift.max_pixels' must be a whole number of pixels"
+        ):
+            pixel_cap({"validate": {"max_pixels": 10**8}, "drift": {"max_pixels": bad}}, where="b.json")
+
+
+def test_the_web_app_refuses_over_the_cap_of_drift_and_of_the_option(bundle_dir, predictor, tmp_path):
+    # A bundle whose drift cap (20,000 px) is stricter than validate's: a 200x150 image (30,000 px)
+    # is refused from its header by the web app, as drift would refuse it.
+    strict = tmp_path / "strict"
+    shutil.copytree(bundle_dir, strict)
+    meta = json.loads((strict / "bundle.json").read_text())
+    meta["params"]["drift"] = {"max_pixels": 20_000}
+    (strict / "bundle.json").write_text(json.dumps(meta))
+    loaded = load_predictor(_settings(strict))
+    assert loaded.max_pixels == 20_000  # the predictor's own decode path uses the same cap
+    upload = [("files", ("x.jpg", _jpeg(1), "image/jpeg"))]
+    for settings, p in ((_settings(strict), loaded), (_settings(bundle_dir, max_pixels=20_000), predictor)):
+        with TestClient(create_app(settings, p)) as c:
+            assert c.get("/healthz").json()["limits"]["max_pixels"] == 20_000
+            r = c.post("/api/predict", files=upload)
+        assert r.status_code == 413
+        assert r.json()["refused"] == [
+            {
+                "file": "x.jpg",
+                "reason": "200x150 pixels is over the limit of 20,000 (decompression-bomb guard)",
+            }
+        ]
+
+
+def test_help_says_where_the_pixel_cap_comes_from(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = re.sub(r"\s+", " ", capsys.readouterr().out)
+    assert "the stricter of the bundle's params validate.max_pixels and drift.max_pixels" in text
+    assert "this option can only lower it" in text and "--pixel-budget-mp" in text
+
+
+# ---- the pixel budget
+
+
+def test_budget_first_come_first_served_bounded_wait_and_line():
+    async def scenario() -> list[str]:
+        events = []
+        b = Budget(10, wait_s=0.2, max_waiting=2)
+        await b.acquire(6)
+
+        async def take(n: int, tag: str) -> None:
+            try:
+                await b.acquire(n)
+                events.append(f"{tag} got {n}")
+            except Busy:
+                events.append(f"{tag} busy")
+
+        big = asyncio.create_task(take(8, "big"))  # waits: 6 + 8 > 10
+        await asyncio.sleep(0.01)
+        small = asyncio.create_task(take(2, "small"))  # would fit, but big is first in line
+        await asyncio.sleep(0.01)
+        await take(1, "third")  # the line (2) is full: busy at once
+        b.release(6)  # big gets its 8; small (8 + 2 = 10) too
+        await asyncio.gather(big, small)
+        assert (b.used, b.peak) == (10, 10)
+        b.release(8)
+        b.release(2)
+        await b.acquire(10)
+        await take(1, "late")  # waits 0.2 s, then busy
+        b.release(10)
+        events.append(f"used {b.used}, line {len(b._line)}")
+        return events
+
+    assert asyncio.run(scenario()) == [
+        "third busy",
+        "big got 8",
+        "small got 2",
+        "late busy",
+        "used 0, line 0",
+    ]
+
+
+def test_beyond_the_pixel_budget_a_request_gets_503_with_retry_after(bundle_dir, predictor, monkeypatch):
+    """One 30,000-pixel image fills the budget while it decodes (slowed to 3 s); a second upload
+    waits its 0.3 s in line, then is told to come back; after the first is done it goes through."""
+    import serve.web
+
+    real_decode = serve.web.decode
+
+    def slow_decode(data, spec):
+        time.sleep(3.0)
+        return real_decode(data, spec)
+
+    monkeypatch.setattr(serve.web, "decode", slow_decode)
+    settings = _settings(
+        bundle_dir,
+        explain=False,
+        max_pixels=30_000,
+        pixel_budget_mp=0.03,
+        budget_wait_s=0.3,
+        decode_workers=4,
+    )
+    upload = [("files", ("x.jpg", _jpeg(2), "image/jpeg"))]  # 200x150 = 30,000 pixels
+    with (
+        _serving(create_app(settings, predictor)) as (host, port),
+        httpx.Client(base_url=f"http://{host}:{port}", timeout=30) as c,
+    ):
+        first: dict = {}
+        t = threading.Thread(target=lambda: first.update(r=c.post("/api/predict", files=upload)))
+        t.start()
+        deadline = time.monotonic() + 10
+        while c.get("/healthz").json()["limits"]["pixels_in_use"] != 30_000:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        t0 = time.monotonic()
+        with httpx.Client(base_url=f"http://{host}:{port}", timeout=30) as other:
+            r = other.post("/api/predict", files=upload)
+        waited = time.monotonic() - t0
+        assert r.status_code == 503 and r.headers["retry-after"] == "5"
+        assert r.json()["detail"] == (
+            "the server is busy: the images it is decoding already fill its memory budget (0.03 MP); "
+            "nothing was analysed, try again in 5 s"
+        )
+        assert 0.25 < waited < 2.5  # it waited in line, and not for the whole decode
+        _assert_secure(r)
+        t.join(30)
+        assert first["r"].status_code == 200
+        limits = c.get("/healthz").json()["limits"]
+        assert (limits["pixels_in_use"], limits["pixels_peak"], limits["decode_workers"]) == (0, 30_000, 4)
+        assert c.post("/api/predict", files=upload).status_code == 200
+
+
+def test_settings_that_could_never_serve_are_one_error_line(bundle_dir, predictor, monkeypatch, capsys):
+    import uvicorn
+
+    monkeypatch.setattr(uvicorn, "run", lambda *a, **kw: pytest.fail("served with impossible settings"))
+    monkeypatch.setattr(Predictor, "load", staticmethod(lambda path, **kw: predictor))
+    cases = {
+        ("--pixel-budget-mp", "50"): "--pixel-budget-mp 50 is below the pixel cap of 100 MP",
+        ("--max-pixels", "200000000"): "--max-pixels 200,000,000 is above the bundle's cap of 100,000,000",
+        ("--upload-budget-mb", "1"): "--upload-budget-mb 1 is below one full upload (160 MB",
+        ("--upload-stall-s", "0"): "--upload-stall-s must be a number above 0, got 0",
+        ("--pixel-budget-mp", "nan"): "--pixel-budget-mp must be a number above 0, got nan",
+    }
+    for opts, message in cases.items():
+        assert main(["--bundle", str(bundle_dir), *opts]) == 1
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("error: ") and message in err, err
+
+
+# ---- uploads: in memory, refused while they stream, timed out
+
+
+def test_a_part_over_the_limit_is_refused_before_the_body_is_all_sent(bundle_dir, predictor):
+    """A 50 MB part (a real PNG with a 50 MB filler chunk; the request's 160 MB limit lets it
+    through the Content-Length check) is answered 413 once 10 MB of it are in, while the client
+    has sent only a part of it: the server stops reading there."""
+    png = _png_with_filler(50)
+    boundary = "b0undary21"
+    body = _multipart_head(boundary, "huge.png", "image/png") + png + f"\r\n--{boundary}--\r\n".encode()
+    with _serving(create_app(_settings(bundle_dir), predictor)) as (host, port):
+        sock = socket.create_connection((host, port))
+        sock.sendall(_request_head(port, boundary, len(body)))
+        sent = 0
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            while sent < len(body) and not select.select([sock], [], [], 0)[0]:
+                sent += sock.send(body[sent : sent + 256 * 1024])
+        response = _read_response(sock, 10)
+        sock.close()
+    assert response.startswith(b"HTTP/1.1 413 "), response[:200]
+    head, _, payload = response.partition(b"\r\n\r\n")
+    assert json.loads(payload) == {
+        "detail": "the upload was stopped at a file over the size limit; nothing was analysed",
+        "refused": [{"file": "huge.png", "reason": "larger than the limit of 10 MB"}],
+    }
+    assert re.search(rb"(?im)^connection: close", head) and re.search(rb"(?im)^x-frame-options: DENY", head)
+    # what the client had handed to its socket when the answer came: the 10 MB read, plus what the
+    # loopback buffers hold; far from the 50 MB
+    assert sent < 30 * 2**20, sent
+
+
+def test_a_stalled_upload_gets_408_within_the_timeout(bundle_dir, predictor):
+    png = _png_with_filler(0.1)
+    boundary = "stall21"
+    body = _multipart_head(boundary, "slow.png", "image/png") + png + f"\r\n--{boundary}--\r\n".encode()
+    settings = _settings(bundle_dir, upload_stall_s=1.0)
+    with _serving(create_app(settings, predictor)) as (host, port):
+        sock = socket.create_connection((host, port))
+        sock.sendall(_request_head(port, boundary, len(body)) + body[:5000])  # then nothing
+        t0 = time.monotonic()
+        response = _read_response(sock, 10)
+        waited = time.monotonic() - t0
+        sock.close()
+    assert response.startswith(b"HTTP/1.1 408 "), response[:200]
+    assert json.loads(response.partition(b"\r\n\r\n")[2])["detail"] == (
+        "the upload stalled: nothing arrived for 1 s; nothing was analysed"
+    )
+    assert 0.9 < waited < 4, waited
+
+
+def test_an_upload_over_the_deadline_gets_408(bundle_dir, predictor):
+    png = _png_with_filler(0.1)
+    boundary = "drip21"
+    body = _multipart_head(boundary, "drip.png", "image/png") + png + f"\r\n--{boundary}--\r\n".encode()
+    settings = _settings(bundle_dir, upload_stall_s=1.0, upload_deadline_s=1.5)
+    with _serving(create_app(settings, predictor)) as (host, port):
+        sock = socket.create_connection((host, port))
+        sock.sendall(_request_head(port, boundary, len(body)))
+        t0 = time.monotonic()
+        for i in range(8):  # a byte every 0.4 s: never stalled, never done
+            if select.select([sock], [], [], 0.4)[0]:
+                break
+            sock.send(body[i : i + 1])
+        response = _read_response(sock, 10)
+        sock.close()
+    assert response.startswith(b"HTTP/1.1 408 ")
+    assert b"the upload took longer than 1.5 s; nothing was analysed" in response
+    assert time.monotonic() - t0 < 4
+
+
+def test_uploads_are_never_written_to_disk(client, monkeypatch, tmp_path):
+    """A 5 MB image is parsed in memory: no temporary file is made (Linux's TemporaryFile leaves
+    no name in the folder, so the calls are counted too). The control shows the check sees
+    spooling: Starlette's own form parser, on the same upload, rolls it over to a file."""
+    from starlette.applications import Starlette
+    from starlette.responses import PlainTextResponse
+    from starlette.routing import Route
+
+    made: list[str] = []
+    for name in ("TemporaryFile", "NamedTemporaryFile", "mkstemp", "mkdtemp"):
+        real = getattr(tempfile, name)
+        monkeypatch.setattr(
+            tempfile, name, lambda *a, _real=real, _n=name, **kw: made.append(_n) or _real(*a, **kw)
+        )
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp))
+    data = _noise_png(1340)
+    assert len(data) > 5 * 2**20
+    upload = [("files", ("big.png", data, "image/png"))]
+    r = client.post("/api/predict", files=upload)
+    assert r.status_code == 200 and r.json()["results"][0]["status"] == "ok"
+    assert made == [] and list(tmp.iterdir()) == []
+
+    async def starlette_form(request):
+        form = await request.form()
+        return PlainTextResponse(str(len(await form["files"].read())))
+
+    with TestClient(Starlette(routes=[Route("/", starlette_form, methods=["POST"])])) as c:
+        assert c.post("/", files=upload).text == str(len(data))
+    assert made == ["TemporaryFile"]
+
+
+# ---- security headers
+
+
+def test_every_response_carries_the_security_headers(client, predictor, bundle_dir, monkeypatch):
+    for r in (
+        client.get("/"),
+        client.get("/model"),
+        client.get("/healthz"),
+        client.get("/plots/custom_cnn-roc.png"),
+        client.get("/plots/nothing.png"),
+        client.get("/no-such-page"),
+        client.get("/api/predict"),  # 405
+        client.post("/api/predict", files=[("files", ("x.jpg", _jpeg(1), "image/jpeg"))]),
+        client.post("/predict", files=[("files", ("notes.jpg", b"not an image", "image/jpeg"))]),
+        client.post("/api/predict", content=b"x", headers={"content-type": "text/plain"}),
+    ):
+        _assert_secure(r)
+    assert client.get("/redoc").status_code == 404  # no API docs page pulling scripts from a CDN
+
+    def boom(*a, **kw):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(predictor, "predict_decoded", boom)
+    with TestClient(create_app(_settings(bundle_dir), predictor), raise_server_exceptions=False) as c:
+        r = c.post("/api/predict", files=[("files", ("y.jpg", _jpeg(2), "image/jpeg"))])
+    assert r.status_code == 500
+    _assert_secure(r)
+
+
+def test_the_csp_pins_the_pages_own_inline_script_and_style(fusion_client):
+    r = fusion_client.get("/")
+    csp = _assert_secure(r)
+    directives = dict(d.strip().split(" ", 1) for d in csp.split(";"))
+
+    def pinned(body: str) -> str:
+        return (
+            "'sha256-" + __import__("base64").b64encode(hashlib.sha256(body.encode()).digest()).decode() + "'"
+        )
+
+    (script,) = re.findall(r"<script>(.*?)</script>", r.text, re.S)
+    (style,) = re.findall(r"<style>(.*?)</style>", r.text, re.S)
+    assert pinned(script) in directives["script-src"].split()
+    assert pinned(style) in directives["style-src-elem"].split()
+    assert "'unsafe-inline'" not in directives["script-src"] and "'unsafe-eval'" not in csp
+    assert pinned(script.replace("textContent", "innerHTML")) not in csp  # another script is not allowed
+
+
+# ---- a bundle with bad values: the app does not start
+
+
+BAD_VALUES = [
+    ("threshold", '"abc"'),
+    ("threshold", "NaN"),
+    ("threshold", "2.0"),
+    ("temperature", "0"),
+    ("temperature", "-1"),
+    ("image_size", '"abc"'),
+]
+
+
+def _bad_bundle(bundle_dir: Path, root: Path, key: str, text: str) -> Path:
+    """A copy of the bundle whose bundle.json says ``"key": text`` (the JSON text written by hand)."""
+    bad = root / "bad"
+    shutil.copytree(bundle_dir, bad)
+    raw = (bad / "bundle.json").read_text()
+    edited, n = re.subn(rf'"{key}": [^,}}]+', f'"{key}": {text}', raw, count=1)
+    assert n == 1
+    (bad / "bundle.json").write_text(edited)
+    return bad
+
+
+@pytest.mark.parametrize(("key", "text"), BAD_VALUES)
+def test_a_bundle_with_a_bad_value_refuses_to_start(bundle_dir, tmp_path, monkeypatch, capsys, key, text):
+    import uvicorn
+
+    bad = _bad_bundle(bundle_dir, tmp_path, key, text)
+    monkeypatch.setattr(uvicorn, "run", lambda *a, **kw: pytest.fail("served a bad bundle"))
+    assert main(["--bundle", str(bad)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"error: {bad / 'bundle.json'}") and repr(key) in err, err
+    # an ASGI server running create_app without a predictor: its startup fails, it never answers
+    with pytest.raises(StageError, match=repr(key)), TestClient(create_app(_settings(bad))):
+        pass
+
+
+def test_a_bad_pixel_cap_in_the_bundle_refuses_to_start(bundle_dir, tmp_path, capsys):
+    bad = _bad_bundle(bundle_dir, tmp_path, "max_pixels", '"abc"')
+    assert main(["--bundle", str(bad)]) == 1
+    err = capsys.readouterr().err
+    assert err == (
+        f"error: {bad / 'bundle.json'}: 'params.validate.max_pixels' must be a whole number of pixels >= 1, "
+        "got 'abc'\n"
+    )
+
+
+def test_the_command_with_a_nan_threshold_exits_1_with_one_line(bundle_dir, tmp_path):
+    bad = _bad_bundle(bundle_dir, tmp_path, "threshold", "NaN")
+    res = subprocess.run(
+        [sys.executable, "-m", "serve.web", "--bundle", str(bad), "--port", "0"],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert res.returncode == 1, res.stderr[-2000:]
+    assert res.stderr.count("\n") == 1 and "'threshold'" in res.stderr and "nan" in res.stderr.lower()
+    assert "Traceback" not in res.stderr and "Uvicorn running" not in res.stderr

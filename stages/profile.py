@@ -164,8 +164,9 @@ def write_record(path: Path, *, command: str, profile: Path, seconds: dict[str, 
     written = lock_outputs(Path("dvc.lock"), current_stages())
     for f in sorted(Path("metrics").rglob("*.json")):
         # Only what this run's stages wrote: a metrics file left by another run (the demo's
-        # mobilenetv2 beside a real run without it) is not this run's result.
-        if not any(f == o or o in f.parents for o in written):
+        # mobilenetv2 beside a real run without it) is not this run's result. A lock that
+        # records no output at all says nothing either way: every file is kept.
+        if written and not any(f == o or o in f.parents for o in written):
             continue
         try:
             metrics[f.as_posix()] = json.loads(f.read_text(encoding="utf-8"))

@@ -110,3 +110,41 @@ def test_run_timed_passes_output_through_and_times_each_stage(tmp_path, capfd, m
     import hashlib
 
     assert rec["dvc_lock_md5"] == hashlib.md5(b"schema: '2.0'\n").hexdigest()
+
+
+def test_the_record_keeps_only_the_metrics_of_this_runs_stages(tmp_path, monkeypatch):
+    """dvc.lock keeps the entries of a foreach item a params change removed (the demo's
+    evaluate@mobilenetv2 after a real run without it): the current stage list decides."""
+    import json
+
+    from stages.profile import lock_outputs, write_record
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "metrics" / "eval").mkdir(parents=True)
+    for name in ("a", "b"):
+        (tmp_path / "metrics" / "eval" / f"{name}.json").write_text('{"macro_auc": 0.9}')
+    (tmp_path / "metrics" / "split.json").write_text('{"n": 1}')
+    lock = {"schema": "2.0", "stages": {
+        f"evaluate@{n}": {"cmd": "x", "outs": [{"path": f"metrics/eval/{n}.json"}]} for n in ("a", "b")
+    }}  # fmt: skip
+    lock["stages"]["split"] = {"cmd": "y", "outs": [{"path": "metrics/split.json"}]}
+    (tmp_path / "dvc.lock").write_text(json.dumps(lock))  # JSON is YAML
+    assert lock_outputs(tmp_path / "dvc.lock", ["evaluate@a", "split"]) == [
+        Path("metrics/eval/a.json"),
+        Path("metrics/split.json"),
+    ]
+    # outside a DVC project the stage list is unknown: every stage in the lock counts
+    write_record(tmp_path / "r.json", command="c", profile=Path("p.yaml"), seconds={}, total=1.0)
+    assert set(json.loads((tmp_path / "r.json").read_text())["metrics"]) == {
+        "metrics/eval/a.json",
+        "metrics/eval/b.json",
+        "metrics/split.json",
+    }
+    import stages.profile
+
+    monkeypatch.setattr(stages.profile, "current_stages", lambda: ["evaluate@a", "split"])
+    write_record(tmp_path / "r.json", command="c", profile=Path("p.yaml"), seconds={}, total=1.0)
+    assert set(json.loads((tmp_path / "r.json").read_text())["metrics"]) == {
+        "metrics/eval/a.json",
+        "metrics/split.json",
+    }

@@ -28,9 +28,9 @@ from pathlib import Path
 from typing import Any
 
 from flows.dvcops import DvcError, Layout, dvc_argv, run_quiet
-from flows.report import IMAGE_ONLY_SUFFIX, mode_label
+from flows.report import mode_label
 from stages.common import atomic_dir, failpoint
-from stages.scoring import IMAGE_ONLY, METADATA, MODES, mode_suffix
+from stages.scoring import IMAGE_ONLY, IMAGE_ONLY_SUFFIX, METADATA, MODES, mode_suffix
 
 __all__ = [
     "GATE_AUC_KEYS",

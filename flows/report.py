@@ -18,10 +18,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from flows.dvcops import Layout
-from stages.scoring import IMAGE_ONLY, METADATA, MODES, mode_suffix
+from stages.scoring import IMAGE_ONLY, IMAGE_ONLY_SUFFIX, METADATA
 
 __all__ = [
-    "IMAGE_ONLY_SUFFIX",
     "RunReport",
     "diff_table",
     "fmt",
@@ -31,8 +30,6 @@ __all__ = [
 ]
 
 MODE_LABELS = {METADATA: "with metadata", IMAGE_ONLY: "image only"}
-# A fusion bundle's metric files hold every key twice: as is (metadata mode) and with this suffix.
-IMAGE_ONLY_SUFFIX = mode_suffix(IMAGE_ONLY, MODES)
 
 MODEL_KEYS = (
     "accuracy",

@@ -459,8 +459,11 @@ def write_drift_reference(
     draft_gap: float,
     seed: int,
     workers: int,
+    bundle: Bundle | None = None,
 ) -> dict[str, Any]:
     """Write the drift reference into a bundle folder and return its ``bundle.json`` entry.
+
+    ``bundle``: the folder's bundle when the caller has it loaded already (else it is loaded).
 
     The table is what a drift check computes for new images (:mod:`stages.imagefeatures`), for a
     seeded sample of the ``split`` images, with this bundle's own members: a later check needs
@@ -483,7 +486,7 @@ def write_drift_reference(
     if len(ids) > max_images:
         rng = np.random.default_rng(seed)
         ids = sorted(rng.choice(ids, size=max_images, replace=False).tolist())
-    bundle = Bundle.load(bundle_dir)
+    bundle = bundle if bundle is not None else Bundle.load(bundle_dir)
     spec = FeatureSpec(bundle.image_size, bundle.aspect, stats_size, draft_gap, max_pixels)
     items = [(i, Path(raw_dir) / "images" / f"{i}.jpg") for i in ids]
     table = build_table(items, spec, bundle, workers=n_workers(workers), desc="drift reference")

@@ -696,6 +696,7 @@ def run(
                 draft_gap=float(manifest.get("draft_gap", 2.0)),
                 seed=seed,
                 workers=reference.workers,
+                bundle=loaded,  # the members just scored, not loaded a second time
             )
             write_json(tmp / BUNDLE_JSON, bundle)
     with atomic_file(card_path, "w", encoding="utf-8") as fh:

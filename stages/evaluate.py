@@ -86,14 +86,15 @@ def split_meta(arrays: Any) -> MetaArrays:
 
 
 def predict(
-    model: Any, arrays: Any, *, batch_size: int, tta: bool, mode: str = METADATA
+    model: Any, arrays: Any, *, batch_size: int, tta: bool, mode: str = METADATA, call: Any = None
 ) -> tuple[np.ndarray, np.ndarray]:
     """A member's probabilities for a whole split (``SplitArrays``) in an input mode, and the
     mode each row used: the scoring path the bundle serves with (:mod:`stages.scoring`).
 
     ``mode`` ``metadata``: each row as ``serve`` would score it given the split's own metadata
     (rows with any field unknown image-only); ``image_only``: every field unknown. A member
-    without fusion ignores metadata (every row image-only).
+    without fusion ignores metadata (every row image-only). ``call``: the model as a graph
+    (:func:`stages.models.as_graph`), built once by a caller that predicts several times.
     """
     from stages.models import as_graph
 
@@ -103,7 +104,7 @@ def predict(
     modes = row_modes(meta, n, MODES if takes_meta else (IMAGE_ONLY,))
     fed = mode_inputs(meta, modes)
     probs = member_probabilities(
-        as_graph(model),
+        call or as_graph(model),
         arrays.images,
         fed,
         takes_meta=takes_meta,
@@ -163,7 +164,7 @@ def run(
             f"{Path(prepared_dir) / 'manifest.json'}: classes {list(classes)} differ from {list(CLASSES)}"
         )
 
-    from stages.models import load_model
+    from stages.models import as_graph, load_model
 
     log.info("loading %s", model_path)
     try:
@@ -171,6 +172,7 @@ def run(
     except Exception as e:  # a corrupt or foreign file: say which, not a Keras traceback
         raise StageError(f"{model_path}: cannot load the model ({type(e).__name__}: {e})") from None
 
+    call = as_graph(model)  # one traced graph for every split and mode
     modes = member_modes(model)
     frames: dict[tuple[str, str], pd.DataFrame] = {}
     test_images = None
@@ -187,7 +189,7 @@ def run(
                 "%s: predicting %d %s images (%s)%s",
                 backbone, len(meta), split, mode, " with flip TTA" if params.tta else "",
             )  # fmt: skip
-            probs, _ = predict(model, arr, batch_size=params.batch_size, tta=params.tta, mode=mode)
+            probs, _ = predict(model, arr, batch_size=params.batch_size, tta=params.tta, mode=mode, call=call)
             _check_probs(probs, len(meta), str(model_path), classes)
             frames[split, mode] = predictions_frame(meta, probs, classes)
         if split == "test":  # kept for the confidence grid; val's pixels are dropped here

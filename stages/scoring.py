@@ -33,6 +33,9 @@ from stages.metrics import apply_calibration, balanced_decision, malignant_score
 METADATA = "metadata"
 IMAGE_ONLY = "image_only"
 MODES: tuple[str, ...] = (METADATA, IMAGE_ONLY)
+# A fusion bundle's metric files hold every key twice: as is (the metadata mode) and with this
+# suffix (image only); see :func:`mode_suffix`.
+IMAGE_ONLY_SUFFIX = f"_{IMAGE_ONLY}"
 # The columns a prediction table may give per image, in HAM10000's vocabulary.
 META_FIELDS: tuple[str, ...] = ("age", "sex", "localization")
 AGE_RANGE = (0.0, 120.0)
@@ -302,4 +305,4 @@ def decisions(probs: np.ndarray, modes: np.ndarray, points: dict[str, OperatingP
 def mode_suffix(mode: str, modes: Sequence[str]) -> str:
     """The suffix of a mode's metric keys and prediction files: none for the first (or only)
     mode of ``modes``, ``_image_only`` for the image-only numbers beside the metadata ones."""
-    return "" if mode == modes[0] else f"_{mode}"
+    return "" if mode == modes[0] else IMAGE_ONLY_SUFFIX if mode == IMAGE_ONLY else f"_{mode}"

@@ -13,8 +13,9 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from stages.scoring import IMAGE_ONLY_SUFFIX
+
 HEADLINE = ("macro_auc", "balanced_accuracy", "malignant_auc", "mel_recall")
-IMAGE_ONLY_SUFFIX = "_image_only"  # stages.scoring.mode_suffix (not imported: keep this light)
 OPERATING = ("threshold", "test_malignant_recall", "test_specificity", "test_ppv", "referrals_per_100")
 
 

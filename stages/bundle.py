@@ -57,6 +57,57 @@ BUNDLE_FORMAT_VERSION = 2
 # training split) and its description in bundle.json.
 REFERENCE_FILE = "drift_reference.parquet"
 REFERENCE_KEY = "drift_reference"
+# What the bundle has seen: the lesions and images it trained, tuned or calibrated on (the train
+# and val rows of its split). A later comparison on another data version (the promotion gate,
+# ``make compare --rescore``) leaves them out, since a lesion can move from one split to another.
+SEEN_FILE = "seen.json"
+SEEN_FORMAT_VERSION = 1
+SEEN_SPLITS = ("train", "val")
+
+
+@dataclass(frozen=True)
+class Seen:
+    lesion_ids: frozenset[str]
+    image_ids: frozenset[str]
+
+    def unseen(self, lesion_ids: Sequence[str], image_ids: Sequence[str]) -> np.ndarray:
+        """Mask of the rows neither whose lesion nor whose image the bundle has seen."""
+        lesion_seen = np.isin(np.asarray(lesion_ids, dtype=str), list(self.lesion_ids))
+        image_seen = np.isin(np.asarray(image_ids, dtype=str), list(self.image_ids))
+        return ~(lesion_seen | image_seen)
+
+
+def seen_record(split: Any) -> dict[str, Any]:
+    """The ``seen.json`` content for a split frame (columns image_id, lesion_id, split)."""
+    rows = split[split["split"].isin(SEEN_SPLITS)]
+    return {
+        "format_version": SEEN_FORMAT_VERSION,
+        "splits": list(SEEN_SPLITS),
+        "lesion_ids": sorted(map(str, rows["lesion_id"].unique())),
+        "image_ids": sorted(map(str, rows["image_id"])),
+    }
+
+
+def read_seen(bundle_dir: str | Path) -> Seen | None:
+    """The bundle's ``seen.json``; None for a bundle older than the file (nothing recorded)."""
+    path = Path(bundle_dir) / SEEN_FILE
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:
+        raise StageError(f"{path}: unreadable ({e}); rebuild the bundle with dvc repro calibrate") from e
+    version = data.get("format_version") if isinstance(data, dict) else None
+    if version != SEEN_FORMAT_VERSION:
+        raise StageError(
+            f"{path}: format_version {version!r}, this code reads {SEEN_FORMAT_VERSION}; "
+            "rebuild the bundle with dvc repro calibrate"
+        )
+    ids = {k: data.get(k) for k in ("lesion_ids", "image_ids")}
+    for key, value in ids.items():
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise StageError(f"{path}: {key} must be a list of strings")
+    return Seen(frozenset(ids["lesion_ids"]), frozenset(ids["image_ids"]))
 
 
 def read_bundle_json(bundle_dir: str | Path) -> dict[str, Any]:

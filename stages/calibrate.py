@@ -37,7 +37,15 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from stages.bundle import BUNDLE_FORMAT_VERSION, BUNDLE_JSON, REFERENCE_KEY, file_md5, write_drift_reference
+from stages.bundle import (
+    BUNDLE_FORMAT_VERSION,
+    BUNDLE_JSON,
+    REFERENCE_KEY,
+    SEEN_FILE,
+    file_md5,
+    seen_record,
+    write_drift_reference,
+)
 from stages.common import (
     CLASSES,
     MALIGNANT,
@@ -48,6 +56,7 @@ from stages.common import (
     setup_logging,
     write_json,
 )
+from stages.metadata import read_table
 from stages.metrics import (
     apply_calibration,
     balanced_accuracy,
@@ -61,6 +70,7 @@ from stages.metrics import (
     recall_first_threshold,
     reliability_table,
 )
+from stages.paired import headline
 from stages.params import CalibrateParams, DriftReferenceParams, EvaluateParams, load_params
 from stages.predictions import (
     Served,
@@ -550,8 +560,13 @@ def run(
     data_md5: str | None,
     served_dir: Path | None = None,
     reference: DriftReference | None = None,
+    split_csv: Path | None = None,
+    headline_path: Path | None = None,
     classes: Sequence[str] = CLASSES,
 ) -> CalibrateResult:
+    """``split_csv``: the validated split, recorded in the bundle as what it has seen (train and
+    val lesions: :data:`stages.bundle.SEEN_FILE`); ``headline_path``: the few metrics runs are
+    compared by (:func:`stages.paired.headline`)."""
     ensemble_dir = Path(ensemble_dir)
     weights_path = ensemble_dir / "weights.json"
     try:
@@ -578,6 +593,13 @@ def run(
         log.warning(
             "no DVC hash recorded for %s in dvc.lock: the bundle's data version is unknown", prepared_dir
         )
+
+    seen = None
+    if split_csv is not None:
+        seen = seen_record(
+            read_table(split_csv, required=("image_id", "lesion_id", "split"), unique="image_id",
+                       hint="run the split and validate stages first")
+        )  # fmt: skip
 
     rng = np.random.default_rng(seed)
     fits = fit_modes(frames, modes, params, rng, classes)
@@ -636,6 +658,8 @@ def run(
                 {"name": m["name"], "weight": m["weight"], "path": m["path"], "md5": file_md5(dest)}
             )
         write_json(tmp / BUNDLE_JSON, bundle)
+        if seen is not None:
+            write_json(tmp / SEEN_FILE, seen)
 
         # The reported test numbers: the bundle just written, scoring the test images the way
         # serve.predict does (one scoring path; tests/integration/test_parity.py holds them equal).
@@ -727,6 +751,8 @@ def run(
         )
         subgroups.to_csv(tmp / "subgroups.csv", index=False, float_format="%.4f", lineterminator="\n")
     write_json(metrics_path, metrics)
+    if headline_path is not None:
+        write_json(headline_path, headline(metrics, [mode_suffix(m, modes) for m in modes]))
     return CalibrateResult(fits[first].temperature, fits[first].threshold, metrics)
 
 
@@ -770,7 +796,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="raw data folder (images/<image_id>.jpg): with --split, the bundle gets "
         "the drift reference (features and embeddings of drift.reference.split)",
     )
-    ap.add_argument("--split", type=Path, help="validated split CSV (image_id, split)")
+    ap.add_argument(
+        "--split", type=Path,
+        help="validated split CSV (image_id, lesion_id, split): recorded in the bundle as the lesions it has "
+        "seen (seen.json) and, with --raw, the drift reference's rows",
+    )  # fmt: skip
+    ap.add_argument(
+        "--headline", type=Path,
+        help="metrics JSON to write with only the headline metrics (at most 7 per input mode), the file "
+        "runs are compared by (make compare, dvc metrics diff --targets)",
+    )  # fmt: skip
     ap.add_argument("-v", "--verbose", action="store_true")
     args = ap.parse_args(argv)
     setup_logging(args.verbose)
@@ -790,6 +825,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             plots_dir=args.plots,
             card_path=args.card,
             served_dir=args.served,
+            split_csv=args.split,
+            headline_path=args.headline,
             all_params=dataclasses.asdict(params),
             data_md5=md5,
             reference=(

@@ -32,7 +32,7 @@ import numpy as np
 import pandas as pd
 
 from stages.common import CLASSES, StageError, atomic_dir, run_main, setup_logging, write_json
-from stages.metrics import classification_metrics, fit_simplex_weights, log_loss
+from stages.metrics import classification_metrics, fit_simplex_weights, log_loss, paired_mean_ci
 from stages.params import EnsembleParams, EvaluateParams, load_params
 from stages.predictions import (
     SPLITS,
@@ -97,12 +97,59 @@ def member_predictions(member_dir: Path, split: str, mode: str, modes: Sequence[
     return own if own.is_file() else member_dir / f"{split}.csv"
 
 
-def choose_weights(kind: str, val_member_probs: np.ndarray, y_val: np.ndarray) -> np.ndarray:
-    """Equal weights, or simplex weights fitted on validation data (the only data it sees)."""
+@dataclass(frozen=True)
+class WeightChoice:
+    weights: np.ndarray
+    method: str  # what was done: "equal" | "fitted" | "equal (val cannot tell the members apart)"
+    detail: str  # the evidence, for the log and the metrics
+
+
+def choose_weights(
+    kind: str,
+    val_member_probs: np.ndarray,
+    y_val: np.ndarray,
+    groups: Sequence | None = None,
+    *,
+    names: Sequence[str] | None = None,
+    n_samples: int = 1000,
+    level: float = 0.95,
+    rng: np.random.Generator | None = None,
+) -> WeightChoice:
+    """Equal weights, or simplex weights fitted on validation data (the only data it sees).
+
+    A fit on a small val set can put almost all the weight on one member by chance when the
+    members are equally good (the demo gave 0.98 / 0.02 on one seed and 0.11 / 0.89 on another).
+    So ``fitted`` first asks whether val can tell the members apart: the member with the lowest
+    val log-loss against each other one, the paired lesion-bootstrap CI of their per-image
+    log-loss difference. When every such CI includes 0, the weights are equal (and say so)."""
     m = val_member_probs.shape[0]
-    if kind == "equal":
-        return np.full(m, 1.0 / m)
-    return fit_simplex_weights(val_member_probs, y_val)
+    equal = np.full(m, 1.0 / m)
+    if kind == "equal" or m == 1:
+        return WeightChoice(
+            equal, "equal", "equal weights (ensemble.weights: equal)" if m > 1 else "one member"
+        )
+    y = np.asarray(y_val, dtype=np.int64)
+    p_true = np.clip(val_member_probs[:, np.arange(len(y)), y], 1e-12, 1.0)
+    loss = -np.log(p_true)  # (members, images)
+    best = int(np.argmin(loss.mean(axis=1)))
+    groups = np.arange(len(y)) if groups is None else np.asarray(groups)
+    rng = rng if rng is not None else np.random.default_rng(0)
+    names = list(names) if names is not None else [f"member {i}" for i in range(m)]
+    apart = []
+    notes = []
+    for j in range(m):
+        if j == best:
+            continue
+        mean, lo, hi = paired_mean_ci(loss[j] - loss[best], groups, n_samples, rng, level=level)
+        # worse than the best beyond chance: the CI of (its loss - best's loss) lies above 0
+        apart.append(bool(lo > 0))
+        notes.append(
+            f"val log-loss {names[j]} - {names[best]} {mean:+.4f}, {level:.0%} CI [{lo:+.4f}, {hi:+.4f}]"
+        )
+    evidence = "; ".join(notes)
+    if not any(apart):
+        return WeightChoice(equal, "equal (val cannot tell the members apart)", evidence)
+    return WeightChoice(fit_simplex_weights(val_member_probs, y), "fitted", evidence)
 
 
 def run(
@@ -133,9 +180,15 @@ def run(
     # bundle mixes its members the same way whatever the input.
     val_probs = np.concatenate([stacked["val", mode] for mode in modes], axis=1)
     y_val_all = np.concatenate([labels(meta["val", mode], classes) for mode in modes])
-    weights = choose_weights(params.weights, val_probs, y_val_all)
+    val_groups = np.concatenate([meta["val", mode]["lesion_id"].to_numpy() for mode in modes])
+    choice = choose_weights(
+        params.weights, val_probs, y_val_all, val_groups, names=members,
+        n_samples=eval_params.bootstrap_samples, level=eval_params.ci_level,
+        rng=np.random.default_rng(seed),
+    )  # fmt: skip
+    weights = choice.weights
     log.info(
-        "weights (%s, fitted on %s): %s", params.weights, " + ".join(modes),
+        "weights (%s on val %s: %s): %s", choice.method, " + ".join(modes), choice.detail,
         dict(zip(members, np.round(weights, 4).tolist(), strict=True)),
     )  # fmt: skip
 
@@ -174,6 +227,8 @@ def run(
         m.update({k: json_value(v) for k, v in extra.items()})
         metrics.update({f"{k}{sfx}": v for k, v in m.items()})
     metrics.update({f"weight_{k}": json_value(float(w)) for k, w in zip(members, weights, strict=True)})
+    metrics["weights_method"] = choice.method
+    metrics["weights_evidence"] = choice.detail
     first = modes[0]
     best = metrics["best_member"]
 
@@ -183,7 +238,7 @@ def run(
         write_json(
             tmp / "weights.json",
             {"members": list(members), "weights": [float(w) for w in weights], "method": params.weights,
-             "modes": list(modes)},
+             "method_used": choice.method, "evidence": choice.detail, "modes": list(modes)},
         )  # fmt: skip
     with atomic_dir(plots_dir) as tmp:
         write_plots(tmp, ens["test", first], table, title="ensemble")

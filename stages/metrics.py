@@ -11,6 +11,7 @@ Conventions:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -425,6 +426,26 @@ def bootstrap_ci(
             (float(np.quantile(v, alpha)), float(np.quantile(v, 1 - alpha))) if v.size else (np.nan, np.nan)
         )
     return out
+
+
+def paired_mean_ci(
+    diff: np.ndarray, groups: Sequence, n_samples: int, rng: np.random.Generator, *, level: float = 0.95
+) -> tuple[float, float, float]:
+    """Mean of a per-image paired difference (e.g. member A's log-loss minus B's on the same
+    images) and its lesion-bootstrap percentile CI: every replicate draws lesions with
+    replacement and takes the mean over all their images. (nan, nan, nan) for no images."""
+    d = np.asarray(diff, dtype=np.float64)
+    if d.size == 0:
+        return (math.nan, math.nan, math.nan)
+    _, lesion_of = np.unique(np.asarray(groups), return_inverse=True)
+    sums = np.bincount(lesion_of, weights=d)
+    counts = np.bincount(lesion_of).astype(np.float64)
+    if n_samples <= 0:
+        return (float(d.mean()), math.nan, math.nan)
+    draws = rng.integers(0, sums.size, (n_samples, sums.size))
+    means = sums[draws].sum(axis=1) / counts[draws].sum(axis=1)
+    alpha = (1.0 - level) / 2
+    return (float(d.mean()), float(np.quantile(means, alpha)), float(np.quantile(means, 1 - alpha)))
 
 
 # --------------------------------------------------------------------------- recall-first threshold

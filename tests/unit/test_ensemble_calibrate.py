@@ -675,3 +675,34 @@ def test_a_metadata_point_needs_validation_rows_with_complete_metadata(world, fu
     with pytest.raises(StageError, match="no validation image has age, sex and localization all known"):
         _run_calibrate(world, tmp_path, out, kind="fusion")
     assert not (out / "bundle").exists()
+
+
+def _member_probs(y: np.ndarray, skills: list[float], rng: np.random.Generator) -> np.ndarray:
+    out = []
+    for skill in skills:
+        logits = rng.normal(0, 1, (len(y), 7))
+        logits[np.arange(len(y)), y] += skill
+        out.append(np.exp(logits) / np.exp(logits).sum(1, keepdims=True))
+    return np.stack(out)
+
+
+def test_fitted_weights_fall_back_to_equal_when_val_cannot_tell_members_apart():
+    """Two members of the same skill (independent noise): a fit would tilt by chance; the rule
+    gives equal weights and says why. A clearly worse member is told apart and the fit runs."""
+    from stages.ensemble import choose_weights
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 7, 150)
+    groups = np.arange(150) // 2
+    same = choose_weights(
+        "fitted", _member_probs(y, [1.5, 1.5], rng), y, groups, names=["a", "b"], rng=np.random.default_rng(1)
+    )
+    assert same.method == "equal (val cannot tell the members apart)"
+    assert same.weights.tolist() == [0.5, 0.5]
+    assert "val log-loss" in same.detail and "CI [" in same.detail
+    apart = choose_weights(
+        "fitted", _member_probs(y, [3.0, 0.0], rng), y, groups, names=["a", "b"], rng=np.random.default_rng(1)
+    )
+    assert apart.method == "fitted"
+    assert apart.weights[0] > 0.8  # the skilled member carries the mix
+    assert "val log-loss b - a +" in apart.detail

@@ -275,7 +275,14 @@ def _best_ncc(search: np.ndarray, tpl: np.ndarray) -> np.ndarray:
     p, s, _ = search.shape
     t = tpl.shape[-1]
     n = s - t + 1
-    spectrum = sfft.rfft2(search)[:, None] * np.conj(sfft.rfft2(tpl, s=(s, s)))
+    fa, fb = sfft.rfft2(search)[:, None], sfft.rfft2(tpl, s=(s, s))
+    # fa * conj(fb) in real arithmetic: numpy's complex multiply fuses into FMA on CPUs that have
+    # it (AVX2, AVX-512) and not on others, so its last bits (and, in a tie, a duplicate decision)
+    # would depend on the machine; separate * + - round exactly everywhere. (scipy's FFT is one
+    # compiled binary for every x86, without FMA or run-time CPU dispatch.)
+    spectrum = np.empty(np.broadcast_shapes(fa.shape, fb.shape), dtype=np.result_type(fa, fb))
+    spectrum.real = fa.real * fb.real + fa.imag * fb.imag
+    spectrum.imag = fa.imag * fb.real - fa.real * fb.imag
     corr = sfft.irfft2(spectrum, s=(s, s))[:, :, :n, :n]
     pad = ((0, 0), (1, 0), (1, 0))
     i1 = np.pad(search.cumsum(1).cumsum(2), pad)

@@ -26,7 +26,10 @@ training data without reusing an id or a lesion of it, whatever the two seeds an
 
 Determinism: the catalogue comes from one RNG, and each physical lesion (and each of its shots)
 from its own ``SeedSequence(seed, spawn_key=...)``, so the bytes are identical for a seed
-whatever the number of worker processes.
+whatever the number of worker processes; and whatever the CPU (with or without AVX-512, AVX2,
+FMA): the drawing uses no function whose last bits depend on it (see "platform-exact maths").
+tests/unit/test_synthetic_platform.py pins the bytes and re-draws them with numpy's SIMD
+kernels and libjpeg-turbo's switched off.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ import argparse
 import csv
 import io
 import logging
+import math
 import sys
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -352,12 +356,123 @@ def plan_catalogue(
     ]
 
 
+# --------------------------------------------------------------------------- platform-exact maths
+# The same seed draws the same bytes on every machine, not only on the one that made dvc.lock.
+# numpy hands sin, cos, exp, log, arctan2, hypot and power (float32 and float64) to SIMD kernels it
+# picks at run time by CPU (AVX-512, AVX2, SSE, NEON), and their last bits differ; libm's (math.sin,
+# math.exp, a float's **) differ between its FMA and non-FMA builds. One such bit can move a value
+# across a rounding step, a border-table index or a mask edge, and so change a JPEG. So the
+# drawing calls none of them: the functions below use only + - * /, sqrt, rint, frexp, ldexp,
+# abs, min/max and where, in a fixed order, on float64 numbers or Python floats. IEEE 754 rounds
+# each of those exactly, on every CPU and in every SIMD width, and numpy never fuses two ufuncs
+# into one FMA. Accuracy ~1e-15, far below what a pixel sees; exactness is the point.
+# (numpy's random streams are integer algorithms; the few libm calls inside its normal sampler
+# only decide rare rejections and tails, where a last-bit difference has odds ~1e-15 to matter.)
+
+_PIO2_HI = 1.57079632673412561417e00  # pi/2 in 33 bits: k * _PIO2_HI is exact for |k| < 2**20
+_PIO2_LO = 6.07710050650619224932e-11  # pi/2 - _PIO2_HI
+_LN2_HI = 6.93147180369123816490e-01  # ln 2 in 32 bits, exact times any |k| < 2**20
+_LN2_LO = 1.90821492927058770002e-10
+# fdlibm's minimax kernels: sin on |r| <= pi/4 (odd terms from r^3), cos (even terms from r^4),
+# atan on |z| <= 7/16 (alternating even and odd powers of z^4).
+_SIN = (-1.66666666666666324348e-01, 8.33333333332248946124e-03, -1.98412698298579493134e-04,
+        2.75573137070700676789e-06, -2.50507602534068634195e-08, 1.58969099521155010221e-10)  # fmt: skip
+_COS = (4.16666666666666019037e-02, -1.38888888888741095749e-03, 2.48015872894767294178e-05,
+        -2.75573143513906633035e-07, 2.08757232129817482790e-09, -1.13596475577881948265e-11)  # fmt: skip
+_ATAN = (3.33333333333329318027e-01, -1.99999999998764832476e-01, 1.42857142725034663711e-01,
+         -1.11111104054623557880e-01, 9.09088713343650656196e-02, -7.69187620504482999495e-02,
+         6.66107313738753120669e-02, -5.83357013379057348645e-02, 4.97687799461593236017e-02,
+         -3.65315727442169155270e-02, 1.62858201153657823623e-02)  # fmt: skip
+_EXP = tuple(1 / math.factorial(n) for n in range(14))  # Taylor on |r| <= ln2/2: error < 1e-17
+_ATANH = tuple(1 / (2 * n + 1) for n in range(12))  # log(m) = 2 atanh(f), |f| <= 0.172
+_TAN_PI_8 = 0.41421356237309503
+_SQRT_HALF = 0.70710678118654757
+
+
+def _poly(z, coefs: tuple[float, ...]):
+    """coefs[0] + coefs[1] z + ... by Horner: one fixed order of operations."""
+    acc = coefs[-1]
+    for c in coefs[-2::-1]:
+        acc = acc * z + c
+    return acc
+
+
+def _sincos_reduced(r):
+    """sin and cos of ``r`` in [-pi/4, pi/4] (a float or a float64 array)."""
+    z = r * r
+    return r + r * z * _poly(z, _SIN), 1.0 - 0.5 * z + z * z * _poly(z, _COS)
+
+
+def _sincos(x):
+    """(sin, cos) of ``x`` (float64 array, |x| < 1e5): platform-exact."""
+    x = np.asarray(x, dtype=np.float64)
+    k = np.rint(x * (2 / math.pi))
+    s, c = _sincos_reduced((x - k * _PIO2_HI) - k * _PIO2_LO)
+    q = k.astype(np.int64) & 3  # which quarter turn: x = r + q pi/2
+    return np.choose(q, (s, c, -s, -c)), np.choose(q, (c, -s, -c, s))
+
+
+def _sc(x: float) -> tuple[float, float]:
+    """(sin, cos) of one float, as :func:`_sincos` computes it, ~30 times faster in pure Python."""
+    k = round(x * (2 / math.pi))
+    s, c = _sincos_reduced((x - k * _PIO2_HI) - k * _PIO2_LO)
+    return ((s, c), (c, -s), (-s, -c), (-c, s))[k & 3]
+
+
+def _exp(x):
+    """exp of ``x`` (float64 array), clipped to [-700, 700]: platform-exact."""
+    x = np.clip(np.asarray(x, dtype=np.float64), -700.0, 700.0)
+    k = np.rint(x * 1.4426950408889634)  # 1 / ln 2, a literal: libm must not pick k
+    return np.ldexp(_poly((x - k * _LN2_HI) - k * _LN2_LO, _EXP), k.astype(np.int32))
+
+
+def _log(x):
+    """Natural log of ``x`` (float64 array, x > 0): platform-exact."""
+    m, e = np.frexp(np.asarray(x, dtype=np.float64))  # x = m 2**e, m in [0.5, 1): exact
+    small = m < _SQRT_HALF
+    m, e = np.where(small, m * 2, m), (e - small).astype(np.float64)
+    f = (m - 1) / (m + 1)
+    return e * _LN2_HI + (e * _LN2_LO + 2 * f * _poly(f * f, _ATANH))
+
+
+def _pow(x, p: float):
+    """``x ** p`` for x >= 0 (float64 array; 0 ** p = 0): platform-exact."""
+    x = np.asarray(x, dtype=np.float64)
+    pos = x > 0
+    return np.where(pos, _exp(p * _log(np.where(pos, x, 1.0))), 0.0)
+
+
+def _atan2(y, x):
+    """arctan2 (float64 arrays, result in [-pi, pi]): platform-exact."""
+    y, x = np.asarray(y, dtype=np.float64), np.asarray(x, dtype=np.float64)
+    ay, ax = np.abs(y), np.abs(x)
+    big, small = np.maximum(ay, ax), np.minimum(ay, ax)
+    a = small / np.where(big > 0, big, 1.0)  # tan of the angle to the nearer axis, [0, 1]
+    far = a > _TAN_PI_8
+    z = np.where(far, (a - 1) / (a + 1), a)  # atan(a) = pi/4 + atan(z) above tan(pi/8)
+    z2 = z * z
+    w = z2 * z2
+    t = z - z * (z2 * _poly(w, _ATAN[0::2]) + w * _poly(w, _ATAN[1::2]))
+    t = np.where(far, math.pi / 4 + t, t)
+    t = np.where(ay > ax, math.pi / 2 - t, t)
+    t = np.where(x < 0, math.pi - t, t)
+    return np.where(y < 0, -t, t)
+
+
+def _hypot(x, y):
+    """sqrt(x^2 + y^2): sqrt is exactly rounded everywhere, np.hypot (libm) is not."""
+    return np.sqrt(x * x + y * y)
+
+
 # --------------------------------------------------------------------------- drawing helpers
 # Lengths are in "units" of half the output image height, so the look does not depend on the
 # resolution. A physical lesion is drawn once on a canvas larger than the photograph; each
 # photograph is an affine view of that canvas, so re-shots show the same lesion, skin and hairs.
-# Everything is float32 and single-threaded C (PIL) or elementwise numpy: no BLAS, whose
-# thread-dependent summation order could make bytes depend on the machine's load.
+# Exact on every x86 CPU: the numpy steps are elementwise IEEE arithmetic (float32 or float64) or
+# the exact functions above, never a SIMD transcendental, a BLAS call or a float sum; the Pillow
+# steps (resize, affine view, drawing, blur, lookup, JPEG) are one compiled binary for all x86
+# (baseline SSE2, no FMA, no run-time CPU dispatch; libjpeg-turbo's SIMD paths are integer and
+# bit-identical to its C code), and their float parts run on inputs already exact.
 
 CANVAS = 1.3  # canvas / photograph size: room for the re-shot's shift, turn and zoom
 F32 = np.float32
@@ -376,7 +491,7 @@ def _noise(rng: np.random.Generator, shape: tuple[int, int], cell: float, octave
         c = max(cell / 2**o, 1.5)
         grid = rng.random((int(h / c) + 4, int(w / c) + 4), dtype=F32)
         layer = Image.fromarray(grid, "F").resize((w, h), Image.BICUBIC, box=(1, 1, 1 + w / c, 1 + h / c))
-        total += np.asarray(layer) * F32(0.5**o)
+        total += np.asarray(layer) * F32(math.ldexp(1.0, -o))  # 0.5 ** o
     lo, hi = total.min(), total.max()
     return (total - lo) / (hi - lo + F32(1e-6))
 
@@ -426,8 +541,8 @@ def _vary_colour(colour, spread: float, rng: np.random.Generator) -> np.ndarray:
     """Lighter or darker, a little redder or browner: independent channel noise would turn
     brown into olive or magenta, colours no naevus has."""
     # Darker pigment stays reddish-brown, lighter turns tan: per-channel exponents of lightness.
-    c = np.asarray(colour, float) * np.exp(rng.normal(0, spread)) ** np.array([0.8, 1.0, 1.15])
-    c += c.mean() * rng.normal(0, 0.035) * np.array([1.0, -0.5, -0.6]) + rng.normal(0, 3, 3)
+    c = np.asarray(colour, float) * _exp(rng.normal(0, spread) * np.array([0.8, 1.0, 1.15]))
+    c += (c[0] + c[1] + c[2]) / 3 * rng.normal(0, 0.035) * np.array([1.0, -0.5, -0.6]) + rng.normal(0, 3, 3)
     return np.clip(c, 20, 240)
 
 
@@ -537,7 +652,49 @@ SKIN_TONES = np.array(
      (218, 186, 196), (200, 152, 128), (182, 134, 110), (230, 172, 160)],
     dtype=F32,
 )  # fmt: skip
-BORDER_TABLE = 1024  # samples of the border radius over the angle
+BORDER_TABLE = 2048  # samples of the border radius over the (diamond) angle
+# Higher harmonics of the outline fade as k ** 0.6 (the exact power: libm's ** is not).
+_HARMONIC_FALLOFF = {k: float(_pow(float(k), 0.6)) for k in range(3, 10)}
+
+
+def _diamond(u: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """The diamond angle of (u, v): in [0, 4), monotone in the true angle (0 = +u axis, 1 = +v).
+    One division instead of an arctan2: exact float32 arithmetic, and fast on a whole canvas."""
+    s = np.abs(u) + np.abs(v)
+    t = v / np.where(s > 0, s, F32(1))
+    p = np.where(u >= 0, t, 2 - t)
+    return np.where(p < 0, p + 4, p)
+
+
+def _diamond_angles(n: int) -> np.ndarray:
+    """The true angle (radians, float64) at the centre of each of ``n`` equal diamond-angle bins."""
+    p = (np.arange(n) + 0.5) * (4 / n)
+    t = np.where(p < 1, p, np.where(p < 3, 2 - p, p - 4))  # v on the unit diamond |u| + |v| = 1
+    return _atan2(t, np.where((p < 1) | (p >= 3), 1 - np.abs(t), np.abs(t) - 1))
+
+
+_BORDER_ANGLES = _diamond_angles(BORDER_TABLE)
+
+
+class _Table:
+    """``f`` on [lo, hi], sampled at n + 1 points and read back by linear interpolation: float32
+    arithmetic, exact on every CPU like ``f`` itself, and ~10x cheaper per pixel than evaluating it.
+    Inputs are clipped to [lo, hi]."""
+
+    def __init__(self, f, lo: float, hi: float, n: int) -> None:
+        self.lo, self.scale, self.n = F32(lo), F32(n / (hi - lo)), n
+        v = f(np.linspace(lo, hi, n + 1)).astype(F32)
+        self.v, self.dv = v, np.append(np.diff(v), F32(0))
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        t = np.clip((x - self.lo) * self.scale, 0, self.n)
+        i = np.floor(t)
+        k = i.astype(np.intp)
+        return self.v[k] + self.dv[k] * (t - i)
+
+
+_FADE = _Table(lambda d: _exp(-2.5 * d), 0.0, 16.0, 4096)  # the erythema halo's fall-off
+_CORE_DARK = _Table(lambda c: _pow(c, 0.7), 0.0, 1.0, 4096)  # how the centre darkens
 
 
 @dataclass(frozen=True)
@@ -574,27 +731,28 @@ def draw_canvas(
         skin = _mix(skin, (200, 110, 120), F32(redness) * _noise(rng, shape, 0.5 * unit))
 
     # ---- lesion outline: an ellipse with a Fourier-harmonic border, a noisy edge, maybe a lobe
+    # The angle picks a border-table entry: a last-bit difference there would move the outline
+    # by a pixel, so it is the diamond angle (exact arithmetic), not a SIMD arctan2.
     x = (np.arange(wc, dtype=F32) + F32(0.5 - wc / 2)) * F32(1 / unit)
     y = (np.arange(hc, dtype=F32) + F32(0.5 - hc / 2)) * F32(1 / unit)
     cx, cy = (float(c) for c in rng.normal(0, 0.1, 2))
-    ang = rng.uniform(0, np.pi)
+    sin_a, cos_a = _sc(float(rng.uniform(0, np.pi)))
     dxr, dyr = (x - F32(cx))[None, :], (y - F32(cy))[:, None]
-    u = (dxr * F32(np.cos(ang)) + dyr * F32(np.sin(ang))) * F32(1 / look["aspect"])
-    v = dyr * F32(np.cos(ang)) - dxr * F32(np.sin(ang))
-    angles = np.linspace(-np.pi, np.pi, BORDER_TABLE, endpoint=False)
+    u = (dxr * F32(cos_a) + dyr * F32(sin_a)) * F32(1 / look["aspect"])
+    v = dyr * F32(cos_a) - dxr * F32(sin_a)
     border = np.ones(BORDER_TABLE)
     for k in range(1, 10):
-        amp = (look["asym"] if k <= 2 else look["irregular"] / k**0.6) * rng.normal(0, 1)
-        border += amp * np.cos(k * angles + rng.uniform(0, 2 * np.pi))
+        amp = (look["asym"] if k <= 2 else look["irregular"] / _HARMONIC_FALLOFF[k]) * rng.normal(0, 1)
+        border += amp * _sincos(k * _BORDER_ANGLES + rng.uniform(0, 2 * np.pi))[1]
     radius_table = (look["radius"] * np.maximum(border, 0.35)).astype(F32)
-    idx = ((np.arctan2(v, u) + F32(np.pi)) * F32(BORDER_TABLE / (2 * np.pi))).astype(np.int32) % BORDER_TABLE
-    rho = np.hypot(u, v) / radius_table[idx]
+    idx = (_diamond(u, v) * F32(BORDER_TABLE / 4)).astype(np.int32) % BORDER_TABLE
+    rho = _hypot(u, v) / radius_table[idx]
     rho += F32(2 * look["border_noise"]) * (_noise(rng, shape, 0.15 * unit, octaves=2) - 0.5)
     if look["lobe"] > 0.05:
-        la = rng.uniform(0, 2 * np.pi)
+        la = float(rng.uniform(0, 2 * np.pi))
         lr = look["radius"] * rng.uniform(0.35, 0.6)
-        lx, ly = cx + np.cos(la) * look["radius"] * 0.9, cy + np.sin(la) * look["radius"] * 0.9
-        lobe = np.hypot((x - F32(lx))[None, :], (y - F32(ly))[:, None]) * F32(1 / lr)
+        lx, ly = cx + _sc(la)[1] * look["radius"] * 0.9, cy + _sc(la)[0] * look["radius"] * 0.9
+        lobe = _hypot((x - F32(lx))[None, :], (y - F32(ly))[:, None]) * F32(1 / lr)
         rho = np.minimum(rho, lobe + F32(0.15 * (1 - look["lobe"])))
     soft = look["soft"]
     inside = 1 - _smoothstep(1 - soft, 1 + soft, rho)
@@ -609,13 +767,13 @@ def draw_canvas(
     core = np.clip(1 - rh, 0, 1)
     mottle = _noise(rng, crop, 0.12 * unit, octaves=3) - 0.5
     body = look["base"].astype(F32) * (1 + F32(2 * look["mottle"]) * mottle)[..., None]
-    body *= (1 - F32(look["centre_dark"]) * core**0.7)[..., None]
+    body *= (1 - F32(look["centre_dark"]) * _CORE_DARK(core))[..., None]
     for colour, coverage in look["blotches"]:
         patch = _region(_noise(rng, crop, 0.2 * unit, octaves=3), ins, coverage, 0.12)
         body = _mix(body, colour, F32(rng.uniform(0.5, 0.8)) * patch)
     if look["network"] > 0.02 or look["peripheral_network"] > 0.02:
         # Pigment network: the ridges of band-limited noise look like a mesh of dark lines.
-        ridge = (1 - np.abs(2 * _noise(rng, crop, 0.07 * unit) - 1)) ** 4
+        ridge = np.square(np.square(1 - np.abs(2 * _noise(rng, crop, 0.07 * unit) - 1)))  # ** 4, exact
         strength = F32(look["network"]) + F32(look["peripheral_network"]) * _smoothstep(0.3, 0.8, rh)
         body *= (1 - strength * ridge)[..., None]
     if look["cerebriform"] > 0.02:
@@ -641,9 +799,10 @@ def draw_canvas(
     def _dots(n: float, size_u: tuple[float, float], spread: float):
         def draw(d: ImageDraw.ImageDraw) -> None:
             for _ in range(int(round(n))):
-                a, rr = rng.uniform(0, 2 * np.pi), look["radius"] * spread * np.sqrt(rng.random())
-                px = (cx + rr * np.cos(a)) * unit + wc / 2
-                py = (cy + rr * np.sin(a)) * unit + hc / 2
+                a, rr = float(rng.uniform(0, 2 * np.pi)), look["radius"] * spread * math.sqrt(rng.random())
+                sin_a, cos_a = _sc(a)
+                px = (cx + rr * cos_a) * unit + wc / 2
+                py = (cy + rr * sin_a) * unit + hc / 2
                 s = max(0.6, rng.uniform(*size_u) * unit)
                 d.ellipse((px - s, py - s, px + s, py + s), fill=int(rng.uniform(160, 255)))
 
@@ -660,20 +819,22 @@ def draw_canvas(
 
         def vessels(d: ImageDraw.ImageDraw) -> None:  # arborising: branching, tapering red lines
             for _ in range(int(round(look["vessels"]))):
-                a, rr = rng.uniform(0, 2 * np.pi), look["radius"] * 0.8 * np.sqrt(rng.random())
-                px, py = (cx + rr * np.cos(a)) * unit + wc / 2, (cy + rr * np.sin(a)) * unit + hc / 2
-                stack = [(px, py, rng.uniform(0, 2 * np.pi), 3)]
+                a, rr = float(rng.uniform(0, 2 * np.pi)), look["radius"] * 0.8 * math.sqrt(rng.random())
+                sin_a, cos_a = _sc(a)
+                px, py = (cx + rr * cos_a) * unit + wc / 2, (cy + rr * sin_a) * unit + hc / 2
+                stack = [(px, py, float(rng.uniform(0, 2 * np.pi)), 3)]
                 while stack:
                     px, py, heading, depth = stack.pop()
                     pts = [(px, py)]
                     for _ in range(int(rng.integers(3, 7))):
-                        heading += rng.normal(0, 0.35)
-                        px, py = px + np.cos(heading) * 0.05 * unit, py + np.sin(heading) * 0.05 * unit
+                        heading += float(rng.normal(0, 0.35))
+                        sin_h, cos_h = _sc(heading)
+                        px, py = px + cos_h * 0.05 * unit, py + sin_h * 0.05 * unit
                         pts.append((px, py))
                     d.line(pts, fill=int(60 + 60 * depth), width=max(1, round(unit / 60 * depth / 2)))
                     for turn in (-0.6, 0.6):
                         if depth > 1 and rng.random() < 0.7:
-                            stack.append((px, py, heading + turn + rng.normal(0, 0.2), depth - 1))
+                            stack.append((px, py, heading + turn + float(rng.normal(0, 0.2)), depth - 1))
 
         vessel_mask = _marks(shape, vessels, 0.45)[box] * _smoothstep(0, 0.3, ins)
         body = _mix(body, (178, 28, 44), F32(0.95) * vessel_mask)
@@ -681,7 +842,7 @@ def draw_canvas(
     # ---- composite: erythema halo around, the lesion over the skin, hairs over everything
     img = skin
     if look["halo"] > 0.02:
-        halo = F32(look["halo"]) * np.exp(-np.maximum(rho - 1, 0) * F32(2.5)) * (1 - inside)
+        halo = F32(look["halo"]) * _FADE(rho - 1) * (1 - inside)
         img = _mix(skin, (214, 110, 112), halo)
     img[box] = _mix(img[box], body, np.clip(ins * F32(look["opacity"]), 0, 1))
     if rng.random() < 0.4:
@@ -689,12 +850,13 @@ def draw_canvas(
         def hairs(d: ImageDraw.ImageDraw) -> None:
             for _ in range(int(rng.integers(1, 10))):
                 px, py = rng.uniform(0, wc), rng.uniform(0, hc)
-                heading, bend = rng.uniform(0, 2 * np.pi), rng.normal(0, 0.08)
+                heading, bend = float(rng.uniform(0, 2 * np.pi)), float(rng.normal(0, 0.08))
                 pts = []
                 for _ in range(int(rng.integers(8, 30))):
                     pts.append((px, py))
                     heading += bend
-                    px, py = px + np.cos(heading) * 0.08 * unit, py + np.sin(heading) * 0.08 * unit
+                    sin_h, cos_h = _sc(heading)
+                    px, py = px + cos_h * 0.08 * unit, py + sin_h * 0.08 * unit
                 d.line(pts, fill=int(rng.uniform(150, 255)), width=max(1, round(unit / rng.uniform(40, 75))))
 
         hair_colour = F32(rng.uniform(25, 70)) * F32([1.0, 0.8, 0.7])
@@ -726,8 +888,8 @@ def _shade(camera: _Camera, width: int, height: int) -> np.ndarray:
     """The dermatoscope's fall-off (and black ring): fixed to the camera, not the skin."""
     xs = np.arange(width, dtype=F32) + F32(0.5 - width / 2)
     ys = np.arange(height, dtype=F32) + F32(0.5 - height / 2)
-    rr = np.hypot(xs[None, :], ys[:, None]) * F32(2 / np.hypot(width, height))
-    shade = 1 - F32(camera.vignette) * rr**2.5
+    rr = _hypot(xs[None, :], ys[:, None]) * F32(2 / math.sqrt(width * width + height * height))
+    shade = 1 - F32(camera.vignette) * (rr * rr * np.sqrt(rr))  # rr ** 2.5, exact
     if camera.ring > 0:
         shade *= 1 - _smoothstep(camera.ring - 0.03, camera.ring + 0.03, rr)
     return shade[..., None]
@@ -749,10 +911,11 @@ def take_shot(
     ``rng`` draws the pose and light (the photograph), ``noise_rng`` the sensor noise (the file):
     a re-export (``copy`` > 0) keeps the photograph and changes the file.
     """
-    angle = rng.normal(0, np.deg2rad(3.0))
-    zoom = rng.uniform(0.96, 1.04)
+    angle = float(rng.normal(0, math.radians(3.0)))
+    zoom = float(rng.uniform(0.96, 1.04))
     sx, sy = float(rng.normal(0, 0.02)) * width, float(rng.normal(0, 0.02)) * height
-    c, s = np.cos(angle) / zoom, np.sin(angle) / zoom
+    sin_a, cos_a = _sc(angle)
+    c, s = cos_a / zoom, sin_a / zoom
     ox, oy = width / 2 + sx, height / 2 + sy
     wc, hc = canvas.size
     affine = (c, -s, wc / 2 - c * ox + s * oy, s, c, hc / 2 - s * ox - c * oy)
@@ -761,7 +924,7 @@ def take_shot(
     gains = np.array(camera.gains) * rng.uniform(0.92, 1.08) * rng.uniform(0.97, 1.03, 3)
     if copy:  # another export of the same photograph: a touch of colour management
         gains *= noise_rng.uniform(0.985, 1.015, 3)
-    levels = (np.arange(256) / 255.0) ** (rng.uniform(0.93, 1.07) * profile.gamma) * 255.0
+    levels = _pow(np.arange(256) / 255.0, rng.uniform(0.93, 1.07) * profile.gamma) * 255.0
     lut = np.clip(levels[None, :] * gains[:, None] + 0.5, 0, 255).astype(int)  # (3, 256)
     img = np.asarray(view.point(lut.ravel().tolist()), dtype=F32) * shade
     # Sensor noise, mostly luminance once demosaiced: one plane for all three channels.

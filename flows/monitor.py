@@ -822,6 +822,10 @@ def monitor(
         raise MonitorFailed(f"no dvc.yaml in {root}: run the flow from the repository root")
     params = load_params(layout.path(layout.params)).drift
     inbox_dir = _resolve(root, inbox or params.inbox)
+    if inbox is not None and not inbox_dir.is_dir():
+        # Asked for by name: a typo must fail, not pass as "0 checked". The default inbox
+        # (drift.inbox) may not exist yet on a fresh clone: nothing to check, said below.
+        raise MonitorFailed(f"inbox {inbox_dir}: folder not found (the inbox parameter: {inbox})")
     state = _resolve(root, params.monitor_state)
     retrain_on = params.trigger_retrain if trigger_retrain is None else bool(trigger_retrain)
     workspace = str(_resolve(root, params.workspace)) if params.workspace else None
@@ -945,6 +949,13 @@ def main(argv: list[str] | None = None) -> int:
         help="label drift events so the retrain trigger ignores them (drift.trigger_retrain: false)",
     )
     args = parser.parse_args(argv)
+    if args.inbox is not None and not Path(args.inbox).expanduser().is_dir():
+        # Before Prefect starts: a mistyped folder is one line, exit 1, never "0 checked".
+        print(
+            f"error: --inbox {args.inbox}: folder not found (a folder whose sub-folders are the batches)",
+            file=sys.stderr,
+        )
+        return 1
     trigger: bool | None = False if args.no_trigger else None
     if trigger is None and not get_current_settings().api.url:
         # Prefect's ephemeral API runs no trigger: an event marked for retraining would hand the
@@ -960,6 +971,11 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"monitor: {_summary_line(result)}"
         + (f"; drift in {', '.join(result['drifted'])}" if result["drifted"] else "")
+        + (
+            ""
+            if result["inbox_exists"]
+            else f"; inbox {result['inbox']} not found (drift.inbox): nothing to check"
+        )
     )
     return 0
 

@@ -224,6 +224,62 @@ def served_of(preds: Sequence[Prediction], classes: Sequence[str]) -> Served:
     )
 
 
+@dataclass(frozen=True)
+class ScoredRows:
+    """The usable images of a labelled folder as a bundle serves them, every mode on the same images."""
+
+    rows: pd.DataFrame  # META_COLUMNS of the images scored in every mode, in the table's order
+    served: dict[str, Served]  # one per mode of the bundle, in its order, row for row with ``rows``
+    failed: list[Skipped]  # images that could not be scored in some mode: left out of every mode
+
+
+def score_labelled(
+    predictor: Predictor,
+    labelled: Labelled,
+    *,
+    root: Path,
+    shown: str,
+    batch_size: int = 32,
+    workers: int = 0,
+    progress: bool = True,
+) -> ScoredRows:
+    """Score ``labelled`` (read from ``root``, named ``shown`` in messages) in each of the
+    bundle's modes through the serving path (:meth:`Predictor.predict_paths`); an image that
+    failed in either mode is named, logged and left out of both."""
+    classes = list(predictor.classes)
+    modes = list(predictor.modes)
+    n = len(labelled.rows)
+    preds: dict[str, list[Prediction]] = {}
+    for mode in modes:
+        log.info("scoring %d image(s) in mode %s", n, mode)
+        preds[mode] = list(
+            predictor.predict_paths(
+                _mode_items(labelled, mode),
+                batch_size=batch_size,
+                workers=pick_workers(workers, n, batch_size),
+                progress=progress,
+                total=n,
+            )
+        )
+    failed: dict[int, list[str]] = {}
+    for mode in modes:
+        for i, p in enumerate(preds[mode]):
+            if not p.ok and str(p.error) not in failed.get(i, []):
+                failed.setdefault(i, []).append(str(p.error))
+    failures = []
+    for i, why in sorted(failed.items()):
+        s = Skipped(str(labelled.rows["image_id"].iloc[i]), str(labelled.paths[i]).replace(
+            str(root), shown, 1), "; ".join(why))  # fmt: skip
+        log.warning("%s", s.message())
+        failures.append(s)
+    keep = [i for i in range(n) if i not in failed]
+    return ScoredRows(
+        rows=labelled.rows.iloc[keep].reset_index(drop=True),
+        served={mode: served_of([preds[mode][i] for i in keep], classes) for mode in modes},
+        failed=failures,
+    )
+
+
 def report_params(bundle_meta: dict[str, Any], bootstrap: int | None) -> tuple[EvaluateParams, int]:
     """The bundle's own evaluate settings (CI level, age bands, subgroup size) and ECE bins, as its
     calibrate stage used them; ``bootstrap`` replicates instead of the bundle's when given."""
@@ -268,13 +324,14 @@ def format_report(result: dict[str, Any]) -> str:
     b = result["bundle"]
     level = f"{round(100 * result['ci_level'])}% CI"
     lines = [
+        f"# {b['trained_on']}",  # first: what the bundle was trained on (Predictor.version)
         f"# serve.evaluate {result['folder']}: {result['n_images']} of {result['n_rows']} labelled "
         f"images scored, {result['n_skipped']} skipped",
         f"# bundle {b['path']} ({b['label']}); modes: {', '.join(b['modes'])}",
     ]
     if b["synthetic"]:
         lines.append(
-            "!!! WARNING: this bundle was trained on SYNTHETIC demo data (download.source: synthetic); "
+            "!!! WARNING: this bundle was trained on SYNTHETIC demo data (download.source synthetic); "
             "its numbers say nothing about real skin lesions !!!"
         )
     lines.append(f"# {'modes' if len(b['modes']) > 1 else 'mode'}: {b['mode_rule']}")
@@ -382,41 +439,18 @@ def run(
             raise StageError(f"{bundle}: the bundle's classes {classes} are not HAM10000's {list(CLASSES)}")
         modes = list(predictor.modes)
         params, ece_bins = report_params(predictor.bundle.meta, bootstrap)
-        n = len(labelled.rows)
-        preds: dict[str, list[Prediction]] = {}
-        for mode in modes:
-            log.info("scoring %d image(s) in mode %s", n, mode)
-            preds[mode] = list(
-                predictor.predict_paths(
-                    _mode_items(labelled, mode),
-                    batch_size=batch_size,
-                    workers=pick_workers(workers, n, batch_size),
-                    progress=progress,
-                    total=n,
-                )
-            )
-    # Both modes on the same images: an image that failed in either is left out of both.
-    failed: dict[int, list[str]] = {}
-    for mode in modes:
-        for i, p in enumerate(preds[mode]):
-            if not p.ok and str(p.error) not in failed.get(i, []):
-                failed.setdefault(i, []).append(str(p.error))
-    skipped = list(labelled.skipped)
-    for i, why in sorted(failed.items()):
-        s = Skipped(str(labelled.rows["image_id"].iloc[i]), str(labelled.paths[i]).replace(
-            str(root), str(folder), 1), "; ".join(why))  # fmt: skip
-        log.warning("%s", s.message())
-        skipped.append(s)
-    keep = [i for i in range(n) if i not in failed]
-    if not keep:
+        scored = score_labelled(
+            predictor, labelled, root=root, shown=str(folder), batch_size=batch_size, workers=workers,
+            progress=progress,
+        )  # fmt: skip
+    skipped = [*labelled.skipped, *scored.failed]
+    if scored.rows.empty:
         raise StageError(f"{folder}: no usable labelled image: every image failed, e.g. {skipped[-1].what()}")
-    rows = labelled.rows.iloc[keep].reset_index(drop=True)
+    rows = scored.rows
 
-    bundle_meta = predictor.bundle.meta
-    source = ((bundle_meta.get("params") or {}).get("download") or {}).get("source")
     per_mode: dict[str, dict[str, Any]] = {}
     for mode in modes:
-        served = served_of([preds[mode][i] for i in keep], classes)
+        served = scored.served[mode]
         metrics, table = served_report(
             rows, served, params, np.random.default_rng(seed), ece_bins=ece_bins, classes=classes,
             desc=f"bootstrap ({mode})", progress=progress,
@@ -437,8 +471,6 @@ def run(
             "modes": modes,
             "thresholds": {m: json_value(t) for m, t in predictor.thresholds.items()},
             "mode_rule": MODE_RULE if len(modes) > 1 else SINGLE_MODE_NOTE,
-            "trained_on": source,
-            "synthetic": source == "synthetic",
             "disclaimer": DISCLAIMER,
         },
         "folder": str(folder),

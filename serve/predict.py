@@ -19,8 +19,15 @@ The outputs are checked before anything is loaded: ``--out`` must name a .csv or
 error) and ``--explain`` a folder (an existing one is added to; a file there is an error); a
 missing folder is created, and one that cannot be written or created is an error.
 
-Not a diagnosis: the probabilities come from a research model trained on HAM10000 dermoscopy
-images, and a clinician decides.
+The first line printed says what the bundle was trained on (``trained on synthetic demo data
+(not real dermoscopy) — do not use on real images``, or the real source and its data version).
+Each row: the risk level, ``refer`` (the malignant probability at or above the mode's threshold),
+the malignant probability, ``decision=`` the bundle's class decision (``predicted`` in the files),
+the top-3 classes by calibrated probability (``top1``...), the mode. With the balanced decision,
+``predicted`` can differ from ``top1`` by design (:data:`serve.predictor.DECISION_NOTES`); the
+risk level is read on the side of the referral, so it never says Low beside refer.
+
+Not a diagnosis: the probabilities come from a research model, and a clinician decides.
 """
 
 from __future__ import annotations
@@ -38,8 +45,11 @@ from pathlib import Path
 from typing import IO, Any
 
 from serve.predictor import (
+    DECISION_NOTES,
     DEFAULT_RISK,
     DISCLAIMER,
+    RISK_NOTE,
+    TOP_NOTE,
     Item,
     Prediction,
     Predictor,
@@ -163,7 +173,10 @@ def format_line(pred: Prediction, version_label: str) -> str:
     top = ", ".join(f"{c} {p:.3f}" for c, p in pred.top)
     refer = "REFER" if pred.refer else "no"
     malignant = f"malignant={pred.malignant_prob:.3f}/{pred.threshold:.3f}"
-    return "\t".join([pred.image, pred.risk, f"refer={refer}", malignant, top, pred.mode, version_label])
+    decision = f"decision={pred.predicted}"
+    return "\t".join(
+        [pred.image, pred.risk, f"refer={refer}", malignant, decision, top, pred.mode, version_label]
+    )
 
 
 class _Writer:
@@ -245,6 +258,7 @@ def run(
     header = {
         "path": str(bundle),
         **version,
+        "columns": predictor.notes,
         "modes": list(predictor.modes),
         "mode_rule": MODE_RULE
         if len(predictor.modes) > 1
@@ -254,6 +268,8 @@ def run(
         "disclaimer": DISCLAIMER,
     }
     refer = ", ".join(f"{t:.3f} ({m})" for m, t in thresholds.items())
+    # First, before any number: what the bundle was trained on (a demo bundle says so).
+    print(f"# {version['trained_on']}", file=stdout)
     print(
         f"# bundle {bundle} ({version['label']}); refer when malignant >= {refer}. " + DISCLAIMER, file=stdout
     )
@@ -262,7 +278,9 @@ def run(
     else:
         print("# mode: image_only (this bundle's members do not use metadata; age/sex/site are ignored)",
               file=stdout)  # fmt: skip
-    print("# image\trisk\trefer\tmalignant/threshold\ttop-3\tmode\tbundle", file=stdout)
+    notes = predictor.notes
+    print(f"# risk = {notes['risk']}; decision = {notes['predicted']}", file=stdout)
+    print("# image\trisk\trefer\tmalignant/threshold\tdecision\ttop-3\tmode\tbundle", file=stdout)
     if explain is not None:
         explain.mkdir(parents=True, exist_ok=True)
     used: set[str] = set()
@@ -304,7 +322,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         prog="python -m serve.predict",
         description=__doc__.split("\n\n")[0],
-        epilog=DISCLAIMER,
+        epilog=f"Columns: risk = {RISK_NOTE}. decision (predicted in --out files) = "
+        f"{DECISION_NOTES['balanced']}. top-3 (top1..top3) = {TOP_NOTE}. {DISCLAIMER}",
     )
     ap.add_argument(
         "paths", nargs="+", metavar="PATH",

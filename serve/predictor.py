@@ -30,8 +30,8 @@ import numpy as np
 from tqdm import tqdm
 
 from serve.decode import Decoded, DecodeSpec, decode_chunk
-from stages.bundle import pixel_cap
-from stages.common import StageError, n_workers
+from stages.bundle import pixel_cap, read_training_data, trained_on
+from stages.common import MALIGNANT, StageError, n_workers
 from stages.parallel import in_order
 from stages.scoring import IMAGE_ONLY, METADATA, UNKNOWN_LOCALIZATION, UNKNOWN_SEX, MetaArrays, mode_inputs
 
@@ -48,6 +48,23 @@ NOT_FINITE = "the model gave no valid probabilities for this image (NaN or inf):
 # What :meth:`Predictor.predict_paths` takes per image: ``(name, path, known error or None)``,
 # optionally with the image's metadata ``(age, sex index, localization index)`` as a 4th element.
 Item = tuple[Any, ...]
+# What the output's columns mean, said where they are read (predict's header, --help and JSON
+# header; the page): a "predicted" class beside another "top1" is the bundle working as designed.
+# Both are kept: top1 is what the calibrated probabilities say, predicted what the bundle decides.
+DECISION_NOTES = {
+    "balanced": (
+        "the bundle's class decision: the class whose calibrated probability is highest "
+        "against its share of the validation images (balanced: every class weighs alike), so a rare "
+        "class (vasc, df) can be predicted while a common one (nv) is the most probable (top1)"
+    ),
+    "argmax": "the bundle's class decision: the most probable class (the same as top1)",
+}
+TOP_NOTE = "the classes with the highest calibrated probabilities, most probable first"
+RISK_NOTE = (
+    "the level of the class behind the referral: referred, the predicted class if it is "
+    "malignant (mel, bcc, akiec) else the most probable malignant one; not referred, a benign one "
+    "(so it never reads Low beside refer)"
+)
 DISCLAIMER = (
     "Research software, not a medical device: this result is not a diagnosis and must not be used to "
     "rule out skin cancer. A clinician examines the lesion and decides; anyone worried about a skin "
@@ -57,7 +74,7 @@ DISCLAIMER = (
 
 @dataclass(frozen=True)
 class RiskLevels:
-    """Risk level per top-1 class; classes not listed get ``default``."""
+    """Risk level per class (the class :func:`risk_class` picks); classes not listed get ``default``."""
 
     by_class: Mapping[str, str]
     default: str = "Low"
@@ -83,6 +100,21 @@ class RiskLevels:
         return self.by_class.get(top_class, self.default)
 
 
+def risk_class(probabilities: Mapping[str, float], predicted: str, refer: bool) -> str:
+    """The class the risk level is read from, always on the side of the referral decision.
+
+    Referred (P(mel) + P(bcc) + P(akiec) at or above the threshold): the predicted class if it is
+    malignant, else the most probable malignant class. Not referred: the predicted class if it is
+    benign, else the most probable benign class. The referral is the decision the bundle is tuned
+    and tested on (recall first); the class decision (balanced) answers another question, and
+    reading the risk from it alone put a green "Low" beside a red "refer" (issue 22).
+    """
+    side = [c for c in probabilities if (c in MALIGNANT) == refer]
+    if predicted in side or not side:
+        return predicted
+    return min(side, key=lambda c: (-probabilities[c], c))
+
+
 @dataclass
 class Prediction:
     """The answer for one image, or the reason there is none (``error``)."""
@@ -92,7 +124,11 @@ class Prediction:
     malignant_prob: float = math.nan
     refer: bool = False
     risk: str = ""
-    # the bundle's decision (bundle.json "decision"): with "balanced" it can differ from top[0]
+    risk_class: str = ""  # the class the risk level was read from (:func:`risk_class`)
+    # The bundle's class decision (bundle.json "decision"). With "balanced" it is the class whose
+    # probability is highest *against its share of the validation images* (p / prior), so a rare class (vasc,
+    # df) can be predicted while a common one (nv) has the highest probability (top[0], "top1"):
+    # the decision weighs every class alike, the probabilities follow the population.
     predicted: str = ""
     # the bundle's input mode this row was scored in (stages.scoring: metadata | image_only)
     mode: str = ""
@@ -121,6 +157,7 @@ class Prediction:
             "error": self.error or "",
             "mode": self.mode if self.ok else "",
             "risk": self.risk,
+            "risk_class": self.risk_class if self.ok else "",
             "predicted": self.predicted if self.ok else "",
             "refer": self.refer if self.ok else None,
             "malignant_prob": self.malignant_prob if self.ok else None,
@@ -189,11 +226,26 @@ class Predictor:
         """The malignant threshold of each mode."""
         return {m: self.bundle.threshold(m) for m in self.modes}
 
+    @property
+    def decision(self) -> str:
+        """``balanced`` when any mode decides against the class prior, else ``argmax``."""
+        return "balanced" if any(p.class_prior is not None for p in self.bundle.points.values()) else "argmax"
+
+    @property
+    def notes(self) -> dict[str, str]:
+        """What the class columns of an answer mean, for this bundle: predicted, top1, risk."""
+        return {"predicted": DECISION_NOTES[self.decision], "top1": TOP_NOTE, "risk": RISK_NOTE}
+
     @cached_property
     def version(self) -> dict[str, Any]:
-        """What identifies the bundle: when it was made, from which data, and its promotion tag."""
+        """What identifies the bundle: what it was trained on (``trained_on``, the line every face
+        shows first; ``synthetic``), when it was made, from which data, and its promotion tag.
+
+        ``data_version`` is the prepared data's hash (bundle.json ``data_version``); the label names
+        the raw data's (``training_data``: the version a promotion record names) when recorded."""
         meta = self.bundle.meta
         md5 = (meta.get("data_version") or {}).get("md5")
+        data = read_training_data(meta)
         tag = None
         record = Path(self.bundle.root) / PRODUCTION_RECORD
         if record.is_file():
@@ -201,10 +253,21 @@ class Predictor:
                 tag = json.loads(record.read_text(encoding="utf-8")).get("git_tag")
             except (OSError, ValueError):
                 tag = None
-        label = f"{meta.get('created', '?')}, data {md5[:8] if md5 else 'unknown'}"
+        if data is not None and data.recorded:
+            label = f"{meta.get('created', '?')}, data {(data.data_version or 'unknown')[:8]}"
+        else:  # a bundle older than its training_data record: the prepared data's hash
+            label = f"{meta.get('created', '?')}, prepared data {md5[:8] if md5 else 'unknown'}"
         if tag:
             label += f", {tag}"
-        return {"created": meta.get("created"), "data_version": md5, "tag": tag, "label": label}
+        return {
+            "trained_on": trained_on(meta),
+            "synthetic": None if data is None else data.synthetic,
+            "training_data": None if data is None or not data.recorded else data.to_json(),
+            "created": meta.get("created"),
+            "data_version": md5,
+            "tag": tag,
+            "label": label,
+        }
 
     def decode_spec(self, *, explain: bool = False) -> DecodeSpec:
         return DecodeSpec(
@@ -275,15 +338,18 @@ class Predictor:
         """A :class:`Prediction` from one row of calibrated probabilities scored in ``mode``."""
         probabilities = {c: float(p) for c, p in zip(self.classes, probs, strict=True)}
         malignant = float(self.bundle.malignant_score(probs[None, :])[0])
-        top = self.classes[int(self.bundle.decide(probs[None, :], np.array([mode], dtype=object))[0])]
+        decided = self.classes[int(self.bundle.decide(probs[None, :], np.array([mode], dtype=object))[0])]
         threshold = self.bundle.threshold(mode)
+        refer = bool(malignant >= threshold)
+        basis = risk_class(probabilities, decided, refer)
         return Prediction(
             image=name,
             probabilities=probabilities,
             malignant_prob=malignant,
-            refer=bool(malignant >= threshold),
-            risk=self.risk.level(top),
-            predicted=top,
+            refer=refer,
+            risk=self.risk.level(basis),
+            risk_class=basis,
+            predicted=decided,
             mode=mode,
             threshold=threshold,
         )

@@ -1,11 +1,16 @@
 """The web app: upload dermoscopic images (optional age, sex, site); read risk, top-3, flag, Grad-CAM.
 
-    python -m serve.web [--bundle DIR] [--metrics DIR] [--host 127.0.0.1] [--port 8000]
+    python -m serve.web [--bundle DIR] [--metrics DIR] [--host 127.0.0.1] [--port 8080]
 
 A thin FastAPI face over :class:`serve.predictor.Predictor`, loaded once per process when the
 server starts (not at import). Pages: ``/`` (upload form and results, every result with the
 medical disclaimer), ``/model`` (the bundle's model card and the evaluation plots); JSON:
-``POST /api/predict``; ``/healthz``.
+``POST /api/predict``, ``/api/model`` (what the bundle is), ``/healthz``. Every page opens with
+what the bundle was trained on (a bundle trained on the synthetic demo data says so, in red), and
+so do the JSON answers (``bundle.trained_on``).
+
+Port 8080 by default: ``evidently ui`` (the drift dashboard) keeps its own default, 8000, so both
+run side by side.
 
 Metadata: each image may come with ``age`` (years, 0-120), ``sex`` and ``localization`` (HAM10000's
 vocabulary, ``stages.common.SEXES`` / ``LOCALIZATIONS``), sent as form fields repeated once per
@@ -98,6 +103,8 @@ CLASS_NAMES = {
     "vasc": "Vascular lesion",
 }
 MODE_LABELS = {METADATA: "image with age, sex and site", IMAGE_ONLY: "image only"}
+# Not 8000: `evidently ui` (the drift dashboard) defaults to it, and a user runs both.
+DEFAULT_PORT = 8080
 # Multipart framing (boundaries, part headers, the metadata fields) on top of the files themselves.
 FORM_OVERHEAD_BYTES = 64 * 1024
 # Text fields a form may carry besides the metadata (none today; room for a browser's extras).
@@ -697,6 +704,7 @@ def _result_view(answer: Answer) -> dict[str, Any]:
         "threshold": pred.threshold,
         "given": _given_text(answer.metadata),
         "risk": pred.risk,
+        "risk_class": pred.risk_class,
         "predicted": pred.predicted,
         "refer": pred.refer,
         "malignant_prob": pred.malignant_prob,
@@ -835,6 +843,7 @@ def create_app(settings: WebSettings, predictor: Predictor | None = None) -> Fas
             "localizations": LOCALIZATIONS,
             "best": p.bundle.best,
             "class_names": CLASS_NAMES,
+            "notes": p.notes,
             "max_files": settings.max_files,
             "max_file_mb": f"{settings.max_file_mb:g}",
             "formats": ", ".join(sorted(ALLOWED_FORMATS - {"MPO"})),
@@ -907,9 +916,11 @@ def create_app(settings: WebSettings, predictor: Predictor | None = None) -> Fas
             results.append(row)
         return JSONResponse(
             {
+                "trained_on": p.version["trained_on"],
                 "bundle": p.version,
                 "thresholds": p.thresholds,
                 "mode_rule": MODE_RULE,
+                "columns": p.notes,
                 "disclaimer": DISCLAIMER,
                 "results": results,
             }
@@ -937,6 +948,24 @@ def create_app(settings: WebSettings, predictor: Predictor | None = None) -> Fas
             mode_rule=MODE_RULE,
             figures=list(sections.items()),
             metrics_dir=settings.metrics,
+        )
+
+    @app.get("/api/model")
+    async def model_api(request: Request) -> JSONResponse:
+        """What the bundle is: its training data first, then its modes, thresholds and members."""
+        p: Predictor = request.app.state.predictor
+        return JSONResponse(
+            {
+                "trained_on": p.version["trained_on"],
+                "bundle": p.version,
+                "members": [{"name": m.name, "weight": m.weight} for m in p.bundle.members],
+                "modes": list(p.modes),
+                "mode_rule": MODE_RULE,
+                "thresholds": p.thresholds,
+                "operating_points": {m: pt.to_json() for m, pt in p.bundle.points.items()},
+                "columns": p.notes,
+                "disclaimer": DISCLAIMER,
+            }
         )
 
     @app.get("/plots/{key}.png")
@@ -1001,7 +1030,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)"
     )
-    ap.add_argument("--port", type=int, default=8000)
+    ap.add_argument(
+        "--port", type=int, default=DEFAULT_PORT,
+        help=f"port (default {DEFAULT_PORT}; the Evidently UI keeps its default, 8000)",
+    )  # fmt: skip
     ap.add_argument("--max-files", type=int, default=16, help="images per upload (default 16)")
     ap.add_argument("--max-file-mb", type=float, default=10.0, help="size limit per image (default 10 MB)")
     ap.add_argument(

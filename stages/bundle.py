@@ -23,7 +23,7 @@ import json
 import logging
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -177,6 +177,7 @@ def read_bundle_json(bundle_dir: str | Path) -> dict[str, Any]:
         OperatingPoint.from_json(point, len(CLASSES), f"{path}: {mode}")
     _check_members(meta["members"], Path(bundle_dir), path)
     _check_served_params(meta, path)
+    _check_training_data(meta, path)
     _check_finite(meta, path)
     return meta
 
@@ -276,6 +277,114 @@ def _check_finite(value: Any, path: Path, key: str = "") -> None:
     elif isinstance(value, list):
         for k, v in enumerate(value):
             _check_finite(v, path, f"{key}[{k}]")
+
+
+# --------------------------------------------------------------------------- training data
+
+TRAINING_DATA_KEY = "training_data"
+SYNTHETIC_SOURCE = "synthetic"
+# What every face of a bundle trained on the demo generator's images says first (serve.predict's
+# header, the web page and /api/model, the model card): its answers on real images mean nothing.
+SYNTHETIC_WARNING = "synthetic demo data (not real dermoscopy) — do not use on real images"
+UNKNOWN_TRAINING_DATA = (
+    "training data: unknown (a bundle older than its training_data record; rebuild it with "
+    "`dvc repro calibrate`)"
+)
+
+
+@dataclass(frozen=True)
+class TrainingData:
+    """What a bundle was trained on: ``bundle.json`` ``training_data``, written by ``calibrate``.
+
+    ``source`` is ``download.source`` (synthetic | dataverse | local:PATH), ``extra_sources`` the
+    labelled batches merged into it, ``data_version`` the DVC md5 of the raw data (``data/raw`` in
+    dvc.lock: the version the promotion record and the noise file name; None when not recorded).
+    ``recorded`` False: read from the params snapshot of a bundle written before the record.
+    """
+
+    source: str
+    synthetic: bool
+    data_version: str | None = None
+    extra_sources: tuple[str, ...] = ()
+    recorded: bool = True
+
+    @classmethod
+    def of_params(cls, download: Any, data_version: str | None) -> TrainingData:
+        """From the ``download`` params section (a dict) and the raw data's md5."""
+        source = str(download.get("source") or "unknown")
+        extra = tuple(str(s) for s in download.get("extra_sources") or ())
+        return cls(source, source == SYNTHETIC_SOURCE, data_version, extra)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "source": self.source,
+            "synthetic": self.synthetic,
+            "data_version": self.data_version,
+            "extra_sources": list(self.extra_sources),
+        }
+
+    def describe(self) -> str:
+        """One line, the warning first for synthetic data: ``trained on <what> (<data version>...)``."""
+        what = SYNTHETIC_WARNING if self.synthetic else f"HAM10000 via {self.source}"
+        notes = [f"data {self.data_version[:8]}" if self.data_version else "data version not recorded"]
+        if self.extra_sources:
+            notes.append("with labelled batches " + ", ".join(self.extra_sources))
+        if not self.recorded:
+            notes.append("read from the params of a bundle older than its training_data record")
+        return f"trained on {what} ({'; '.join(notes)})"
+
+
+def read_training_data(meta: dict[str, Any]) -> TrainingData | None:
+    """What a bundle (``read_bundle_json``'s checked dict) was trained on. A bundle older than the
+    ``training_data`` record: its params snapshot's ``download`` section (``recorded`` False; every
+    calibrate wrote it, the source is what matters most); None when neither says."""
+    block = meta.get(TRAINING_DATA_KEY)
+    if isinstance(block, dict):
+        return TrainingData(
+            str(block["source"]),
+            bool(block["synthetic"]),
+            block.get("data_version"),
+            tuple(block.get("extra_sources") or ()),
+        )
+    params = meta.get("params")
+    download = params.get("download") if isinstance(params, dict) else None
+    if isinstance(download, dict) and isinstance(download.get("source"), str) and download["source"]:
+        return replace(TrainingData.of_params(download, None), recorded=False)
+    return None
+
+
+def trained_on(meta: dict[str, Any]) -> str:
+    """The line every face of a bundle shows first (:meth:`TrainingData.describe`, or unknown)."""
+    data = read_training_data(meta)
+    return data.describe() if data is not None else UNKNOWN_TRAINING_DATA
+
+
+def _check_training_data(meta: dict[str, Any], path: Path) -> None:
+    """``training_data`` (optional: older bundles lack it): {source, synthetic, data_version,
+    extra_sources}; a synthetic source can never be recorded as real data."""
+    block = meta.get(TRAINING_DATA_KEY)
+    if block is None:
+        return
+    key = f"{path}: '{TRAINING_DATA_KEY}"
+    if not isinstance(block, dict):
+        raise StageError(
+            f"{key}' must be {{source, synthetic, data_version, extra_sources}}, got {block!r:.100}"
+        )
+    source, synthetic = block.get("source"), block.get("synthetic")
+    if not isinstance(source, str) or not source:
+        raise StageError(f"{key}.source' must be a non-empty text (download.source), got {source!r:.100}")
+    if not isinstance(synthetic, bool):
+        raise StageError(f"{key}.synthetic' must be true or false, got {synthetic!r:.50}")
+    if source == SYNTHETIC_SOURCE and not synthetic:
+        raise StageError(f"{key}.synthetic' is false but the source is {SYNTHETIC_SOURCE!r}")
+    version = block.get("data_version")
+    if version is not None and (not isinstance(version, str) or not version):
+        raise StageError(
+            f"{key}.data_version' must be the raw data's md5 (text) or null, got {version!r:.80}"
+        )
+    extra = block.get("extra_sources", [])
+    if not isinstance(extra, list) or not all(isinstance(s, str) for s in extra):
+        raise StageError(f"{key}.extra_sources' must be a list of texts, got {extra!r:.100}")
 
 
 def pixel_cap(params: Any, limit: int | None = None, where: str = "bundle.json") -> int:

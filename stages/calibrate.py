@@ -15,7 +15,8 @@ Everything is fitted on the validation split; the test split is only reported on
    lower end of its lesion-bootstrap CI with ``recall_bound: lower_ci``). Then reported on test
    without re-tuning: recall (with CI), specificity, PPV and referrals per 100 lesions.
 3. The bundle ``<bundle>/``: the member models (copied), ``bundle.json`` (members, weights,
-   temperature, threshold, classes, image size, the params and the data version it came from)
+   temperature, threshold, classes, image size, the params, the data version it came from and
+   ``training_data``: the source and raw data version every face of the bundle names first)
    and the model card, also written to ``<card>``. The folder is replaced in one rename.
 """
 
@@ -42,8 +43,12 @@ from stages.bundle import (
     BUNDLE_JSON,
     REFERENCE_KEY,
     SEEN_FILE,
+    TRAINING_DATA_KEY,
+    TrainingData,
     file_md5,
+    read_training_data,
     seen_record,
+    trained_on,
     write_drift_reference,
 )
 from stages.common import (
@@ -265,7 +270,9 @@ def model_card(
     level = int(round(100 * bundle["params"]["evaluate"]["ci_level"]))
     modes = list(per_mode)
     points = bundle["operating_points"]
-    synthetic = bundle["params"].get("download", {}).get("source") == "synthetic"
+    # The first line says what the bundle was trained on: a demo bundle is never taken for a real one.
+    data = read_training_data(bundle)
+    synthetic = bool(data and data.synthetic)
 
     def with_ci(key: str, src: dict[str, Any]) -> str:
         lo, hi = src.get(f"{key}_ci_low"), src.get(f"{key}_ci_high")
@@ -273,9 +280,8 @@ def model_card(
         return f"{_fmt(src.get(key))}{ci}"
 
     mode_names = {METADATA: "with age, sex and site", IMAGE_ONLY: "image only"}
-    title_data = "the embedded SYNTHETIC demo set" if synthetic else "HAM10000, 7 classes"
     lines = [
-        f"# Model card: skin-lesion ensemble ({title_data})",
+        f"# Model card: skin-lesion ensemble {trained_on(bundle)}",
         "",
         DISCLAIMER,
         "",
@@ -289,7 +295,12 @@ def model_card(
         ]
     lines += [
         f"Generated {bundle['created']} by the `calibrate` stage. Data version (DVC hash of "
-        f"`{bundle['data_version']['path']}`): `{bundle['data_version']['md5'] or 'unknown'}`.",
+        f"`{bundle['data_version']['path']}`): `{bundle['data_version']['md5'] or 'unknown'}`"
+        + (
+            f"; raw data (source `{data.source}`, its DVC hash): `{data.data_version}`."
+            if data is not None and data.data_version
+            else "."
+        ),
         "",
         "## Intended use",
         "",
@@ -349,8 +360,14 @@ def model_card(
         "",
         "## Data and split protocol",
         "",
-        "- HAM10000 (Tschandl et al., 2018): dermoscopic images of pigmented lesions from Vienna and "
-        "Queensland, 7 diagnoses, several images per lesion.",
+        (
+            "- Synthetic images drawn by the project's demo generator in HAM10000's layout (7 diagnoses, "
+            "several images per lesion, age, sex and site): not dermoscopy, not patients."
+            if synthetic
+            else "- HAM10000 (Tschandl et al., 2018): dermoscopic images of pigmented lesions from Vienna "
+            "and Queensland, 7 diagnoses, several images per lesion"
+            + (f" (source `{data.source}`)." if data is not None else ".")
+        ),
         "- Split by lesion: every image of a lesion, and every near-duplicate image (perceptual-hash "
         "clusters, verified), falls in one split; stratified by diagnosis. Train fits the networks, "
         "validation picks checkpoints, ensemble weights, temperature and threshold; **test is only "
@@ -562,11 +579,13 @@ def run(
     reference: DriftReference | None = None,
     split_csv: Path | None = None,
     headline_path: Path | None = None,
+    raw_md5: str | None = None,
     classes: Sequence[str] = CLASSES,
 ) -> CalibrateResult:
     """``split_csv``: the validated split, recorded in the bundle as what it has seen (train and
     val lesions: :data:`stages.bundle.SEEN_FILE`); ``headline_path``: the few metrics runs are
-    compared by (:func:`stages.paired.headline`)."""
+    compared by (:func:`stages.paired.headline`); ``raw_md5``: the DVC md5 of the raw data, the
+    version in the bundle's ``training_data`` (what it says it was trained on)."""
     ensemble_dir = Path(ensemble_dir)
     weights_path = ensemble_dir / "weights.json"
     try:
@@ -630,6 +649,9 @@ def run(
             "malignant flag = calibrated[mel] + calibrated[bcc] + calibrated[akiec] >= the mode's threshold"
         ),
         "data_version": {"path": Path(prepared_dir).as_posix(), "md5": data_md5},
+        # what every face of the bundle names first (stages.bundle.TrainingData): the source from
+        # the download params, the version of the raw data (raw_md5: data/raw in dvc.lock)
+        TRAINING_DATA_KEY: TrainingData.of_params(all_params.get("download") or {}, raw_md5).to_json(),
         "params": all_params,
     }
 
@@ -829,6 +851,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             headline_path=args.headline,
             all_params=dataclasses.asdict(params),
             data_md5=md5,
+            raw_md5=data_version(args.lock, args.raw.as_posix()) if args.raw else None,
             reference=(
                 DriftReference(
                     args.raw,

@@ -647,23 +647,28 @@ def run(
     workspace: Path | None,
     seed: int = 0,
     batch_name: str | None = None,
+    images_label: str = "drift.new_images:",
+    bundle_label: str = "bundle",
 ) -> DriftResult:
+    """``images_label``, ``bundle_label``: what an error about the folder names first, before it: the
+    params key (``drift.new_images:``) or the command-line option the user typed (``--images``)."""
     t0 = time.perf_counter()
     images_dir = Path(images_dir)
     if not images_dir.exists():
-        raise StageError(f"drift.new_images: {images_dir}: folder not found")
+        raise StageError(f"{images_label} {images_dir}: folder not found")
     if not images_dir.is_dir():
-        raise StageError(f"drift.new_images: {images_dir}: not a folder")
+        raise StageError(f"{images_label} {images_dir}: not a folder")
     files, unusable = list_batch(images_dir)
     if not files:
         if unusable:
             first = "; ".join(f"{n}: {w}" for n, w in unusable[:5])
-            raise StageError(f"drift.new_images: {images_dir}: no readable image file ({first})")
+            raise StageError(f"{images_label} {images_dir}: no readable image file ({first})")
         raise StageError(
-            f"drift.new_images: {images_dir}: no image files (*.jpg, *.jpeg, *.png, *.bmp, *.tif, *.webp)"
+            f"{images_label} {images_dir}: no image files (*.jpg, *.jpeg, *.png, *.bmp, *.tif, *.webp)"
         )
     for name, why in unusable:
         log.warning("left out of the statistics: %s: %s", name, why)
+    check_bundle_folder(Path(bundle_dir), bundle_label)
     reference, entry = read_drift_reference(bundle_dir)
     spec_info = entry["feature_spec"]
     spec = FeatureSpec(
@@ -687,9 +692,7 @@ def run(
     if table.frame.empty:
         first = "; ".join(f"{n}: {w}" for n, w in unreadable[:5])
         n = len(unreadable)
-        raise StageError(
-            f"drift.new_images: {images_dir}: none of the {n} image file(s) is readable ({first})"
-        )
+        raise StageError(f"{images_label} {images_dir}: none of the {n} image file(s) is readable ({first})")
 
     ref_frame, ref_emb = split_embeddings(reference)
     cur_frame, cur_emb = table.frame.reset_index(drop=True), table.embeddings
@@ -819,6 +822,27 @@ def run(
     return DriftResult(metrics, report, seconds)
 
 
+# The folder a promotion writes (flows.promote): missing until a candidate is promoted.
+PRODUCTION_NAME = "production"
+
+
+def check_bundle_folder(bundle_dir: Path, label: str = "bundle") -> None:
+    """A missing bundle folder is "``label`` DIR: not found", with what to use instead.
+
+    The production folder exists only once the retrain flow promoted a candidate (after the demo
+    it does not): the hint names the candidate beside it, which ``dvc repro`` writes.
+    """
+    if bundle_dir.is_dir():
+        return
+    if bundle_dir.name == PRODUCTION_NAME:
+        candidate = bundle_dir.parent / "ensemble"
+        raise StageError(
+            f"{label} {bundle_dir}: not found; no promoted model yet: use {candidate} (the last model "
+            "`dvc repro` built) or run the retrain flow, which promotes one"
+        )
+    raise StageError(f"{label} {bundle_dir}: not found (give a model bundle folder, e.g. models/ensemble)")
+
+
 def _too_few(metrics: dict[str, Any], report_dir: Path, metrics_path: Path, t0: float) -> DriftResult:
     """The verdict of a batch too small (or too uniform) for any test: said, not guessed."""
     n, n_distinct = metrics["n_images"], metrics["n_distinct_images"]
@@ -899,6 +923,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             workspace=workspace,
             seed=params.base.seed,
             batch_name=args.name,
+            images_label="--images" if args.images else "drift.new_images:",
+            bundle_label="--bundle",
         )
         return 0
 

@@ -125,7 +125,10 @@ def test_deploy_run_promote_then_reject_through_a_real_server(repo_copy, prefect
         timings["second run (calibrate only)"] = time.monotonic() - t0
         assert second["state_type"] == "COMPLETED", f"{second['state']}\n{worker.tail(120)}"
         assert second["state_name"] == "Not promoted"
-        assert "gain required 1.000): too low" in second["state"]["message"]
+        # decided on the paired CI: production scored on the candidate's test images (the same
+        # data version: none left out)
+        assert "gain required 1.000: CI lower bound" in second["state"]["message"]
+        assert "on the same " in second["state"]["message"]
         assert (repo / "dvc.lock").read_text() != lock_before
         assert _snapshot(prod) == before
         assert run_cmd(["git", "tag"], repo).stdout.split() == tags
@@ -133,6 +136,7 @@ def test_deploy_run_promote_then_reject_through_a_real_server(repo_copy, prefect
         assert "**Outcome:** not promoted:" in md2 and "| macro_auc | FAIL |" in md2
         assert "**GATE OVERRIDDEN by the operator (gate_overrides), this run only:** " in md2
         assert "## Data version: same as production" in md2
+        assert "## Paired comparison with production" in md2 and "test images less **0** (0 lesions)" in md2
         diff = _latest_artifact("retrain-metrics-diff", env, repo)
         rows = json.loads(diff["data"])
         recall = next(r for r in rows if r["metric"] == "target_recall")

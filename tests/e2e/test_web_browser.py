@@ -1,7 +1,7 @@
 """The web app in a real browser: `python -m serve.web` as its own process on 127.0.0.1, driven by
 headless Chromium (Debian's, through Playwright; nothing is downloaded at run time).
 
-A user uploads a real HAM10000 image and reads the result with its Grad-CAM overlay, uploads a
+A user uploads three real HAM10000 images and reads the results with their Grad-CAM overlays, uploads a
 text file and reads the refusal, and opens the model card page. The screenshots are kept in the
 test's tmp dir; with SAVE_SCREENSHOTS=1 they are also copied to docs/img/ (web_result.png,
 web_refusal.png, web_model.png) for the README. The bundle is a small real one: a custom CNN
@@ -46,12 +46,12 @@ def _chromium() -> str:
 @pytest.fixture(scope="module")
 def served(shared_ham, tmp_path_factory):
     """A real bundle, the pipeline-shaped metrics folder beside it, and the app serving both."""
-    from tests.integration.real_bundle import build
+    from tests.integration import real_bundle
 
     root = tmp_path_factory.mktemp("web")
     reuse = os.environ.get("SERVE_TEST_BUILD")
     made = Path(reuse) if reuse else root / "build"
-    bundle = made / "bundle" if reuse else build(shared_ham, made)[0]
+    bundle = made / "bundle" if reuse else real_bundle.build(shared_ham, made)[0]
     metrics = root / "metrics"
     for rel, src in {
         "eval/custom_cnn": "eval",
@@ -104,24 +104,42 @@ def _shot(page, tmp_path: Path, name: str, *, full_page: bool = True) -> Path:
     return out
 
 
-def test_upload_a_real_image_and_read_the_result(served, page, shared_ham, tmp_path):
+def test_upload_real_images_and_read_the_results(served, page, shared_ham, tmp_path):
     url, app = served
-    image = sorted((shared_ham / "originals_600x450").glob("*.jpg"))[0]
+    # the first original of a melanoma, a basal cell carcinoma and a nevus: referrals and not
+    import pandas as pd
+
+    meta = pd.read_csv(shared_ham / "HAM10000_metadata.csv", dtype=str).set_index("image_id")
+    originals = sorted((shared_ham / "originals_600x450").glob("*.jpg"))
+    images = [next(p for p in originals if meta.at[p.stem, "dx"] == dx) for dx in ("mel", "bcc", "nv")]
     page.goto(url + "/")
     assert "Not a medical device." in page.inner_text("p.banner")
-    page.set_input_files("#files", str(image))
+    # first on the page: what the bundle was trained on, a real source here
+    trained = page.locator("#trained-on")
+    assert trained.inner_text().startswith("This model was trained on HAM10000 via local:")
+    assert trained.get_attribute("data-synthetic") == "no"
+    page.set_input_files("#files", [str(i) for i in images])
     with page.expect_response(url + "/predict") as response:
         page.click("#analyse")
     assert response.value.status == 200, app.tail()
-    result = page.locator(f'section.result[data-image="{image.name}"]')
-    result.wait_for()
-    assert result.locator(".badge").inner_text() in ("High", "Moderate", "Low")
-    assert result.locator("table.top3 tr").count() == 3
-    assert "Malignant probability 0." in result.inner_text()
-    assert "not a medical device" in result.locator("p.disclaimer").inner_text()
-    overlay = result.locator("img.gradcam")
-    # the overlay really decoded and painted: a 512x256 PNG (image | Grad-CAM)
-    assert overlay.evaluate("img => [img.complete, img.naturalWidth, img.naturalHeight]") == [True, 512, 256]
+    for image in images:
+        result = page.locator(f'section.result[data-image="{image.name}"]')
+        result.wait_for()
+        badge = result.locator(".badge").inner_text()
+        assert badge in ("High", "Moderate", "Low")
+        # the badge is read on the side of the referral: never "Low" beside "refer", never above it without
+        referred = result.locator(".refer-yes").count() == 1
+        assert (badge != "Low") == referred, (badge, result.inner_text())
+        assert result.locator("table.top3 tr").count() == 3
+        assert "Malignant probability 0." in result.inner_text()
+        assert "not a medical device" in result.locator("p.disclaimer").inner_text()
+        overlay = result.locator("img.gradcam")
+        # the overlay really decoded and painted: a 512x256 PNG (image | Grad-CAM)
+        assert overlay.evaluate("img => [img.complete, img.naturalWidth, img.naturalHeight]") == [
+            True,
+            512,
+            256,
+        ]
     shot = _shot(page, tmp_path, "web_result.png")
     assert shot.stat().st_size > 20_000
 

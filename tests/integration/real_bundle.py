@@ -79,6 +79,7 @@ def build(
     params = root / "params.yaml"
     knobs = yaml.safe_load(yaml.safe_dump(PARAMS))
     knobs["train"]["common"]["epochs"] = epochs
+    knobs["download"] = {"source": f"local:{shared}"}  # the bundle says it was trained on real images
     if fusion:
         knobs["train"]["backbone"] = {"custom_cnn": {"fusion": True}}
     params.write_text(yaml.safe_dump(knobs), encoding="utf-8")

@@ -493,3 +493,70 @@ def test_the_drift_reference_reader_refuses_the_same_bundle(good_bundle, tmp_pat
         StageError, match=r"bundle.json: image_only: 'threshold' must be a number in \[0, 1\]"
     ):
         read_drift_reference(root)
+
+
+# --------------------------------------------------------------------------- training data
+
+
+SYNTHETIC = {
+    "source": "synthetic",
+    "synthetic": True,
+    "data_version": "d70be3bf" * 4 + ".dir",
+    "extra_sources": [],
+}
+
+
+def test_what_a_bundle_was_trained_on_is_read_back_and_said_first(tmp_path):
+    from stages.bundle import SYNTHETIC_WARNING, TrainingData, read_training_data, trained_on
+
+    root = write_bundle(tmp_path / "demo", fusion=False, training_data=SYNTHETIC)
+    meta = read_bundle_json(root)
+    assert read_training_data(meta) == TrainingData("synthetic", True, SYNTHETIC["data_version"])
+    assert trained_on(meta) == f"trained on {SYNTHETIC_WARNING} (data d70be3bf)"
+    assert SYNTHETIC_WARNING == "synthetic demo data (not real dermoscopy) — do not use on real images"
+    real = {"source": "dataverse", "synthetic": False, "data_version": None, "extra_sources": ["../inbox/b"]}
+    root = write_bundle(tmp_path / "real", fusion=False, training_data=real)
+    assert trained_on(read_bundle_json(root)) == (
+        "trained on HAM10000 via dataverse (data version not recorded; with labelled batches ../inbox/b)"
+    )
+    assert TrainingData.of_params({"source": "local:/x", "extra_sources": ["/y"]}, "ab").to_json() == {
+        "source": "local:/x", "synthetic": False, "data_version": "ab", "extra_sources": ["/y"],
+    }  # fmt: skip
+
+
+def test_an_older_bundle_says_its_params_source_or_unknown(tmp_path):
+    from stages.bundle import UNKNOWN_TRAINING_DATA, read_training_data, trained_on
+
+    # before the record, every calibrate wrote the params snapshot: its download.source still warns
+    params = {"prepare": {"draft_gap": 2.0}, "download": {"source": "synthetic"}}
+    meta = read_bundle_json(write_bundle(tmp_path / "old", fusion=False, params=params))
+    assert read_training_data(meta).recorded is False
+    assert trained_on(meta) == (
+        "trained on synthetic demo data (not real dermoscopy) — do not use on real images (data version "
+        "not recorded; read from the params of a bundle older than its training_data record)"
+    )
+    bare = read_bundle_json(write_bundle(tmp_path / "bare", fusion=False))  # no download params either
+    assert read_training_data(bare) is None
+    assert trained_on(bare) == UNKNOWN_TRAINING_DATA
+    assert UNKNOWN_TRAINING_DATA.startswith("training data: unknown (a bundle older than its training_data")
+
+
+BAD_TRAINING_DATA = [
+    ("[]", "'training_data' must be {source, synthetic, data_version, extra_sources}, got []"),
+    ('{"source": "", "synthetic": false}', "'training_data.source' must be a non-empty text"),
+    ('{"source": "dataverse", "synthetic": "no"}',
+     "'training_data.synthetic' must be true or false, got 'no'"),
+    ('{"source": "synthetic", "synthetic": false}', "'training_data.synthetic' is false but the source is"),
+    ('{"source": "dataverse", "synthetic": false, "data_version": 12}',
+     "'training_data.data_version' must be the raw data's md5 (text) or null, got 12"),
+    ('{"source": "dataverse", "synthetic": false, "extra_sources": "b"}',
+     "'training_data.extra_sources' must be a list of texts, got 'b'"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("literal", "message"), BAD_TRAINING_DATA, ids=lambda v: str(v)[:40])
+def test_a_bad_training_data_record_is_one_line_naming_the_key(good_bundle, tmp_path, literal, message):
+    root = edited(good_bundle, tmp_path / "b", ("training_data",), literal)
+    with pytest.raises(StageError) as e:
+        read_bundle_json(root)
+    assert str(e.value).startswith(f"{root / 'bundle.json'}: {message}"), str(e.value)

@@ -179,7 +179,28 @@ def test_missing_or_empty_folder_is_one_line_naming_the_path(tmp_path, capsys):
         "--metrics", str(tmp_path / "m.json"), "--no-workspace",
     ])  # fmt: skip
     err = capsys.readouterr().err.strip().splitlines()
-    assert rc == 1 and err == [f"error: drift.new_images: {missing}: folder not found"]
+    # given on the command line: the error names the option, not the params key
+    assert rc == 1 and err == [f"error: --images {missing}: folder not found"]
+    assert not (tmp_path / "m.json").exists() and not (tmp_path / "r").exists()
+
+
+def test_a_missing_bundle_folder_is_not_found_and_production_says_why(tmp_path, capsys):
+    make_jpeg(tmp_path / "batch" / "a.jpg")
+    common = ["--images", str(tmp_path / "batch"), "--report", str(tmp_path / "r"), "--metrics",
+              str(tmp_path / "m.json"), "--no-workspace"]  # fmt: skip
+    missing = tmp_path / "typo"
+    assert drift.main(["--bundle", str(missing), *common]) == 1
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"error: --bundle {missing}: not found (give a model bundle folder, e.g. models/ensemble)"
+    ]
+    # after the demo there is a candidate but no promoted model: the hint names what exists
+    production = tmp_path / "models" / "production"
+    assert drift.main(["--bundle", str(production), *common]) == 1
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"error: --bundle {production}: not found; no promoted model yet: use "
+        f"{tmp_path / 'models' / 'ensemble'} "
+        "(the last model `dvc repro` built) or run the retrain flow, which promotes one"
+    ]
     assert not (tmp_path / "m.json").exists() and not (tmp_path / "r").exists()
 
 
@@ -507,5 +528,5 @@ def test_a_batch_of_only_links_is_a_one_line_error(bundle, tmp_path, capsys):
     assert rc == 1 and m is None
     first = "; ".join(f"{name}: {why}" for name, why in LINK_ROWS[:5])  # the first five, by name
     assert err.strip().splitlines() == [
-        f"error: drift.new_images: {folder}: no readable image file ({first})"
+        f"error: --images {folder}: no readable image file ({first})"  # the option the user typed
     ]

@@ -11,6 +11,8 @@ import json
 import os
 import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 from uuid import uuid4
 
@@ -342,9 +344,7 @@ def test_check_task_reports_the_drift_cli_error_line(tmp_path):
         )  # fmt: skip
     e = info.value
     assert e.expected and e.returncode == 1
-    assert (
-        e.error == f"drift.new_images: {empty}: no image files (*.jpg, *.jpeg, *.png, *.bmp, *.tif, *.webp)"
-    )
+    assert e.error == f"--images {empty}: no image files (*.jpg, *.jpeg, *.png, *.bmp, *.tif, *.webp)"
     assert not (tmp_path / "drift.json").exists()
 
 
@@ -423,7 +423,7 @@ def test_flow_records_failed_batches_publishes_them_and_checks_them_once(mini_re
 
     state_ = monitor(return_state=True)
     assert state_.is_failed()
-    assert "2 of 2 batch check(s) failed" in state_.message and "empty: drift.new_images" in state_.message
+    assert "2 of 2 batch check(s) failed" in state_.message and "empty: --images" in state_.message
     ledger = json.loads((state / LEDGER).read_text())
     assert {n: e["status"] for n, e in ledger["batches"].items()} == {
         "empty": "failed",
@@ -449,9 +449,30 @@ def test_flow_records_failed_batches_publishes_them_and_checks_them_once(mini_re
 
 def test_flow_with_no_inbox_completes_with_nothing_to_check(mini_repo, prefect_api):
     shutil.rmtree(mini_repo / "models")  # no bundle is needed when there is nothing to check
-    result = monitor(inbox=str(mini_repo / "nowhere"))
+    # the default inbox (drift.inbox) does not exist yet on a fresh clone: nothing to check
+    assert not (mini_repo / load_params(mini_repo / "params.yaml").drift.inbox).exists()
+    result = monitor()
     assert (result["checked"], result["drifted"], result["failed"], result["skipped"]) == ([], [], [], [])
     assert result["inbox_exists"] is False
+
+
+def test_an_inbox_asked_for_by_name_that_does_not_exist_fails_the_flow(mini_repo, prefect_api):
+    state_ = monitor(inbox="nowhere", return_state=True)
+    assert state_.is_failed()
+    assert f"inbox {mini_repo / 'nowhere'}: folder not found (the inbox parameter: nowhere)" in state_.message
+
+
+def test_the_command_with_a_mistyped_inbox_exits_1_naming_it(tmp_path):
+    # the real command, before Prefect starts: one line, exit 1, never "0 checked"
+    proc = subprocess.run(
+        [sys.executable, "-m", "flows.monitor", "--inbox", "inbxo"], cwd=tmp_path, capture_output=True,
+        text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)},
+    )  # fmt: skip
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        "error: --inbox inbxo: folder not found (a folder whose sub-folders are the batches)"
+    ]
+    assert "checked" not in proc.stdout
 
 
 def test_flow_with_a_batch_but_no_bundle_fails_naming_what_to_run(mini_repo, prefect_api):

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 from serve.predict import collect, main, run
-from serve.predictor import DEFAULT_RISK, Predictor, RiskLevels, default_bundle
+from serve.predictor import DECISION_NOTES, DEFAULT_RISK, RISK_NOTE, Predictor, RiskLevels, default_bundle
 from stages.common import CLASSES, LOCALIZATIONS, SEXES, StageError
 from stages.scoring import IMAGE_ONLY, METADATA, MODE_RULE, UNKNOWN_LOCALIZATION, UNKNOWN_SEX, MetaArrays
 from tests.conftest import make_jpeg
@@ -174,6 +174,26 @@ class FakeBundle:
         return malignant_score(probs, self.classes)
 
 
+DEMO_DATA = {
+    "source": "synthetic",
+    "synthetic": True,
+    "data_version": "d70be3bf" * 4 + ".dir",
+    "extra_sources": [],
+}
+REAL_DATA = {
+    "source": "local:../shared/data/ham10000", "synthetic": False, "data_version": "89abcdef" * 4 + ".dir",
+    "extra_sources": [],
+}  # fmt: skip
+
+
+def with_training_data(bundle: Path, root: Path, block: dict) -> Path:
+    """A copy of ``bundle`` whose bundle.json records ``block`` as its training data."""
+    shutil.copytree(bundle, root)
+    meta = json.loads((root / "bundle.json").read_text())
+    (root / "bundle.json").write_text(json.dumps({**meta, "training_data": block}))
+    return root
+
+
 def _probs(**kw: float) -> list[float]:
     rest = (1.0 - sum(kw.values())) / (len(CLASSES) - len(kw))
     return [kw.get(c, rest) for c in CLASSES]
@@ -212,7 +232,7 @@ def test_top3_malignant_refer_and_risk_from_the_probabilities():
     assert {(x.mode, x.threshold) for x in (first, second, third)} == {(IMAGE_ONLY, 0.4)}
 
 
-def test_a_balanced_decision_picks_the_class_against_its_prior_and_sets_the_risk():
+def test_a_balanced_decision_picks_the_class_against_its_prior_and_the_risk_follows_the_referral():
     # calibrated probabilities follow the population (nv 55%); against the priors the melanoma
     # score stands out: 0.25 / 0.10 > 0.55 / 0.70
     prior = [0.03, 0.05, 0.11, 0.02, 0.10, 0.67, 0.02]
@@ -220,10 +240,35 @@ def test_a_balanced_decision_picks_the_class_against_its_prior_and_sets_the_risk
     p = Predictor(fake)
     (pred,) = (p.read("x", row) for row in p.probabilities(np.full((1, 8, 8, 3), 1, np.uint8))[0])
     assert pred.top[0][0] == "nv"  # the probabilities are reported as calibrated
-    assert (pred.predicted, pred.risk) == ("mel", "High")
+    assert pred.predicted == "mel"
+    # P(malignant) 0.36 < 0.4: not referred, so the badge is a benign class's level, not mel's High
+    assert (pred.refer, pred.risk, pred.risk_class) == (False, "Low", "nv")
     row = pred.as_row(CLASSES, {})
-    assert row["predicted"] == "mel" and row["top1"] == "nv"
+    assert row["predicted"] == "mel" and row["top1"] == "nv" and row["risk_class"] == "nv"
     assert (row["mode"], row["threshold"], row["refer"]) == (IMAGE_ONLY, 0.4, False)  # 0.36 < 0.4
+
+
+@pytest.mark.parametrize(
+    ("probs", "prior", "want"),
+    [
+        # (refer, predicted, risk, risk_class)
+        (_probs(nv=0.50, mel=0.30, bcc=0.10), None, (True, "nv", "High", "mel")),  # refer beside nv: not Low
+        (_probs(nv=0.50, akiec=0.35, bcc=0.02), None, (True, "nv", "Moderate", "akiec")),
+        (_probs(bcc=0.40, mel=0.30), None, (True, "bcc", "High", "bcc")),  # the decision is malignant
+        (_probs(nv=0.80, bkl=0.10), None, (False, "nv", "Low", "nv")),
+        (
+            _probs(vasc=0.30, nv=0.50),
+            [0.03, 0.05, 0.11, 0.02, 0.11, 0.67, 0.01],
+            (False, "vasc", "Low", "vasc"),
+        ),
+    ],
+)
+def test_the_risk_level_is_read_on_the_side_of_the_referral(probs, prior, want):
+    p = Predictor(FakeBundle({1: probs}, prior=prior))
+    (pred,) = (p.read("x", row) for row in p.probabilities(np.full((1, 8, 8, 3), 1, np.uint8))[0])
+    assert (pred.refer, pred.predicted, pred.risk, pred.risk_class) == want
+    # the default levels: "Low" never beside refer, "High"/"Moderate" never without it
+    assert (pred.risk != "Low") == pred.refer
 
 
 def test_refer_is_at_or_above_the_threshold():
@@ -285,10 +330,21 @@ def test_an_image_only_row_is_one_model_input_whatever_metadata_came_with_it():
     assert fused.calls == [1, 1]
 
 
-def test_version_names_creation_time_and_data_version():
+def test_version_names_training_data_creation_time_and_data_version():
     v = Predictor(FakeBundle({})).version
     assert v["created"] == "2026-01-02T03:04:05Z" and v["data_version"] == "feedbeef" * 4
-    assert v["label"] == "2026-01-02T03:04:05Z, data feedbeef"
+    # a bundle older than its training_data record, and no params to read it from: said so
+    assert v["label"] == "2026-01-02T03:04:05Z, prepared data feedbeef"
+    assert v["trained_on"].startswith("training data: unknown (a bundle older than its training_data record")
+    assert v["synthetic"] is None and v["training_data"] is None
+    fake = FakeBundle({})
+    fake.meta = {**fake.meta, "training_data": DEMO_DATA}
+    v = Predictor(fake).version
+    assert v["trained_on"] == (
+        "trained on synthetic demo data (not real dermoscopy) — do not use on real images (data d70be3bf)"
+    )
+    assert v["synthetic"] is True and v["training_data"] == DEMO_DATA
+    assert v["label"] == "2026-01-02T03:04:05Z, data d70be3bf"  # the raw data's version, once recorded
 
 
 def test_default_bundle_prefers_production(tmp_path):
@@ -408,6 +464,28 @@ def test_custom_risk_mapping_on_the_command_line(bundle_dir, tmp_path):
     assert _rows(out)[0]["risk"] == "Review"
     with pytest.raises(StageError, match="unknown class 'melanoma'"):
         run([str(tmp_path / "a.jpg")], bundle=bundle_dir, risk="melanoma=High", progress=False)
+
+
+def test_a_demo_bundle_says_so_on_the_first_line_and_help_explains_the_columns(bundle_dir, tmp_path, capsys):
+    demo = with_training_data(bundle_dir, tmp_path / "demo", DEMO_DATA)
+    make_jpeg(tmp_path / "a.jpg", seed=3)
+    out = tmp_path / "p.csv"
+    assert main([str(tmp_path / "a.jpg"), "--bundle", str(demo), "--out", str(out), "--no-progress"]) == 0
+    first = capsys.readouterr().out.splitlines()[0]
+    assert first == (
+        "# trained on synthetic demo data (not real dermoscopy) — do not use on real images (data d70be3bf)"
+    )
+    (row,) = _rows(out)
+    assert row["risk_class"] in CLASSES and (row["risk"] == "Low") == (row["refer"] == "False")
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "decision (predicted in --out files) = the bundle's class decision" in text
+    assert (
+        "so a rare class (vasc, df) can be predicted while a common one (nv) is the most probable (top1)"
+        in text
+    )
+    assert "(so it never reads Low beside refer)" in text
 
 
 def test_bad_arguments_are_one_line_errors(bundle_dir, tmp_path, capsys):
@@ -592,7 +670,9 @@ def test_decode_workers_give_the_same_rows_as_one_process(predictor, mixed_folde
 def fusion_dir(tmp_path_factory) -> Path:
     """A format-2 bundle with a member that takes the metadata, and both operating points
     (metadata: threshold 0.2, argmax; image_only: threshold 0.35, balanced)."""
-    return write_bundle(tmp_path_factory.mktemp("fusion"), fusion=True, size=SIZE, seed=2)
+    return write_bundle(
+        tmp_path_factory.mktemp("fusion"), fusion=True, size=SIZE, seed=2, training_data=REAL_DATA
+    )
 
 
 def _meta_csv(tmp_path: Path) -> Path:
@@ -645,10 +725,13 @@ def test_cli_scores_each_csv_row_in_its_mode_and_a_bad_value_is_that_rows_error(
     assert rc == 1  # one row failed, the others were predicted
     printed = capsys.readouterr().out.splitlines()
     header = [x for x in printed if x.startswith("#")]
-    assert header[0].startswith(f"# bundle {fusion_dir} (2026-11-30T12:00:00Z, data 01234567); ")
-    assert "refer when malignant >= 0.200 (metadata), 0.350 (image_only). " in header[0]
-    assert header[1] == f"# modes: {MODE_RULE}"
-    assert header[2] == "# image\trisk\trefer\tmalignant/threshold\ttop-3\tmode\tbundle"
+    assert header[0] == "# trained on HAM10000 via local:../shared/data/ham10000 (data 89abcdef)"
+    assert header[1].startswith(f"# bundle {fusion_dir} (2026-11-30T12:00:00Z, data 89abcdef); ")
+    assert "refer when malignant >= 0.200 (metadata), 0.350 (image_only). " in header[1]
+    assert header[2] == f"# modes: {MODE_RULE}"
+    # the columns explained where they are read: a decision that is not top-1 is no mystery
+    assert header[3] == f"# risk = {RISK_NOTE}; decision = {DECISION_NOTES['balanced']}"
+    assert header[4] == "# image\trisk\trefer\tmalignant/threshold\tdecision\ttop-3\tmode\tbundle"
 
     rows = _rows(out)
     assert [r["image"] for r in rows] == ["a.jpg", "b.jpg", "c.jpg", "d.jpg", "a.jpg", str(plain)]
@@ -667,12 +750,15 @@ def test_cli_scores_each_csv_row_in_its_mode_and_a_bad_value_is_that_rows_error(
     lines = [x.split("\t") for x in printed if not x.startswith("#")]
     assert ["c.jpg", "ERROR", f"{path} line 4: {BAD_SEX}"] in lines
     ok = [x for x in lines if x[1] != "ERROR"]
-    assert [x[5] for x in ok] == [METADATA, IMAGE_ONLY, IMAGE_ONLY, IMAGE_ONLY, IMAGE_ONLY]
+    assert [x[6] for x in ok] == [METADATA, IMAGE_ONLY, IMAGE_ONLY, IMAGE_ONLY, IMAGE_ONLY]
     assert ok[0][3].endswith("/0.200") and ok[1][3].endswith("/0.350")
+    assert [x[4] for x in ok] == [f"decision={r['predicted']}" for r in rows if r["status"] == "ok"]
 
     doc_path = tmp_path / "pred.json"
     assert main([str(path), "--bundle", str(fusion_dir), "--out", str(doc_path), "--no-progress"]) == 1
     doc = json.loads(doc_path.read_text())
+    assert doc["bundle"]["trained_on"] == header[0][2:] and doc["bundle"]["training_data"] == REAL_DATA
+    assert doc["bundle"]["columns"]["predicted"] == DECISION_NOTES["balanced"]
     assert doc["bundle"]["modes"] == [METADATA, IMAGE_ONLY]
     assert doc["bundle"]["thresholds"] == thresholds and doc["bundle"]["mode_rule"] == MODE_RULE
     assert [r["mode"] for r in doc["predictions"]] == [METADATA, IMAGE_ONLY, "", IMAGE_ONLY, IMAGE_ONLY]
@@ -685,10 +771,13 @@ def test_cli_says_a_bundle_without_fusion_does_not_use_metadata(bundle_dir, tmp_
     out = tmp_path / "pred.json"
     assert main([str(path), "--bundle", str(bundle_dir), "--out", str(out), "--no-progress"]) == 0
     header = [x for x in capsys.readouterr().out.splitlines() if x.startswith("#")]
-    assert "refer when malignant >= 0.300 (image_only). " in header[0]
-    assert header[1] == (
+    assert header[0].startswith("# training data: unknown (a bundle older than its training_data record")
+    assert "refer when malignant >= 0.300 (image_only). " in header[1]
+    assert header[2] == (
         "# mode: image_only (this bundle's members do not use metadata; age/sex/site are ignored)"
     )
+    # an argmax bundle: the decision is the top class
+    assert header[3] == f"# risk = {RISK_NOTE}; decision = {DECISION_NOTES['argmax']}"
     doc = json.loads(out.read_text())
     assert doc["bundle"]["modes"] == [IMAGE_ONLY] and doc["bundle"]["thresholds"] == {IMAGE_ONLY: 0.3}
     assert doc["bundle"]["mode_rule"] == "image_only: this bundle does not use metadata"

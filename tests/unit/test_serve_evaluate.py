@@ -251,7 +251,12 @@ def test_an_image_only_bundle_is_measured_image_only_and_a_synthetic_one_is_flag
     assert "image_only only: this bundle's members do not use metadata" in printed
     assert "!!! WARNING: this bundle was trained on SYNTHETIC demo data" in printed
     assert "not a medical device" in printed
-    assert "2026-11-30T12:00:00Z, data 01234567" in printed  # the bundle's label
+    assert "2026-11-30T12:00:00Z, prepared data 01234567" in printed  # the bundle's label
+    # first: what it was trained on (an older bundle: read from its params, and said so)
+    assert printed.splitlines()[0].startswith(
+        "# trained on synthetic demo data (not real dermoscopy) — do not use on real images (data version "
+        "not recorded; read from the params"
+    )
     assert "macro AUC [90% CI]" in printed  # the bundle's own CI level
     header = next(line for line in printed.splitlines() if line.strip().startswith("image_only"))
     assert "metadata" not in header
@@ -319,7 +324,8 @@ def test_out_json_holds_the_bundle_the_folder_and_json_safe_metrics(fusion_bundl
     assert (doc["n_rows"], doc["n_images"], doc["n_skipped"], doc["skipped"]) == (24, 24, 0, [])
     assert (doc["ci_level"], doc["bootstrap_samples"]) == (0.9, 10)
     b = doc["bundle"]
-    assert b["path"] == str(fusion_bundle) and b["label"] == "2026-11-30T12:00:00Z, data 01234567"
+    assert b["path"] == str(fusion_bundle) and b["label"] == "2026-11-30T12:00:00Z, prepared data 01234567"
+    assert b["trained_on"].startswith("trained on HAM10000 via local:somewhere (data version not recorded")
     assert b["thresholds"] == {"metadata": 0.22, "image_only": 0.3} and b["synthetic"] is False
     assert b["modes"] == list(doc["modes"]) == ["metadata", "image_only"] and "all known" in b["mode_rule"]
     for mode in ("metadata", "image_only"):

@@ -111,7 +111,12 @@ def test_index_shows_the_form_the_limits_and_the_disclaimer(client):
     assert 'type="file" name="files" multiple' in r.text
     assert "Up to 16 images per upload, 10 MB each; BMP, JPEG, PNG, TIFF, WEBP." in r.text
     assert "not a medical device" in r.text
-    assert "2026-11-30T12:00:00Z, data 01234567" in r.text
+    assert "2026-11-30T12:00:00Z, prepared data 01234567" in r.text
+    # first in the page: what the bundle was trained on (this one is older than the record)
+    first = r.text.split("<body>", 1)[1].lstrip()
+    assert first.startswith(
+        '<p class="trained" id="trained-on" data-synthetic="unknown">This model\'s training data: unknown'
+    )
 
 
 def test_one_upload_gives_risk_top3_flag_overlay_and_disclaimer(client):
@@ -119,7 +124,7 @@ def test_one_upload_gives_risk_top3_flag_overlay_and_disclaimer(client):
     assert r.status_code == 200
     (section,) = _results(r.text)
     assert 'data-image="lesion_1.jpg"' in section
-    assert re.search(r'Risk level: <span class="badge risk-(High|Moderate|Low)">', section)
+    assert re.search(r'Risk level: <span class="badge risk-(High|Moderate|Low)" title="the level of', section)
     assert len(re.findall(r'<div class="bar"', section)) == 3
     assert re.search(r"Malignant probability 0\.\d{3}:", section)
     assert ("refer (at or above 0.300)" in section) != ("below the referral threshold 0.300" in section)
@@ -333,9 +338,17 @@ def test_main_binds_to_localhost_by_default(bundle_dir, predictor, monkeypatch):
     monkeypatch.setattr(uvicorn, "run", lambda app, **kw: seen.update(kw))
     monkeypatch.setattr(Predictor, "load", staticmethod(lambda path, **kw: predictor))
     assert main(["--bundle", str(bundle_dir)]) == 0
-    assert (seen["host"], seen["port"]) == ("127.0.0.1", 8000)
+    assert (seen["host"], seen["port"]) == ("127.0.0.1", 8080)  # evidently ui keeps 8000
     assert main(["--bundle", str(bundle_dir), "--host", "0.0.0.0", "--port", "9001"]) == 0
     assert (seen["host"], seen["port"]) == ("0.0.0.0", 9001)
+
+
+def test_help_names_the_default_port_and_why(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert "port (default 8080; the Evidently UI keeps its default, 8000)" in " ".join(
+        capsys.readouterr().out.split()
+    )
 
 
 def test_main_without_a_bundle_is_one_error_line(tmp_path, capsys):
@@ -1070,3 +1083,97 @@ def test_the_command_with_a_nan_threshold_exits_1_with_one_line(bundle_dir, tmp_
     assert res.returncode == 1, res.stderr[-2000:]
     assert res.stderr.count("\n") == 1 and "'threshold'" in res.stderr and "nan" in res.stderr.lower()
     assert "Traceback" not in res.stderr and "Uvicorn running" not in res.stderr
+
+
+# --------------------------------------------------------------------------- what the bundle is, said first
+
+
+def test_a_demo_bundle_says_so_first_on_every_page_and_in_every_json(bundle_dir, tmp_path):
+    from tests.unit.test_serve import DEMO_DATA, with_training_data
+
+    demo = with_training_data(bundle_dir, tmp_path / "demo", DEMO_DATA)
+    line = "trained on synthetic demo data (not real dermoscopy) — do not use on real images (data d70be3bf)"
+    with TestClient(create_app(_settings(demo, explain=False), Predictor.load(demo))) as c:
+        for page in (c.get("/"), c.get("/model"), c.post("/predict", files=[("files", ("a.jpg", _jpeg(1)))])):
+            first = page.text.split("<body>", 1)[1].lstrip()
+            assert first.startswith(
+                '<p class="trained synthetic" id="trained-on" data-synthetic="yes">'
+                f"<strong>This model was {line}."
+            ), first[:300]
+        model = c.get("/api/model").json()
+        assert next(iter(model)) == "trained_on" and model["trained_on"] == line
+        assert model["bundle"]["synthetic"] is True and model["bundle"]["training_data"] == DEMO_DATA
+        assert model["modes"] == ["image_only"] and model["members"] == [
+            {"name": "custom_cnn", "weight": 1.0}
+        ]
+        answer = c.post("/api/predict", files=[("files", ("a.jpg", _jpeg(1), "image/jpeg"))]).json()
+        assert next(iter(answer)) == "trained_on" and answer["trained_on"] == line
+        assert c.get("/healthz").json()["bundle"]["trained_on"] == line
+
+
+def fixed_output_bundle(
+    src: Path, root: Path, probs: dict[str, float], *, threshold: float, prior=None
+) -> Path:
+    """A copy of the real bundle ``src`` whose answer is ``probs`` (within ~3%) for every image: the
+    temperature at its maximum (1000) flattens the member's log-probabilities and the class bias
+    (log ``probs``) sets the rest. A real model, a real app: only the operating point is chosen."""
+    import math
+    import shutil
+
+    shutil.copytree(src, root)
+    meta = json.loads((root / "bundle.json").read_text())
+    rest = (1.0 - sum(probs.values())) / (len(CLASSES) - len(probs))
+    meta.update(
+        temperature=1000.0,
+        threshold=threshold,
+        class_bias=[math.log(probs.get(c, rest)) for c in CLASSES],
+        class_prior=prior,
+        decision="balanced" if prior else "argmax",
+    )
+    (root / "bundle.json").write_text(json.dumps(meta))
+    return root
+
+
+def _text(page: str) -> str:
+    import html
+
+    return html.unescape(re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", page)).strip())
+
+
+def test_the_risk_badge_follows_the_referral_never_low_beside_refer(bundle_dir, tmp_path):
+    # nv is the most probable class (50%) but P(mel)+P(bcc)+P(akiec) ~0.39 >= 0.3: referred. The
+    # badge used to be read from nv alone: a green "Low" beside a red "refer".
+    root = fixed_output_bundle(
+        bundle_dir, tmp_path / "b", {"nv": 0.5, "mel": 0.3, "bcc": 0.05}, threshold=0.3
+    )
+    with TestClient(create_app(_settings(root, explain=False), Predictor.load(root))) as c:
+        r = c.post("/predict", files=[("files", ("lesion.jpg", _jpeg(4), "image/jpeg"))])
+        assert r.status_code == 200
+        (section,) = _results(r.text)
+        assert '<span class="refer-yes">refer (at or above 0.300)</span>' in section
+        assert re.search(r'<span class="badge risk-High"[^>]*>High</span>', section), section
+        text = _text(section)
+        assert "Risk level: High (referred; from Melanoma)" in text
+        assert "Predicted class: Melanocytic nevus (nv, the model's class decision)" in text
+        assert "Not the most probable class" not in text  # argmax: the decision is the top class
+        api = c.post("/api/predict", files=[("files", ("lesion.jpg", _jpeg(4), "image/jpeg"))]).json()
+        (row,) = api["results"]
+        assert (row["refer"], row["predicted"], row["risk"], row["risk_class"]) == (True, "nv", "High", "mel")
+
+
+def test_a_decision_that_is_not_the_top_class_is_explained_on_the_page(bundle_dir, tmp_path):
+    # balanced decision: vasc (20%) against its 1% share beats nv (60%) against its 67%
+    prior = [0.03, 0.05, 0.11, 0.01, 0.11, 0.68, 0.01]
+    root = fixed_output_bundle(
+        bundle_dir, tmp_path / "b", {"nv": 0.6, "vasc": 0.2}, threshold=0.3, prior=prior
+    )
+    with TestClient(create_app(_settings(root, explain=False), Predictor.load(root))) as c:
+        (section,) = _results(c.post("/predict", files=[("files", ("x.jpg", _jpeg(5), "image/jpeg"))]).text)
+    text = _text(section)
+    assert "below the referral threshold 0.300" in text and "Risk level: Low (not referred)" in text
+    assert "Predicted class: Vascular lesion (vasc, the model's class decision)" in text
+    assert re.search(
+        r"Not the most probable class \(nv, 6\d\.\d%\): the bundle's class decision: the class whose "
+        r"calibrated probability is highest against its share of the validation images",
+        text,
+    ), text

@@ -1,5 +1,9 @@
 """Devices and distribution for the train stage: GPUs, mixed precision, XLA, tf.distribute.
 
+* :func:`visible_gpus` applies ``train.device``: ``gpu`` stops with one line when TensorFlow sees
+  no GPU (most often the CPU-only ``tensorflow-cpu`` of ``make setup``; ``make setup GPU=1``
+  installs the CUDA build), ``cpu`` hides the GPUs, ``auto`` takes what is there. The train stage
+  calls it first, before it reads any data.
 * :func:`configure_runtime` turns ``train.strategy`` / ``mixed_precision`` / ``jit_compile`` into a
   :class:`Runtime` (the strategy object and the resolved switches). It must run before any other
   TensorFlow work of the process: memory growth and the multi-worker collective setup can only
@@ -44,7 +48,7 @@ from stages.common import StageError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Runtime", "configure_runtime", "custom_fit"]
+__all__ = ["Runtime", "configure_runtime", "custom_fit", "visible_gpus"]
 
 
 @dataclass
@@ -81,11 +85,79 @@ def _tf_config() -> dict[str, Any]:
     return cfg
 
 
+def visible_gpus(device: str = "auto") -> list[Any]:
+    """The GPUs a training under ``train.device`` uses: all TensorFlow sees (``auto``), none
+    (``cpu``: hidden from TensorFlow for the rest of the process), or at least one (``gpu``: else
+    a :class:`StageError` whose one line says why there is none and how to get one)."""
+    if device not in ("auto", "gpu", "cpu"):
+        raise StageError(f"train.device: unknown device {device!r}; choose auto, gpu or cpu")
+    installed = _tensorflow_dists()
+    if device == "gpu" and set(installed) == {"tensorflow-cpu"} and not _device_plugins():
+        # The CPU-only build cannot see a GPU: say so before importing TensorFlow, whose import
+        # costs seconds and prints its own log lines above the one that matters.
+        raise StageError(_no_gpu(installed["tensorflow-cpu"], installed, cuda=False))
+    import tensorflow as tf
+
+    gpus = tf.config.list_physical_devices("GPU")
+    if device == "cpu":
+        try:
+            tf.config.set_visible_devices([], "GPU")
+        except RuntimeError:  # this process has initialised its devices with the GPUs visible
+            raise StageError(
+                "train.device: cpu, but TensorFlow already uses the GPUs in this process; start a new "
+                "one (or set CUDA_VISIBLE_DEVICES='')"
+            ) from None
+        return []
+    if device == "gpu" and not gpus:
+        raise StageError(_no_gpu(tf.__version__, installed, cuda=tf.test.is_built_with_cuda()))
+    return gpus
+
+
+def _tensorflow_dists() -> dict[str, str]:
+    """The TensorFlow builds pip installed here, name -> version (both: a broken venv)."""
+    from importlib import metadata
+
+    found = {}
+    for dist in ("tensorflow-cpu", "tensorflow"):
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            found[dist] = metadata.version(dist)
+    return found
+
+
+def _device_plugins() -> bool:
+    """Whether a PluggableDevice plugin (site-packages/tensorflow-plugins) could give even the
+    CPU-only build a GPU, so only TensorFlow itself can tell."""
+    import site
+    from pathlib import Path
+
+    return any((Path(d) / "tensorflow-plugins").is_dir() for d in site.getsitepackages())
+
+
+def _no_gpu(version: str, installed: dict[str, str], *, cuda: bool) -> str:
+    build = " and ".join(f"{d} {v}" for d, v in installed.items()) or "not a pip package"
+    show = f" (`pip show {next(iter(installed))}`)" if installed else ""
+    fallback = "or set train.device: auto to train on the CPU"
+    if cuda:
+        cvd = os.environ.get("CUDA_VISIBLE_DEVICES")
+        hidden = f" and CUDA_VISIBLE_DEVICES={cvd!r}" if cvd is not None else ""
+        why = (
+            f"the installed build, {build}, has CUDA but finds no device; check the NVIDIA driver "
+            f"(`nvidia-smi`){hidden}, {fallback}"
+        )
+    else:
+        why = (
+            f"the installed build, {build}, has no CUDA{show}; install the CUDA build with "
+            f"`make setup GPU=1`, {fallback}"
+        )
+    return f"train.device: gpu, but TensorFlow {version} sees no GPU: {why}"
+
+
 def configure_runtime(
     strategy: str = "auto",
     mixed_precision: str = "auto",
     jit_compile: str = "auto",
     *,
+    device: str = "auto",
     seed: int = 0,
     deterministic: bool = True,
 ) -> Runtime:
@@ -93,7 +165,7 @@ def configure_runtime(
     import keras
     import tensorflow as tf
 
-    gpus = tf.config.list_physical_devices("GPU")
+    gpus = visible_gpus(device)
     for gpu in gpus:
         # Grow GPU memory on demand instead of grabbing it all, so several trainings (or a
         # training and an evaluation) can share one card. RuntimeError: devices already

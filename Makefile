@@ -70,7 +70,7 @@ real: setup  ## the whole pipeline on real HAM10000 (DATA=folder) with the CPU p
 SEEDS ?= 3
 NOISE_SET ?=
 .PHONY: noise
-noise: setup  ## measure the training noise: SEEDS runs of train -> calibrate (demo: ~5-8 min per seed on 2 cores)
+noise: setup  ## measure the training noise: SEEDS runs of train -> calibrate (demo: ~12 min per seed on 2 cores)
 	$(BIN)/python -m stages.noise --seeds $(SEEDS) $(addprefix --set ,$(NOISE_SET))
 
 # Two runs compared on the same test images: per headline metric A, B, B-A, the paired

@@ -295,11 +295,17 @@ class TrainParams:
     backbones: tuple[str, ...] = ("mobilenetv2", "custom_cnn")
     weights: str = "imagenet"  # "imagenet" | "none" | path to a weights file
     weights_fallback: Literal["scratch", "fail"] = "scratch"
+    # gpu: stop at the start when TensorFlow sees no GPU (a GPU profile must not train on the CPU
+    # unnoticed); auto: the GPUs TensorFlow sees, else the CPU; cpu: hide the GPUs.
+    device: Literal["auto", "gpu", "cpu"] = "auto"
     # auto: MirroredStrategy when more than one GPU is visible, else the default strategy;
     # multi_worker: MultiWorkerMirroredStrategy from TF_CONFIG (one model over several hosts).
     strategy: Literal["auto", "default", "mirrored", "multi_worker"] = "auto"
     mixed_precision: Literal["auto", "on", "off"] = "auto"  # auto: on when a GPU is visible
     jit_compile: Literal["auto", "on", "off"] = "auto"  # auto: Keras decides (XLA on GPU only)
+    # Added to base.seed for training only (init, shuffle, augmentation, dropout): runs that differ
+    # in it share data and split, so their spread is training noise (python -m stages.noise).
+    seed_offset: int = _f(0, lo=0, hi=1_000_000)
     common: TrainCommonParams = field(default_factory=TrainCommonParams)
     backbone: BackboneTable = field(default_factory=BackboneTable)
 

@@ -71,30 +71,59 @@ def _yaml_value(v: Any) -> str:
 
 
 def merge(
-    params_file: Path, profile: dict[str, Any], sets: Sequence[str]
+    params_file: Path, profile: dict[str, Any], sets: Sequence[str], *, source: str = "profile"
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """``params_file`` with the profile and ``--set key=value`` items applied, checked against
-    the schema. Returns (the merged params mapping, {dotted key: value} of the overrides)."""
-    overrides = flatten(profile)
+    the schema. Returns (the merged params mapping, {dotted key: value} of the overrides).
+
+    An error names where the bad value came from: ``source`` (the profile, e.g. "profile
+    profiles/real-cpu.yaml") or the ``--set`` item."""
+    from_sets: dict[str, Any] = {}
     for item in sets:
         key, sep, value = item.partition("=")
+        key = key.strip()
         if not sep or not key:
             raise StageError(f"--set {item!r}: expected key=value")
-        overrides[key] = yaml.safe_load(value) if value else ""
-    base = yaml.safe_load(params_file.read_text(encoding="utf-8")) or {}
+        try:
+            from_sets[key] = yaml.safe_load(value) if value else ""
+        except yaml.YAMLError as e:
+            raise StageError(f"--set {item!r}: the value is not YAML: {e}") from None
+    try:
+        base = yaml.safe_load(params_file.read_text(encoding="utf-8")) or {}
+    except FileNotFoundError:
+        raise StageError(f"{params_file}: params file not found") from None
+    _check(base, str(params_file))
     merged = copy.deepcopy(base)
-    for k, v in overrides.items():
+    for k, v in flatten(profile).items():
+        _set(merged, k, v)
+    _check(merged, source)
+    for k, v in from_sets.items():
         _set(merged, k, v)
     try:
         parse_params(merged)
     except ParamsError as e:
-        raise StageError(f"profile: {e}") from None
-    return merged, overrides
+        bad = str(e).split(":", 1)[0]
+        named = [
+            i
+            for i in sets
+            if bad == i.partition("=")[0].strip() or bad.startswith(i.partition("=")[0].strip() + ".")
+        ]
+        raise StageError(f"--set {' '.join(named or sets)}: {e}") from None
+    return merged, {**flatten(profile), **from_sets}
 
 
-def build_overrides(params_file: Path, profile: dict[str, Any], sets: Sequence[str]) -> dict[str, str]:
+def _check(merged: dict[str, Any], source: str) -> None:
+    try:
+        parse_params(merged)
+    except ParamsError as e:
+        raise StageError(f"{source}: {e}") from None
+
+
+def build_overrides(
+    params_file: Path, profile: dict[str, Any], sets: Sequence[str], *, source: str = "profile"
+) -> dict[str, str]:
     """{dotted key: DVC -S value} for the profile plus ``--set`` items (see :func:`merge`)."""
-    _merged, overrides = merge(params_file, profile, sets)
+    _merged, overrides = merge(params_file, profile, sets, source=source)
     return {k: _yaml_value(v) for k, v in overrides.items()}
 
 
@@ -157,15 +186,40 @@ def current_stages() -> list[str] | None:
     return r.stdout.split() if r.returncode == 0 else None
 
 
-def write_record(path: Path, *, command: str, profile: Path, seconds: dict[str, float], total: float) -> None:
+def other_backbones(params: Path) -> frozenset[str]:
+    """The backbones the run with ``params`` did not train (every known one but its
+    ``train.backbones``); empty when the file cannot say."""
+    from stages.params import BACKBONES
+
+    try:
+        trained = (yaml.safe_load(params.read_text(encoding="utf-8")) or {})["train"]["backbones"]
+    except (OSError, yaml.YAMLError, KeyError, TypeError):
+        return frozenset()
+    return frozenset(BACKBONES) - set(trained) if isinstance(trained, list) and trained else frozenset()
+
+
+def write_record(
+    path: Path,
+    *,
+    command: str,
+    profile: Path,
+    seconds: dict[str, float],
+    total: float,
+    params: Path = Path("params.yaml"),
+) -> None:
     """The run's record: the exact command, the code and data versions, wall time per stage and
-    every metrics file, so a result in the README can be traced to what produced it."""
+    every metrics file, so a result in the README can be traced to what produced it.
+
+    Only this run's members: a metrics file that names a backbone the run's ``params`` did not
+    train (the demo's metrics/eval/mobilenetv2.json after a real run without it) is left out."""
     metrics = {}
     written = lock_outputs(Path("dvc.lock"), current_stages())
+    others = other_backbones(params)
     for f in sorted(Path("metrics").rglob("*.json")):
-        # Only what this run's stages wrote: a metrics file left by another run (the demo's
-        # mobilenetv2 beside a real run without it) is not this run's result. A lock that
-        # records no output at all says nothing either way: every file is kept.
+        if others & {part.removesuffix(".json") for part in f.parts}:
+            continue
+        # ... and only what this run's stages wrote. A lock that records no output at all says
+        # nothing either way: every file is kept.
         if written and not any(f == o or o in f.parents for o in written):
             continue
         try:
@@ -206,7 +260,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     def body() -> int:
-        overrides = build_overrides(args.params, read_profile(args.profile), args.set)
+        overrides = build_overrides(
+            args.params, read_profile(args.profile), args.set, source=f"profile {args.profile}"
+        )
         cmd = ["dvc", "exp", "run"] + (["-n", args.name] if args.name else [])
         for k, v in overrides.items():
             cmd += ["-S", f"{k}={v}"]
@@ -220,9 +276,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"profile {args.profile}: dvc exp run exited {rc} after {total / 60:.1f} min ({stages})",
               file=sys.stderr if rc else sys.stdout)  # fmt: skip
         if rc == 0 and args.record:
+            # dvc exp run applied the overrides to args.params: it names this run's members
             write_record(
-                args.record, command=shlex.join(cmd), profile=args.profile, seconds=seconds, total=total
-            )
+                args.record, command=shlex.join(cmd), profile=args.profile, seconds=seconds, total=total,
+                params=args.params,
+            )  # fmt: skip
             print(f"record: {args.record}")
         return rc
 

@@ -9,9 +9,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+import yaml
 
 from stages.scoring import IMAGE_ONLY_SUFFIX
 
@@ -54,7 +60,20 @@ def _fmt(m: dict, key: str) -> str:
     return f"{m[key]:.3f}{ci}"
 
 
-def summarize(metrics_dir: Path) -> str:
+def run_members(params: Path) -> tuple[str, ...] | None:
+    """The backbones this run trained (``train.backbones`` of its params file); None when the
+    file cannot say (then the ensemble's weights decide, else every member file is shown)."""
+    try:
+        data = yaml.safe_load(params.read_text(encoding="utf-8"))
+        backbones = data["train"]["backbones"]
+    except (OSError, yaml.YAMLError, KeyError, TypeError):
+        return None
+    return tuple(str(b) for b in backbones) if isinstance(backbones, list) and backbones else None
+
+
+def summarize(metrics_dir: Path, members: Sequence[str] | None = None) -> str:
+    """The summary of the run whose metrics are in ``metrics_dir``; ``members``: its backbones
+    (:func:`run_members`), so a member file another run left behind is not shown as this run's."""
     lines = []
     split = _load(metrics_dir / "split.json")
     if split:
@@ -64,11 +83,13 @@ def summarize(metrics_dir: Path) -> str:
             f"leaking groups {split.get('leaking_groups')}"
         )
     ensemble = _load(metrics_dir / "ensemble.json")
-    # The ensemble's members only, when it names them: a member file left by another run (the
-    # demo's mobilenetv2 after a real run without it) is not this run's result.
-    members = {k.removeprefix("weight_") for k in ensemble if k.startswith("weight_")}
-    rows = [(p.stem, _load(p)) for p in sorted((metrics_dir / "eval").glob("*.json"))
-            if not members or p.stem in members]  # fmt: skip
+    # This run's members only: a member file left by another run (the demo's mobilenetv2 after
+    # a real run without it) is not this run's result. Without params, the ensemble's weights say.
+    if members is None:
+        weighted = [k.removeprefix("weight_") for k in ensemble if k.startswith("weight_")]
+        present = sorted(p.stem for p in (metrics_dir / "eval").glob("*.json"))
+        members = [m for m in present if m in weighted] if weighted else present
+    rows = [(m, _load(metrics_dir / "eval" / f"{m}.json")) for m in members]
     rows.append(("ensemble", ensemble))
     cal = _load(metrics_dir / "calibration.json")
     # The bundle's own answers (what serve gives): one row per input mode it has.
@@ -115,67 +136,338 @@ def summarize(metrics_dir: Path) -> str:
     return "\n".join(lines) if lines else f"no metrics found under {metrics_dir}"
 
 
-# Keys that measure the machine, not the model: they differ between any two runs.
-_MACHINE_KEYS = ("seconds", "_s", "minutes", "per_s", "throughput", "wall")
+# Keys that measure the machine, not the model: they differ between any two runs. (A bare "_s"
+# substring would also drop test_specificity, drift_share, image_share_*: only as a suffix.)
+_MACHINE_KEYS = ("seconds", "minutes", "per_s", "throughput", "wall")
 
 
-def reproduction_verdict(diff: dict, tolerance: float) -> str:
-    """One paragraph from ``dvc metrics diff --json --all REV``: did this run reproduce REV's?
+def is_machine_key(key: str) -> bool:
+    return key.endswith("_s") or any(t in key for t in _MACHINE_KEYS)
 
-    Identical on the same kind of CPU (seeded, deterministic ops); on another CPU the floating
-    point order of a few kernels differs, so model metrics may move a little: a metric within
-    ``tolerance`` (absolute, or relative above 1) counts as reproduced."""
-    same = close = 0
-    off: list[tuple[float, str]] = []
+
+# Metrics files that are not a run's output: the noise file is measured by make noise.
+NOISE_FILE = "metrics/noise.json"
+HEADLINE_FILE = "metrics/headline.json"
+CALIBRATION_FILE = "metrics/calibration.json"
+SYNTHETIC_PLATFORM_TEST = "tests/unit/test_synthetic_platform.py"
+
+
+@dataclass(frozen=True)
+class Moved:
+    """One metric that is not identical to the committed run's."""
+
+    path: str
+    key: str
+    old: Any
+    new: Any
+
+    @property
+    def gap(self) -> float:
+        if _is_num(self.old) and _is_num(self.new):
+            return abs(float(self.new) - float(self.old))
+        return math.inf
+
+    def text(self) -> str:
+        return (
+            f"{self.path}:{self.key} {self.old!r} -> {self.new!r}"
+            if not (_is_num(self.old) and _is_num(self.new))
+            else f"{self.path}:{self.key} {self.old} -> {self.new}"
+        )
+
+
+def _is_num(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def compare_metrics(diff: Mapping[str, Any]) -> tuple[int, list[Moved]]:
+    """(metrics compared, those not identical) of ``dvc metrics diff --json --all REV``. A metric
+    the committed run did not have is not compared; one it had and this run lacks has moved."""
     compared = 0
+    moved = []
     for path, metrics in sorted(diff.items()):
+        if path == NOISE_FILE:
+            continue
         for key, d in sorted((metrics or {}).items()):
-            if not isinstance(d, dict) or d.get("old") is None or any(t in key for t in _MACHINE_KEYS):
+            if not isinstance(d, dict) or d.get("old") is None or is_machine_key(key):
                 continue
-            old, new = d.get("old"), d.get("new")
             compared += 1
-            if old == new:
-                same += 1
-            elif isinstance(old, (int, float)) and isinstance(new, (int, float)):
-                gap = abs(new - old) / max(1.0, abs(old))
-                if gap <= tolerance:
-                    close += 1
-                else:
-                    off.append((gap, f"{path}:{key} {old} -> {new}"))
-            else:
-                off.append((float("inf"), f"{path}:{key} {old!r} -> {new!r}"))
+            if d.get("old") != d.get("new"):
+                moved.append(Moved(path, key, d.get("old"), d.get("new")))
+    return compared, moved
+
+
+def headline_moves(moved: Sequence[Moved], diff: Mapping[str, Any]) -> dict[str, Moved]:
+    """The headline metrics among ``moved`` by headline key: metrics/headline.json, or the same keys
+    in metrics/calibration.json when the committed run has no headline file."""
+    from stages.paired import HEADLINE_KEYS
+    from stages.scoring import IMAGE_ONLY_SUFFIX
+
+    if HEADLINE_FILE in diff:
+        return {m.key: m for m in moved if m.path == HEADLINE_FILE}
+    keys = {k + s for k in HEADLINE_KEYS for s in ("", IMAGE_ONLY_SUFFIX)}
+    return {m.key: m for m in moved if m.path == CALIBRATION_FILE and m.key in keys}
+
+
+def report_outputs(dvc_yaml: Mapping[str, Any]) -> Callable[[str], bool]:
+    """Which outputs are reports, not artifacts: the stages' metrics, plots and ``cache: false``
+    outs of ``dvc.yaml`` (parsed; ``${item}`` matches any name). Their differences are the
+    metrics diff's; a timing inside metrics/validation.json is no differing artifact."""
+    patterns = []
+    for stage in (dvc_yaml.get("stages") or {}).values():
+        body = (stage or {}).get("do", stage) or {}
+        for kind in ("outs", "metrics", "plots"):
+            for entry in body.get(kind) or []:
+                path, opts = next(iter(entry.items())) if isinstance(entry, dict) else (entry, None)
+                if kind != "outs" or (opts or {}).get("cache") is False:
+                    rx = re.sub(r"\\\$\\\{[^}]*\\\}", "[^/]+", re.escape(str(path).rstrip("/")))
+                    patterns.append(re.compile(rx + "(/.*)?"))
+    return lambda path: any(p.fullmatch(path) for p in patterns)
+
+
+def first_difference(
+    old_lock: Mapping[str, Any],
+    new_lock: Mapping[str, Any],
+    is_report: Callable[[str], bool] = lambda p: False,
+) -> str | None:
+    """The first output, in DAG order (the order of ``dvc.lock``'s stages), whose md5 differs
+    between two ``dvc.lock`` files (parsed), with why: the stage's params, its code, its command,
+    or none of them (the same inputs gave other bytes). Reports (``is_report``, see
+    :func:`report_outputs`) are skipped. None when every artifact is the same."""
+    old_stages = old_lock.get("stages") or {}
+    new_stages = new_lock.get("stages") or {}
+    old_outs = {o["path"]: o.get("md5") for st in old_stages.values() for o in _entries(st, "outs")}
+    produced = {o["path"] for st in new_stages.values() for o in _entries(st, "outs")}
+    for name, stage in new_stages.items():
+        for out in _entries(stage, "outs"):
+            path, md5 = out["path"], out.get("md5")
+            if is_report(path) or (path in old_outs and old_outs[path] == md5):
+                continue
+            if path not in old_outs:
+                return f"{path} (stage {name}) is not an output of the committed run (a new stage or member)"
+            old = old_stages.get(name) or {}
+            head = f"{path} (stage {name}) differs: md5 {md5} here vs {old_outs[path]} committed"
+            return head + "\n    " + _why(name, old, stage, produced)
+    return None
+
+
+def _entries(stage: Any, kind: str) -> list[dict[str, Any]]:
+    return [e for e in ((stage or {}).get(kind) or []) if isinstance(e, dict) and "path" in e]
+
+
+def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(tree, dict) or not tree:
+        return {prefix: tree}
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        out.update(_flat(v, f"{prefix}.{k}" if prefix else str(k)))
+    return out
+
+
+def _params(stage: Mapping[str, Any]) -> dict[str, Any]:
+    """A lock stage's params, flat (``train.common.epochs``), over all its params files."""
+    out: dict[str, Any] = {}
+    for tree in (stage.get("params") or {}).values():
+        out.update(_flat(tree))
+    return out
+
+
+def _why(name: str, old: Mapping[str, Any], new: Mapping[str, Any], produced: set[str]) -> str:
+    if not old:
+        return f"the committed lock has no stage {name}"
+    p_old, p_new = _params(old), _params(new)
+    params = sorted(k for k in set(p_old) | set(p_new) if p_old.get(k) != p_new.get(k))
+    if params:
+        return "params differ: " + _few(params)
+    d_old = {e["path"]: e.get("md5") for e in _entries(old, "deps")}
+    d_new = {e["path"]: e.get("md5") for e in _entries(new, "deps")}
+    changed = sorted(p for p in set(d_old) | set(d_new) if d_old.get(p) != d_new.get(p))
+    code = [p for p in changed if p not in produced]
+    if code:
+        return "code differs: " + _few(code)
+    if changed:
+        return "its inputs differ: " + _few(changed)
+    if str(old.get("cmd")) != str(new.get("cmd")):
+        return "its command differs (dvc.yaml)"
+    source = _params(new).get("download.source")
+    if name == "download" and source in (None, "synthetic"):
+        return (
+            "same code, params and command: the data generator gave other bytes on this machine "
+            f"(see {SYNTHETIC_PLATFORM_TEST})"
+        )
+    if name == "download":
+        return f"same code, params and command: the source ({source}) gave other bytes (has it changed?)"
+    return (
+        "same code, params, command and inputs gave other bytes: the stage is not bit-reproducible "
+        "here (another CPU, library or thread count computes it differently)"
+    )
+
+
+def reproduction_verdict(
+    diff: Mapping[str, Any],
+    *,
+    bands: Mapping[str, float] | None = None,
+    old_lock: Mapping[str, Any] | None = None,
+    new_lock: Mapping[str, Any] | None = None,
+    params_diff: Mapping[str, Any] | None = None,
+    is_report: Callable[[str], bool] = lambda p: False,
+    rev: str = "HEAD",
+    notes: Sequence[str] = (),
+) -> str:
+    """Did this run reproduce the one committed at ``rev``? ``diff`` is ``dvc metrics diff --json
+    --all REV``.
+
+    REPRODUCED: every metric identical (machine timings aside). WITHIN NOISE: some differ, but
+    every headline metric by at most its band from the committed noise file (``bands``,
+    :func:`stages.noise.noise_bands`). DIFFERS otherwise, with the first output in DAG order that
+    differs between REV's ``dvc.lock`` (``old_lock``) and this one (``new_lock``), and why."""
+    where = f"the committed run ({rev})"
+    compared, moved = compare_metrics(diff)
     if not compared:
-        return "reproduction: the committed run has no metrics to compare with (no baseline committed)"
-    if not off:
-        how = "identical" if not close else f"{same} identical, {close} within {tolerance}"
-        return f"reproduction: REPRODUCED the committed run: {compared} metrics compared, {how}"
-    off.sort(reverse=True)
-    lines = [
-        f"reproduction: DIFFERS from the committed run: {len(off)} of {compared} metrics moved by more "
-        f"than {tolerance} (params or code changed? `dvc status`, `git diff HEAD -- params.yaml`):"
-    ]
-    lines += [f"  {text}" for _gap, text in off[:8]]
-    if len(off) > 8:
-        lines.append(f"  ... and {len(off) - 8} more: dvc metrics diff")
+        return f"reproduction: {where} has no metrics to compare with (no baseline committed)"
+    if not moved:
+        return f"reproduction: REPRODUCED {where}: {compared} metrics compared, all identical"
+    bands = dict(bands or {})
+    heads = headline_moves(moved, diff)
+    judged = HEADLINE_FILE in diff or CALIBRATION_FILE in diff
+    count = f"{len(moved)} of {compared} metrics differ"
+    if bands and judged and all(k in bands and m.gap <= bands[k] for k, m in heads.items()):
+        if heads:
+            k, m = max(heads.items(), key=lambda km: km[1].gap / bands[km[0]] if bands[km[0]] else 0.0)
+            share = f", {m.gap / bands[k]:.0%} of it" if bands[k] else ""
+            largest = f"largest: {k} {m.old} -> {m.new}, |diff| {m.gap:.4g} vs band {bands[k]:.4g}{share}"
+        else:
+            largest = "the headline metrics are identical"
+        head = f"reproduction: WITHIN NOISE of {where}: {count}, every headline metric within its noise band"
+        return "\n".join([f"{head} ({largest})", *_params_line(params_diff, rev), *(f"  {n}" for n in notes)])
+    lines = [f"reproduction: DIFFERS from {where}: {count}"]
+    if not bands:
+        lines[0] += "; no noise band committed (make noise), so any difference counts"
+    elif not judged:
+        lines[0] += f"; {where} has no headline metrics to judge by the noise band"
+    for k, m in heads.items():
+        if not bands:
+            lines.append(f"  headline {k}: {m.old} -> {m.new}")
+            continue
+        band = f"band {bands[k]:.4g}" if k in bands else "no band"
+        over = " (beyond)" if k not in bands or m.gap > bands[k] else ""
+        lines.append(f"  headline {k}: {m.old} -> {m.new}, |diff| {m.gap:.4g}, {band}{over}")
+    lines += _params_line(params_diff, rev)
+    if old_lock is None or new_lock is None:
+        lines.append(f"  the first artifact that differs is unknown: no dvc.lock at {rev} or here")
+    else:
+        first = first_difference(old_lock, new_lock, is_report)
+        lines.append(
+            f"  first artifact that differs: {first}"
+            if first
+            else "  every artifact in dvc.lock has its committed md5 (only metrics and reports differ)"
+        )
+    if not heads:
+        top = sorted(moved, key=lambda m: m.gap, reverse=True)[:5]
+        lines += [f"  {m.text()}" for m in top]
+    lines.append(f"  all of them: dvc metrics diff {rev}")
+    lines += [f"  {n}" for n in notes]
     return "\n".join(lines)
+
+
+def _params_line(params_diff: Mapping[str, Any] | None, rev: str) -> list[str]:
+    keys = sorted(k for f in (params_diff or {}).values() for k in (f or {}))
+    return [f"  params differ (dvc params diff {rev}): " + _few(keys, 10)] if keys else []
+
+
+def _few(items: Sequence[str], n: int = 8) -> str:
+    return ", ".join(items[:n]) + (f" and {len(items) - n} more" if len(items) > n else "")
+
+
+def _dvc_json(*args: str) -> dict:
+    """``dvc ARGS --json`` parsed; {} when DVC cannot answer."""
+    import subprocess
+
+    from stages.noise import dvc_command
+
+    try:
+        r = subprocess.run([*dvc_command(), *args, "--json"], capture_output=True, text=True)
+    except OSError:
+        return {}
+    try:
+        out = json.loads(r.stdout) if r.returncode == 0 and r.stdout.strip() else {}
+    except ValueError:
+        return {}
+    return out if isinstance(out, dict) else {}
 
 
 def metrics_diff(rev: str) -> dict:
     """``dvc metrics diff --json --all REV`` (REV against the workspace); {} when DVC cannot."""
+    return _dvc_json("metrics", "diff", "--all", rev)
+
+
+def params_diff(rev: str) -> dict:
+    """``dvc params diff --json REV``: {file: {key: {old, new}}} of the params that differ."""
+    return _dvc_json("params", "diff", rev)
+
+
+def _git_show(rev: str, path: str) -> str | None:
     import subprocess
 
-    # The venv's dvc beside this interpreter when it is there (python -m stages.summary run
-    # without the venv on PATH), else whatever dvc is on PATH.
-    beside = Path(sys.executable).with_name("dvc")
-    dvc = str(beside) if beside.is_file() else "dvc"
     try:
-        r = subprocess.run([dvc, "metrics", "diff", "--json", "--all", rev], capture_output=True, text=True)
+        r = subprocess.run(
+            ["git", "--no-optional-locks", "show", f"{rev}:{path}"], capture_output=True, text=True
+        )
     except OSError:
-        return {}
+        return None
+    return r.stdout if r.returncode == 0 else None
+
+
+def _yaml(text: str | None) -> dict | None:
+    if text is None:
+        return None
     try:
-        return json.loads(r.stdout) if r.returncode == 0 and r.stdout.strip() else {}
-    except ValueError:
-        return {}
+        data = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def committed_bands(
+    rev: str, workspace_noise: Path, data_md5: str | None
+) -> tuple[dict[str, float], list[str]]:
+    """The noise bands to judge by: REV's committed noise file, else the workspace's (said so);
+    with notes when the file was measured on other data than this run's."""
+    from stages.noise import NoiseFileError, bands_of, parse_noise, read_noise
+
+    notes = []
+    try:
+        text = _git_show(rev, workspace_noise.as_posix())
+        if text is not None:
+            data = parse_noise(text, f"{rev}:{workspace_noise.as_posix()}")
+        else:
+            data = read_noise(workspace_noise)
+            if data is not None:
+                notes.append(f"noise band from the uncommitted {workspace_noise} (none committed at {rev})")
+    except NoiseFileError as e:
+        return {}, [f"noise file unreadable, not used: {e}"]
+    if data is None:
+        return {}, notes
+    if data_md5 and data.get("data") and data["data"] != data_md5:
+        notes.append(
+            f"the noise band was measured on other data ({str(data['data'])[:8]}, this run {data_md5[:8]}): "
+            "make noise on this data for a band that fits it"
+        )
+    return bands_of(data, str(workspace_noise)), notes
+
+
+def verdict_against(rev: str, *, noise: Path, lock: Path = Path("dvc.lock"), raw: str = "data/raw") -> str:
+    """:func:`reproduction_verdict` of the workspace against ``rev``, everything it needs gathered."""
+    from stages.noise import lock_out_md5
+
+    new_lock = _yaml(lock.read_text(encoding="utf-8")) if lock.is_file() else None
+    dvc_yaml = lock.with_name("dvc.yaml")
+    pipeline = _yaml(dvc_yaml.read_text(encoding="utf-8")) if dvc_yaml.is_file() else None
+    old_lock = _yaml(_git_show(rev, lock.as_posix()))
+    bands, notes = committed_bands(rev, noise, lock_out_md5(new_lock, raw) if new_lock else None)
+    return reproduction_verdict(
+        metrics_diff(rev), bands=bands, old_lock=old_lock, new_lock=new_lock, params_diff=params_diff(rev),
+        is_report=report_outputs(pipeline or {}), rev=rev, notes=notes,
+    )  # fmt: skip
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -187,12 +479,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--diff", metavar="REV", default=None,
         help="also say whether this run reproduced the metrics committed at REV (e.g. HEAD)",
     )  # fmt: skip
-    ap.add_argument("--tolerance", type=float, default=0.02, help="for --diff (default: %(default)s)")
+    ap.add_argument(
+        "--noise", type=Path, default=Path(NOISE_FILE),
+        help="for --diff: the noise file; its version at REV gives the bands (default: %(default)s)",
+    )  # fmt: skip
+    ap.add_argument(
+        "--params", type=Path, default=Path("params.yaml"),
+        help="the run's params: its train.backbones are the members shown (default: %(default)s)",
+    )  # fmt: skip
     args = ap.parse_args(argv)
-    print(summarize(args.metrics))
+    print(summarize(args.metrics, members=run_members(args.params)))
     if args.diff:
         print()
-        print(reproduction_verdict(metrics_diff(args.diff), args.tolerance))
+        print(verdict_against(args.diff, noise=args.noise))
     return 0
 
 

@@ -793,7 +793,7 @@ def _build(params: TrainParams, backbone: str, data: _Prepared, seed: int) -> _J
     from stages.distribute import configure_runtime
 
     rt = configure_runtime(
-        params.strategy, params.mixed_precision, params.jit_compile, seed=seed,
+        params.strategy, params.mixed_precision, params.jit_compile, device=params.device, seed=seed,
         deterministic=common.deterministic,
     )  # fmt: skip
     import tensorflow as tf
@@ -838,6 +838,7 @@ def _build(params: TrainParams, backbone: str, data: _Prepared, seed: int) -> _J
             "backbone": dataclasses.asdict(bbp),
             "weights": weights_req,
             "weights_fallback": params.weights_fallback,
+            "device": params.device,
             "strategy": params.strategy,
             "mixed_precision": params.mixed_precision,
             "jit_compile": params.jit_compile,
@@ -1143,6 +1144,9 @@ def run(
     backup = Path(backup) if backup is not None else out.with_name(out.name + ".ckpt")
     if backbone not in params.backbones:
         raise StageError(f"train.backbones: {backbone!r} is not listed ({list(params.backbones)})")
+    from stages.distribute import visible_gpus
+
+    visible_gpus(params.device)  # a GPU run without a GPU stops here, before any data is read
     job = _build(params, backbone, _read_prepared(prepared), seed)
     # configure_runtime (in _build) has checked TF_CONFIG already.
     tf_config = json.loads(os.environ["TF_CONFIG"]) if job.multi else None
@@ -1201,7 +1205,7 @@ def main(argv: list[str] | None = None) -> int:
             metrics=args.metrics,
             live=args.live,
             backup=args.backup,
-            seed=p.base.seed,
+            seed=p.base.seed + p.train.seed_offset,
         )
         return 0
 

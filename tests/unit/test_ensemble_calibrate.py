@@ -485,6 +485,15 @@ def test_bundle_and_model_card(world, members, tmp_path):
     ):
         assert text in card, text
     assert res.metrics["worst_subgroup"] != "none"
+    # what the bundle was trained on comes first: download.source is synthetic by default
+    assert bundle["training_data"] == {
+        "source": "synthetic", "synthetic": True, "data_version": None, "extra_sources": [],
+    }  # fmt: skip
+    assert card.splitlines()[0] == (
+        "# Model card: skin-lesion ensemble trained on synthetic demo data (not real dermoscopy) — do not "
+        "use on real images (data version not recorded)"
+    )
+    assert "Synthetic images drawn by the project's demo generator" in card and "Tschandl" not in card
     # every test number in the card is the bundle's own (served), with its CI
     served_auc = (
         f"| macro AUC | {metrics['macro_auc']:.3f} ({metrics['macro_auc_ci_low']:.3f} to "
@@ -567,6 +576,49 @@ def test_calibrate_main_one_line_error_and_success(world, members, tmp_path, cap
         "test_malignant_recall",
         "ece_after",
     }
+
+
+def test_a_real_source_and_the_raw_data_version_are_recorded_and_open_the_card(
+    world, members, tmp_path, monkeypatch
+):
+    out = tmp_path / "out"
+    _run_ensemble(members, out)
+    params = tmp_path / "params.yaml"
+    params.write_text(
+        "download: {source: 'local:../shared/data/ham10000', extra_sources: [../inbox/clinic_b]}\n"
+        "train: {backbones: [mobilenetv2, custom_cnn]}\ncalibrate: {bootstrap_samples: 20}\n"
+    )
+    lock = tmp_path / "dvc.lock"
+    lock.write_text(
+        "schema: '2.0'\nstages:\n  download:\n    cmd: x\n    outs:\n    - path: data/raw\n"
+        "      hash: md5\n      md5: d70be3bfadb2483d56766cffbe49fd5d.dir\n      size: 10\n      nfiles: 2\n"
+    )
+    monkeypatch.chdir(tmp_path)  # --raw data/raw is looked up in the lock as the stage wrote it
+    args = ["--params", str(params), "--ensemble", str(out / "ensemble"), "--ensemble-metrics",
+            str(out / "ensemble.json"), "--models", str(_models(world, tmp_path / "models_plain")),
+            "--prepared", str(world.prepared), "--lock", str(lock), "--raw", "data/raw", "--bundle",
+            str(out / "bundle"), "--metrics", str(out / "cal.json"), "--plots", str(out / "plots"),
+            "--card", str(out / "card.md")]  # fmt: skip
+    assert calibrate.main(args) == 0
+    from stages.bundle import read_bundle_json, trained_on
+
+    bundle = read_bundle_json(out / "bundle")  # read back through the checks
+    assert bundle["training_data"] == {
+        "source": "local:../shared/data/ham10000", "synthetic": False,
+        "data_version": "d70be3bfadb2483d56766cffbe49fd5d.dir", "extra_sources": ["../inbox/clinic_b"],
+    }  # fmt: skip
+    line = (
+        "trained on HAM10000 via local:../shared/data/ham10000 (data d70be3bf; with labelled batches "
+        "../inbox/clinic_b)"
+    )
+    assert trained_on(bundle) == line
+    card = (out / "card.md").read_text()
+    assert card.splitlines()[0] == f"# Model card: skin-lesion ensemble {line}"
+    assert "synthetic" not in card.lower() and "HAM10000 (Tschandl et al., 2018)" in card
+    assert (
+        "raw data (source `local:../shared/data/ham10000`, its DVC hash): "
+        "`d70be3bfadb2483d56766cffbe49fd5d.dir`" in card
+    )
 
 
 # ---------------------------------------------------------------- fusion: two input modes

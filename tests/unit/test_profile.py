@@ -148,3 +148,50 @@ def test_the_record_keeps_only_the_metrics_of_this_runs_stages(tmp_path, monkeyp
         "metrics/eval/a.json",
         "metrics/split.json",
     }
+
+
+def test_a_bad_set_value_is_named_as_set_and_a_bad_profile_value_as_the_profile(tmp_path, capsys):
+    """issue 22: a --set error said "profile:", sending the user to a file that was fine."""
+    prof = tmp_path / "p.yaml"
+    prof.write_text("train:\n  common: {epochs: 3}\n")
+    assert main([str(prof), "--print", "--set", "evaluate.ci_level=7", "--set", "evaluate.tta=true"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --set evaluate.ci_level=7: evaluate.ci_level: 7")
+    assert "profile" not in err and "evaluate.tta" not in err
+    assert main([str(prof), "--print", "--set", "nosuch.key=1"]) == 1
+    assert capsys.readouterr().err.startswith("error: --set nosuch.key=1: ")
+    prof.write_text("train:\n  common: {epochs: -1}\n")
+    assert main([str(prof), "--print", "--set", "evaluate.tta=true"]) == 1
+    assert capsys.readouterr().err.startswith(f"error: profile {prof}: train.common.epochs: -1")
+    assert main([str(prof), "--print", "--set", "novalue"]) == 1
+    assert "error: --set 'novalue': expected key=value" in capsys.readouterr().err
+
+
+def test_the_record_keeps_only_the_members_its_params_trained(tmp_path, monkeypatch):
+    """issue 22: after `make real` (resnet_small, custom_cnn), the demo's metrics/eval/mobilenetv2.json
+    and metrics/train/mobilenetv2.json are still on disk; the params of the run say they are not its."""
+    import json
+
+    import stages.profile
+    from stages.profile import write_record
+
+    monkeypatch.chdir(tmp_path)
+    for bb in ("mobilenetv2", "custom_cnn", "resnet_small"):
+        for kind in ("eval", "train"):
+            (tmp_path / "metrics" / kind).mkdir(parents=True, exist_ok=True)
+            (tmp_path / "metrics" / kind / f"{bb}.json").write_text('{"macro_auc": 0.9}')
+    (tmp_path / "metrics" / "train" / "mobilenetv2").mkdir()
+    (tmp_path / "metrics" / "train" / "mobilenetv2" / "metrics.json").write_text('{"step": 3}')
+    (tmp_path / "metrics" / "ensemble.json").write_text('{"weight_custom_cnn": 0.5}')
+    (tmp_path / "params.yaml").write_text("train:\n  backbones: [resnet_small, custom_cnn]\n")
+    # a lock that lists every stage (DVC keeps stale foreach entries) and no stage list from DVC
+    (tmp_path / "dvc.lock").write_text("schema: '2.0'\n")
+    monkeypatch.setattr(stages.profile, "current_stages", lambda: None)
+    write_record(tmp_path / "r.json", command="c", profile=Path("p.yaml"), seconds={}, total=1.0)
+    assert set(json.loads((tmp_path / "r.json").read_text())["metrics"]) == {
+        "metrics/ensemble.json",
+        "metrics/eval/custom_cnn.json",
+        "metrics/eval/resnet_small.json",
+        "metrics/train/custom_cnn.json",
+        "metrics/train/resnet_small.json",
+    }

@@ -1,0 +1,625 @@
+"""The run-to-run noise of training: ``python -m stages.noise --seeds K`` (``make noise SEEDS=K``).
+
+Re-runs train -> calibrate K times on the current data and params, each with another
+``train.seed_offset`` (1..K; the data, split and every other param stay as they are), and writes
+the spread of the headline metrics (ensemble) and of each member's eval metrics to
+``metrics/noise.json``. A metric's *band* is the largest difference two runs of the same data and
+params are expected to show from training randomness alone: ``max(max - min, 2*sqrt(2)*sd)``
+(the observed range, or about two standard deviations of a difference of two runs, whichever is
+larger). ``stages.summary``, ``make compare`` and the promotion gate read the bands through
+:func:`noise_bands`. This module owns the file's format.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import hashlib
+import json
+import logging
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from stages.common import StageError, run_main, setup_logging, write_json
+
+log = logging.getLogger(__name__)
+
+NOISE_FORMAT_VERSION = 1
+SPREAD_KEYS: tuple[str, ...] = ("mean", "sd", "min", "max", "band")
+
+
+class NoiseFileError(ValueError):
+    """The noise file exists but cannot be read (the message names the file and what is wrong)."""
+
+
+def band(values: Sequence[float]) -> float:
+    """The largest difference two runs are expected to show: ``max(max - min, 2*sqrt(2)*sd)``.
+
+    ``sd`` is the sample standard deviation (ddof 1); the sd of a difference of two independent
+    runs is sqrt(2) sd, and two of those cover ~95% of them. One value: no spread known (nan)."""
+    v = [float(x) for x in values if x is not None and not math.isnan(float(x))]
+    if len(v) < 2:
+        return math.nan
+    return max(max(v) - min(v), 2 * math.sqrt(2) * _sd(v))
+
+
+def _sd(v: Sequence[float]) -> float:
+    # statistics computes exactly: identical runs give sd 0, not 1e-17
+    return statistics.stdev(v) if len(v) > 1 else math.nan
+
+
+def spread(values: Sequence[float | None]) -> dict[str, float | None]:
+    """``mean``, ``sd``, ``min``, ``max`` and ``band`` of one metric over the runs (None when no
+    run has it, as JSON cannot hold nan; sd and band None with a single run)."""
+    v = [float(x) for x in values if x is not None and not math.isnan(float(x))]
+    if not v:
+        return dict.fromkeys(SPREAD_KEYS)
+
+    def clean(x: float) -> float | None:
+        # 6 digits, as every metrics file of the pipeline: diffs show the number, not float noise
+        return None if math.isnan(x) else round(x, 6)
+
+    return {
+        "mean": clean(statistics.fmean(v)),
+        "sd": clean(_sd(v)),
+        "min": clean(min(v)),
+        "max": clean(max(v)),
+        "band": clean(band(v)),
+    }
+
+
+def read_noise(path: str | Path) -> dict[str, Any] | None:
+    """The noise file as written (None when absent); a wrong format version or shape raises
+    :class:`NoiseFileError` naming the file."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        raise NoiseFileError(f"{path}: cannot read it ({e.strerror})") from e
+    return parse_noise(text, str(path))
+
+
+def parse_noise(text: str, where: str) -> dict[str, Any]:
+    """The noise file's content from its text (e.g. ``git show REV:metrics/noise.json``), checked;
+    ``where`` names it in errors."""
+    path = where
+    try:
+        data = json.loads(text)
+    except ValueError as e:
+        raise NoiseFileError(f"{path}: not JSON ({e}); rewrite it with make noise") from e
+    if not isinstance(data, dict):
+        raise NoiseFileError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    version = data.get("format_version")
+    if version != NOISE_FORMAT_VERSION:
+        raise NoiseFileError(
+            f"{path}: format_version {version!r:.40}; this code reads {NOISE_FORMAT_VERSION} (rewrite it "
+            "with make noise)"
+        )
+    for section in ("ensemble", "members"):
+        if not isinstance(data.get(section), dict):
+            raise NoiseFileError(f"{path}: '{section}' is missing or not an object")
+    return data
+
+
+def _bands(section: Mapping[str, Any], where: str) -> dict[str, float]:
+    out = {}
+    for key, s in section.items():
+        if not isinstance(s, dict):
+            raise NoiseFileError(f"{where}.{key}: expected an object with {', '.join(SPREAD_KEYS)}")
+        b = s.get("band")
+        if b is None:
+            continue  # not measured (one seed, or no run had the metric)
+        if isinstance(b, bool) or not isinstance(b, (int, float)) or math.isnan(b) or b < 0:
+            raise NoiseFileError(f"{where}.{key}.band: {b!r:.40} is not a non-negative number")
+        out[key] = float(b)
+    return out
+
+
+def noise_bands(path: str | Path) -> dict[str, float]:
+    """The ensemble's headline bands of the noise file ``{headline key: band}``; ``{}`` when the
+    file is absent (nothing measured: callers fall back to the CI alone). Keys without a band
+    (a single seed) are left out."""
+    data = read_noise(path)
+    return {} if data is None else bands_of(data, str(path))
+
+
+def bands_of(data: Mapping[str, Any], where: str) -> dict[str, float]:
+    """:func:`noise_bands` of a file already read (:func:`parse_noise`)."""
+    return _bands(data["ensemble"], f"{where}: ensemble")
+
+
+def member_bands(path: str | Path) -> dict[str, dict[str, float]]:
+    """``{backbone: {metric: band}}`` of the noise file's members; ``{}`` when absent."""
+    data = read_noise(path)
+    if data is None:
+        return {}
+    out = {}
+    for bb, m in data["members"].items():
+        if not isinstance(m, dict):
+            raise NoiseFileError(f"{path}: members.{bb}: expected an object of metrics")
+        out[bb] = _bands(m, f"{path}: members.{bb}")
+    return out
+
+
+# --------------------------------------------------------------------------- collecting one run
+
+# Per member, from metrics/eval/<backbone>.json: val (what the ensemble is fitted on) and test.
+MEMBER_KEYS: tuple[str, ...] = (
+    "val_macro_auc",
+    "val_malignant_auc",
+    "val_balanced_accuracy",
+    "macro_auc",
+    "malignant_auc",
+    "balanced_accuracy",
+)
+# ... and its ensemble weight (metrics/ensemble.json weight_<backbone>) under this name.
+WEIGHT_KEY = "weight"
+
+
+def run_values(
+    headline_metrics: Mapping[str, Any],
+    member_metrics: Mapping[str, Mapping[str, Any]],
+    ensemble_metrics: Mapping[str, Any],
+) -> tuple[dict[str, float | None], dict[str, dict[str, float | None]]]:
+    """One run's numbers: (ensemble headline, {member: {metric: value}}); absent keys are None."""
+
+    def num(v: Any) -> float | None:
+        return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+
+    ensemble = {k: num(v) for k, v in headline_metrics.items()}
+    members = {
+        bb: {**{k: num(m.get(k)) for k in MEMBER_KEYS}, WEIGHT_KEY: num(ensemble_metrics.get(f"weight_{bb}"))}
+        for bb, m in member_metrics.items()
+    }
+    return ensemble, members
+
+
+def noise_record(
+    seeds: Sequence[int],
+    runs: Sequence[tuple[Mapping[str, float | None], Mapping[str, Mapping[str, float | None]]]],
+    **meta: Any,
+) -> dict[str, Any]:
+    """The noise file's content from the runs' :func:`run_values` (one per seed, in order):
+    the spread of every ensemble headline key and of every member metric, plus ``meta``
+    (``cost_s``, ``data``, ``params`` ...)."""
+    if len(seeds) != len(runs):
+        raise ValueError(f"{len(seeds)} seeds but {len(runs)} runs")
+    keys = list(dict.fromkeys(k for ens, _ in runs for k in ens))
+    ensemble = {k: spread([ens.get(k) for ens, _ in runs]) for k in keys}
+    backbones = list(dict.fromkeys(bb for _, mem in runs for bb in mem))
+    members = {}
+    for bb in backbones:
+        mkeys = list(dict.fromkeys(k for _, mem in runs for k in mem.get(bb, {})))
+        members[bb] = {k: spread([mem.get(bb, {}).get(k) for _, mem in runs]) for k in mkeys}
+    return {
+        "format_version": NOISE_FORMAT_VERSION,
+        "seeds": list(seeds),
+        **meta,
+        "ensemble": ensemble,
+        "members": members,
+        # each run's headline, so a reader can see the spread is not one outlier
+        "runs": {f"seed_offset_{s}": dict(ens) for s, (ens, _) in zip(seeds, runs, strict=True)},
+    }
+
+
+def params_digest(params: Mapping[str, Any]) -> str:
+    """md5 of the params a run used, ``train.seed_offset`` left out (what the seeds share)."""
+    p = copy.deepcopy(dict(params))
+    if isinstance(p.get("train"), dict):
+        p["train"].pop("seed_offset", None)
+    return hashlib.md5(json.dumps(p, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def lock_out_md5(lock: Mapping[str, Any], path: str) -> str | None:
+    """The md5 ``dvc.lock`` (parsed) records for the output ``path`` of any stage (None: none)."""
+    for stage in (lock.get("stages") or {}).values():
+        for o in (stage or {}).get("outs") or []:
+            if isinstance(o, dict) and str(o.get("path", "")).rstrip("/") == path.rstrip("/"):
+                return o.get("md5")
+    return None
+
+
+# --------------------------------------------------------------------------- running the seeds
+
+# The stage whose run ends a seed: it writes the headline (metrics/headline.json) and needs every
+# member retrained, evaluated and ensembled first.
+TARGET = "calibrate"
+SEED_KEY = "train.seed_offset"
+EXP_PREFIX = "noise-s"
+TAIL_LINES = 15
+
+
+def dvc_command() -> list[str]:
+    """The venv's dvc beside this interpreter when it is there (``python -m stages.noise`` run
+    without the venv on PATH), else whatever dvc is on PATH."""
+    beside = Path(sys.executable).with_name("dvc")
+    return [str(beside) if beside.is_file() else "dvc"]
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    # DVC runs each stage's `python -m stages.X` through PATH: this interpreter's, as make does.
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    env.setdefault("DVC_NO_ANALYTICS", "1")
+    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    return env
+
+
+def tail(text: str, n: int = TAIL_LINES) -> str:
+    """The last ``n`` non-blank lines of a command's output, progress-bar redraws collapsed."""
+    lines = [ln.rsplit("\r", 1)[-1].rstrip() for ln in text.splitlines()]
+    return "\n".join([ln for ln in lines if ln.strip()][-n:])
+
+
+class Repo:
+    """Read-only git questions about the project at ``root`` (nothing here changes the worktree
+    or the index: ``--no-optional-locks`` keeps even ``git status`` from refreshing it)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+
+    def git(self, *args: str, check: bool = True) -> str:
+        r = subprocess.run(
+            ["git", "--no-optional-locks", *args], cwd=self.root, capture_output=True, text=True
+        )
+        if check and r.returncode != 0:
+            raise StageError(f"git {' '.join(args)} failed in {self.root}: {r.stderr.strip()[-500:]}")
+        return r.stdout if r.returncode == 0 else ""
+
+    def baseline(self) -> str:
+        try:
+            return self.git("rev-parse", "--verify", "HEAD^{commit}").strip()
+        except StageError:
+            raise StageError(
+                f"{self.root}: not a git repository with a commit; the noise runs are DVC experiments, "
+                "which start from the current commit (git commit first)"
+            ) from None
+
+    def exp_ref(self, baseline: str, name: str) -> str | None:
+        """The ref DVC 3 stores experiment ``name`` of ``baseline`` under (refs/exps/ab/cdef.../name)."""
+        ref = f"refs/exps/{baseline[:2]}/{baseline[2:]}/{name}"
+        return ref if self.git("for-each-ref", "--format=%(refname)", ref).strip() == ref else None
+
+    def show(self, rev: str, path: str) -> str | None:
+        r = subprocess.run(
+            ["git", "--no-optional-locks", "show", f"{rev}:{path}"],
+            cwd=self.root,
+            capture_output=True,
+            text=True,
+        )
+        return r.stdout if r.returncode == 0 else None
+
+    def untracked(self) -> list[str]:
+        return [p for p in self.git("ls-files", "--others", "--exclude-standard", "-z").split("\0") if p]
+
+    def modified(self) -> list[str]:
+        return [p for p in self.git("diff", "HEAD", "--name-only", "-z").split("\0") if p]
+
+    def state(self, ignore: Sequence[str] = ()) -> str:
+        """A fingerprint of the worktree and index as git sees them (status, both diffs), paths in
+        ``ignore`` left out: equal before and after = the workspace was left as it was."""
+        ignored = set(ignore)
+        status = [
+            ln for ln in self.git("status", "--porcelain=v1", "-uall").splitlines() if ln[3:] not in ignored
+        ]
+        h = hashlib.md5("\n".join(status).encode())
+        for args in (("diff", "--binary"), ("diff", "--cached", "--binary")):
+            h.update(self.git(*args, "--", ".", *(f":(exclude){p}" for p in ignored)).encode())
+        return h.hexdigest()
+
+
+def code_paths(dvc_yaml: Mapping[str, Any]) -> set[str]:
+    """The folders and files of the stages' code (``deps`` that are not templated outputs of
+    other stages), as written in dvc.yaml: what a run cannot do without."""
+    outs = set()
+    deps = set()
+    for stage in (dvc_yaml.get("stages") or {}).values():
+        body = (stage or {}).get("do", stage) or {}
+        for o in body.get("outs") or []:
+            outs.add(str(next(iter(o)) if isinstance(o, dict) else o))
+        for d in body.get("deps") or []:
+            if "${" not in str(d):
+                deps.add(str(d))
+    return {d for d in deps if d not in outs}
+
+
+def missing_from_runs(untracked: Sequence[str], code: set[str]) -> list[str]:
+    """The untracked files a ``--temp`` run would lack that the pipeline needs: code deps, the
+    params and dvc.yaml, or a file beside a code dep (a new module the listed ones import)."""
+    folders = {str(Path(d).parent) for d in code if Path(d).suffix}
+    return [
+        p
+        for p in untracked
+        if p in code
+        or p in ("params.yaml", "dvc.yaml")
+        or (p.endswith(".py") and str(Path(p).parent) in folders)
+    ]
+
+
+def run_seed(repo: Repo, name: str, seed: int, sets: Sequence[str], log_path: Path) -> None:
+    """``dvc exp run --temp -n NAME -S train.seed_offset=SEED [-S ...] calibrate``, its output
+    in ``log_path``; a failure raises with dvc's last lines."""
+    cmd = [*dvc_command(), "exp", "run", "--temp", "-n", name, "-S", f"{SEED_KEY}={seed}"]
+    for s in sets:
+        cmd += ["-S", s]
+    cmd.append(TARGET)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "w", encoding="utf-8") as fh:
+        fh.write("$ " + " ".join(cmd) + "\n")
+        fh.flush()
+        rc = subprocess.run(cmd, cwd=repo.root, stdout=fh, stderr=subprocess.STDOUT, env=_env()).returncode
+    if rc != 0:
+        text = log_path.read_text(encoding="utf-8", errors="replace")
+        raise StageError(
+            f"seed {seed} ({SEED_KEY}={seed}): dvc exp run failed (exit {rc}); its last lines:\n"
+            + "\n".join("  " + ln for ln in tail(text).splitlines())
+            + f"\nfull log: {log_path}"
+        )
+
+
+def collect(repo: Repo, ref: str, seed: int, metrics_dir: str) -> tuple[dict[str, Any], tuple]:
+    """(the run's params, its :func:`run_values`) read from the experiment commit ``ref``."""
+    from stages.paired import headline
+    from stages.scoring import IMAGE_ONLY_SUFFIX
+
+    def load(path: str) -> dict[str, Any] | None:
+        text = repo.show(ref, path)
+        if text is None:
+            return None
+        try:
+            data = yaml.safe_load(text) if path.endswith((".yaml", ".lock")) else json.loads(text)
+        except ValueError as e:
+            raise StageError(f"seed {seed}: {path} of experiment {ref} is not readable: {e}") from None
+        return data if isinstance(data, dict) else None
+
+    params = load("params.yaml") or {}
+    head = load(f"{metrics_dir}/headline.json")
+    if head is None:
+        cal = load(f"{metrics_dir}/calibration.json")
+        if cal is None:
+            raise StageError(
+                f"seed {seed}: experiment {ref} has neither {metrics_dir}/headline.json nor "
+                f"{metrics_dir}/calibration.json: the {TARGET} stage did not write its metrics"
+            )
+        suffixes = ("", IMAGE_ONLY_SUFFIX) if any(k.endswith(IMAGE_ONLY_SUFFIX) for k in cal) else ("",)
+        head = headline(cal, suffixes)
+    members = list((params.get("ensemble") or {}).get("members") or [])
+    member_metrics = {}
+    for bb in members:
+        m = load(f"{metrics_dir}/eval/{bb}.json")
+        if m is None:
+            raise StageError(
+                f"seed {seed}: experiment {ref} has no {metrics_dir}/eval/{bb}.json (member {bb})"
+            )
+        member_metrics[bb] = m
+    ensemble = load(f"{metrics_dir}/ensemble.json") or {}
+    lock = load("dvc.lock") or {}
+    return {"params": params, "lock": lock}, run_values(head, member_metrics, ensemble)
+
+
+def run(
+    seeds: Sequence[int],
+    *,
+    repo: Path,
+    out: Path,
+    metrics_dir: str = "metrics",
+    raw: str = "data/raw",
+    sets: Sequence[str] = (),
+    remove: bool = False,
+) -> dict[str, Any]:
+    """Run one experiment per seed offset, then write the noise file to ``out`` (returned)."""
+    seeds = list(seeds)
+    if not seeds or len(set(seeds)) != len(seeds) or any(s < 1 for s in seeds):
+        raise StageError(
+            f"--seeds: seed offsets must be distinct and >= 1 (0 is the committed run), got {seeds}"
+        )
+    git = Repo(repo)
+    baseline = git.baseline()
+    out_rel = os.path.relpath(Path(out).resolve(), Path(repo).resolve())
+    dvc_yaml = yaml.safe_load((Path(repo) / "dvc.yaml").read_text(encoding="utf-8")) or {}
+    lacking = missing_from_runs(git.untracked(), code_paths(dvc_yaml))
+    if lacking:
+        raise StageError(
+            "untracked files the runs need would be missing from them (dvc exp run --temp copies only "
+            f"files git knows): {', '.join(lacking)}; commit them or `git add` them first"
+        )
+    changed = [p for p in git.modified() if p != out_rel]
+    if changed:
+        log.warning(
+            "uncommitted changes are part of every run (as dvc exp run takes them): %s", _listing(changed)
+        )
+    before = git.state(ignore=[out_rel])
+    logs = Path(repo) / ".dvc" / "tmp" / "noise"
+    runs, seconds, created, contexts = [], [], [], []
+    t_all = time.perf_counter()
+    try:
+        for i, seed in enumerate(seeds, 1):
+            name = f"{EXP_PREFIX}{seed}"
+            if git.exp_ref(baseline, name):
+                log.info("replacing experiment %s of an earlier noise run on this commit", name)
+                _dvc_quiet(git, "exp", "remove", name)
+            log.info(
+                "seed %d/%d: dvc exp run --temp -n %s -S %s=%d%s %s (log: %s)",
+                i,
+                len(seeds),
+                name,
+                SEED_KEY,
+                seed,
+                "".join(f" -S {s}" for s in sets),
+                TARGET,
+                logs / f"{name}.log",
+            )
+            t0 = time.perf_counter()
+            run_seed(git, name, seed, sets, logs / f"{name}.log")
+            seconds.append(time.perf_counter() - t0)
+            created.append(name)
+            ref = git.exp_ref(baseline, name)
+            if ref is None:
+                raise StageError(
+                    f"seed {seed}: dvc exp run succeeded but experiment {name} is not under refs/exps"
+                )
+            context, values = collect(git, ref, seed, metrics_dir)
+            contexts.append(context)
+            runs.append(values)
+            eta = sum(seconds) / len(seconds) * (len(seeds) - i)
+            shown = ", ".join(
+                f"{k} {v:.4f}"
+                for k, v in values[0].items()
+                if k in ("macro_auc", "malignant_auc") and v is not None
+            )
+            log.info("seed %d/%d done in %s (%s); ETA %s", i, len(seeds), _hms(seconds[-1]), shown, _hms(eta))
+    finally:
+        if remove and created:
+            _dvc_quiet(git, "exp", "remove", *created)
+    cost = time.perf_counter() - t_all
+    record = noise_record(
+        seeds,
+        runs,
+        cost_s=round(cost, 1),
+        seconds_per_seed=[round(s, 1) for s in seconds],
+        base_seed=(contexts[0]["params"].get("base") or {}).get("seed"),
+        data=_same(contexts, seeds, lambda c: lock_out_md5(c["lock"], raw), f"{raw} md5"),
+        params=_same(contexts, seeds, lambda c: params_digest(c["params"]), "params (all but the seed)"),
+        set=list(sets),
+        baseline=baseline,
+        experiments=[] if remove else created,
+    )
+    workspace_lock = yaml.safe_load((Path(repo) / "dvc.lock").read_text(encoding="utf-8")) or {}
+    if record["data"] != lock_out_md5(workspace_lock, raw):
+        log.warning(
+            "the runs used %s %s, the workspace's dvc.lock records %s: the noise is of that data "
+            "(the workspace pipeline was not up to date: dvc status)",
+            raw,
+            record["data"],
+            lock_out_md5(workspace_lock, raw),
+        )
+    write_json(out, record)
+    if git.state(ignore=[out_rel]) != before:
+        log.warning(
+            "the workspace changed while the noise runs ran (git status differs from before): "
+            "another process, or dvc touched it; check git status"
+        )
+    return record
+
+
+def _same(contexts: Sequence[Mapping[str, Any]], seeds: Sequence[int], get: Any, what: str) -> Any:
+    values = [get(c) for c in contexts]
+    for s, v in zip(seeds, values, strict=True):
+        if v != values[0]:
+            raise StageError(
+                f"seed {s} ran with other {what} ({v}) than seed {seeds[0]} ({values[0]}): not noise of one "
+                "setup; is another process changing the workspace?"
+            )
+    return values[0]
+
+
+def _dvc_quiet(repo: Repo, *args: str) -> None:
+    r = subprocess.run([*dvc_command(), *args], cwd=repo.root, capture_output=True, text=True, env=_env())
+    if r.returncode != 0:
+        raise StageError(f"dvc {' '.join(args)} failed: {tail(r.stdout + r.stderr, 5)}")
+
+
+def _listing(paths: Sequence[str], n: int = 10) -> str:
+    return ", ".join(paths[:n]) + (f" and {len(paths) - n} more" if len(paths) > n else "")
+
+
+def _hms(s: float) -> str:
+    s = int(round(s))
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def _bands_text(bands: Mapping[str, float]) -> str:
+    return ", ".join(f"{k} {v:.4f}" for k, v in bands.items()) or "none"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(
+        prog="python -m stages.noise",
+        description="Measure the run-to-run noise of training: train -> calibrate once per seed offset "
+        "as DVC experiments (the workspace is not touched), then write the spread of every headline "
+        "metric to a metrics file.",
+    )
+    ap.add_argument("--seeds", type=int, required=True, metavar="K", help="runs, with train.seed_offset 1..K")
+    ap.add_argument("--first", type=int, default=1, help="first seed offset (default: %(default)s)")
+    ap.add_argument("--out", type=Path, default=Path("metrics/noise.json"), help="default: %(default)s")
+    ap.add_argument(
+        "--metrics", default="metrics", help="the pipeline's metrics folder (default: %(default)s)"
+    )
+    ap.add_argument(
+        "--raw", default="data/raw", help="the raw data output whose md5 is recorded (default: %(default)s)"
+    )
+    ap.add_argument("--params", type=Path, default=Path("params.yaml"), help="default: %(default)s")
+    ap.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="one more params override for every run (repeatable), e.g. train.common.epochs=1",
+    )
+    ap.add_argument(
+        "--remove",
+        action="store_true",
+        help="remove the experiments after reading them (default: keep them as noise-s<N> "
+        "for dvc exp show / make compare)",
+    )
+    ap.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    args = ap.parse_args(argv)
+    setup_logging(args.verbose)
+
+    def body() -> int:
+        if args.seeds < 1:
+            raise StageError(f"--seeds {args.seeds}: give at least 1 (2 or more for a band)")
+        if args.seeds < 2:
+            log.warning("--seeds 1: one run has no spread; the file will hold no band")
+        from stages.profile import build_overrides
+
+        if any(s.partition("=")[0].strip() == SEED_KEY for s in args.set):
+            raise StageError(f"--set {SEED_KEY}: the noise runs set it themselves ({args.first}..)")
+        overrides = build_overrides(args.params, {}, args.set)
+        sets = [f"{k}={v}" for k, v in overrides.items()]
+        seeds = list(range(args.first, args.first + args.seeds))
+        record = run(
+            seeds,
+            repo=Path.cwd(),
+            out=args.out,
+            metrics_dir=args.metrics,
+            raw=args.raw,
+            sets=sets,
+            remove=args.remove,
+        )
+        bands = {k: s["band"] for k, s in record["ensemble"].items() if s["band"] is not None}
+        log.info(
+            "%s: %d seeds in %s (%s per seed); bands: %s",
+            args.out,
+            len(seeds),
+            _hms(record["cost_s"]),
+            _hms(record["cost_s"] / len(seeds)),
+            _bands_text(bands),
+        )
+        if record["experiments"]:
+            log.info(
+                "experiments kept: %s (dvc exp show; dvc exp remove %s to drop them)",
+                ", ".join(record["experiments"]),
+                " ".join(record["experiments"]),
+            )
+        return 0
+
+    return run_main(body)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -260,15 +260,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     def body() -> int:
-        overrides = build_overrides(
-            args.params, read_profile(args.profile), args.set, source=f"profile {args.profile}"
-        )
+        profile = read_profile(args.profile)
+        merged, raw = merge(args.params, profile, args.set, source=f"profile {args.profile}")
+        overrides = {k: _yaml_value(v) for k, v in raw.items()}
         cmd = ["dvc", "exp", "run"] + (["-n", args.name] if args.name else [])
         for k, v in overrides.items():
             cmd += ["-S", f"{k}={v}"]
         print(shlex.join(cmd), flush=True)
         if args.print:
             return 0
+        if merged.get("train", {}).get("device") == "gpu":
+            # Refuse now, not after download, split, validate and prepare have run (the train
+            # stage would refuse the same way, with the same line).
+            from stages.distribute import visible_gpus
+
+            visible_gpus("gpu")
         t0 = time.perf_counter()
         rc, seconds = run_timed(cmd)
         total = time.perf_counter() - t0

@@ -195,3 +195,23 @@ def test_the_record_keeps_only_the_members_its_params_trained(tmp_path, monkeypa
         "metrics/train/custom_cnn.json",
         "metrics/train/resnet_small.json",
     }
+
+
+def test_a_gpu_profile_without_a_gpu_stops_before_any_stage_runs(capsys):
+    """profiles/gpu.yaml asks train.device: gpu: on tensorflow-cpu the runner refuses at once, with
+    the train stage's line, instead of after the data stages have run for minutes."""
+    from stages.distribute import visible_gpus
+
+    try:
+        visible_gpus("gpu")
+    except Exception:
+        pass
+    else:
+        pytest.skip("this machine has a GPU")
+    rc = main([str(REPO / "profiles" / "gpu.yaml"), "--params", str(REPO / "params.yaml")])
+    out, err = capsys.readouterr()
+    assert rc == 1
+    assert out.startswith("dvc exp run ")  # the command it would have run, and nothing ran
+    assert "Running stage" not in out + err
+    assert err.strip().splitlines()[-1].startswith("error: train.device: gpu, but TensorFlow")
+    assert "make setup GPU=1" in err

@@ -63,6 +63,8 @@ class Layout:
     ensemble_metrics: str = "metrics/ensemble.json"
     calibration_metrics: str = "metrics/calibration.json"
     bundle: str = "models/ensemble"
+    # the bundle's own answers for its test images (calibrate's --served): the gate's candidate side
+    served: str = "data/served"
     production: str = "models/production"
     reports: str = "reports"
     plots_out: str = "reports/plots"

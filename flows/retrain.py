@@ -13,14 +13,18 @@ validation or a crashed stage. Stages that do not depend on each other (``train@
 Every run publishes a markdown summary (artifact ``retrain-summary``) and the metrics diff
 against production (table ``retrain-metrics-diff``); for a bundle fusing metadata both show each
 metric "with metadata" and "image only". The gate and the promotion live in :mod:`flows.promote`
-(a fusion candidate must reach the recall target in both input modes).
+(a fusion candidate must reach the recall target in both input modes). Before the gate, the
+production bundle is scored on the candidate's test images it has not seen (task
+``score-production``): the AUC check is a paired comparison on the same images, and the summary
+and ``production.json`` show it (images paired, images left out, both bundles' numbers, the
+difference and its CI).
 
 The gate judges with the committed thresholds (``promote.*`` and ``calibrate.target_recall`` in
 params.yaml at git HEAD), never with this run's ``params_overrides``: the run under judgement
 must not set its own bar. Only the operator's ``gate_overrides`` parameter changes a threshold,
-for that run, loudly (run log, summary artifact, production record). The summary also says
-whether the candidate learned from production's data version or a newer one (then the two
-test sets may differ, and so may the numbers the AUC checks compare).
+for that run, loudly (run log, summary artifact, production record). The paired bootstrap's seed
+and replicates are the committed ``base.seed`` and ``evaluate.bootstrap_samples`` too. The
+summary also says whether the candidate learned from production's data version or a newer one.
 
 Run it once, locally, with no server (ephemeral API)::
 
@@ -74,6 +78,8 @@ from flows.dvcops import (
     set_params,
 )
 from flows.promote import (
+    PAIRED_GATE_KEY,
+    PairedGate,
     commit_and_tag,
     decide,
     dirty_code,
@@ -82,12 +88,15 @@ from flows.promote import (
     gate_metrics,
     head_commit,
     in_git,
+    paired_production,
     promote_bundle,
     read_production,
     tag_exists,
     utc_tag,
 )
-from flows.report import RunReport, _table, diff_table, fmt, render_summary
+from flows.report import RunReport, _table, diff_table, fmt, mode_label, render_summary
+from stages.bundle import SEEN_FILE
+from stages.paired import PAIRED_KEYS
 from stages.params import Params, ParamsError, load_params, parse_params
 
 __all__ = [
@@ -206,6 +215,42 @@ def promote_candidate(root: str, record: dict[str, Any], git_tag: str | None) ->
     return out
 
 
+@task(name="score-production", cache_policy=NONE)
+def score_production(root: str, samples: int, seed: int) -> PairedGate:
+    """Production's answers for the candidate's test images it has not seen, compared with the
+    candidate's own lesion by lesion (TensorFlow loads here, in the flow's process)."""
+    return _score_production(Layout(Path(root)), samples, seed)
+
+
+def _score_production(layout: Layout, samples: int, seed: int) -> PairedGate:
+    logger = _logger()
+    served = _served(layout)
+    logger.info("scoring %s on the candidate's test images (%s)", layout.production, served)
+    out = paired_production(
+        layout.path(layout.production),
+        layout.path(served),
+        layout.path(layout.raw) / "images",
+        samples=samples,
+        seed=seed,
+        names={"production": layout.production, "served": served, "images": f"{layout.raw}/images"},
+    )
+    if out.unavailable:
+        logger.warning("no paired comparison: %s", out.unavailable)
+    else:
+        logger.info(
+            "paired: %d images (%d left out: seen by production), %s",
+            out.n_images,
+            out.n_left_out,
+            "; ".join(f"{m.mode} {PAIRED_GATE_KEY} {m.diffs[PAIRED_GATE_KEY].diff:+.3f}" for m in out.modes),
+        )
+    return out
+
+
+def _served(layout: Layout) -> str:
+    """The calibrate stage's served test answers (its --served folder in dvc.yaml)."""
+    return layout.served
+
+
 @task(name="dvc-push", **_RETRY)
 def push(root: str) -> str:
     # --run-cache: another machine's `dvc repro --pull` then restores unchanged stages' outputs
@@ -247,6 +292,8 @@ def _run_wave(root: str, wave: list[str], devices: list[str], pull: bool) -> lis
 # stage's knob: overriding it retunes the candidate's threshold, so it is not a gate override.
 GATE_KEYS = ("promote.max_auc_drop", "promote.min_test_recall")
 GATE_INPUTS = (*GATE_KEYS, "calibrate.target_recall")
+# Read from the committed params too: the paired bootstrap's seed and replicates.
+PAIRED_INPUTS = ("base.seed", "evaluate.bootstrap_samples")
 
 
 @dataclass(frozen=True)
@@ -257,6 +304,10 @@ class Gate:
     max_auc_drop: float
     source: str  # where the committed values were read
     committed: dict[str, Any]  # GATE_INPUTS as committed (defaults filled in)
+    # The paired comparison's lesion bootstrap: the committed base.seed, evaluate.bootstrap_samples
+    # (fewer replicates give a narrower 2.5% quantile: a run must not choose them for itself).
+    seed: int
+    bootstrap_samples: int
     overrides: dict[str, Any] = field(default_factory=dict)  # the operator's gate_overrides
     ignored: dict[str, Any] = field(default_factory=dict)  # params_overrides of GATE_INPUTS
 
@@ -280,8 +331,9 @@ def _recall_bar(values: Mapping[str, Any]) -> float:
 def _gate_params(raw: Mapping[str, Any], overrides: Mapping[str, Any] | None = None) -> Params:
     """The gate inputs of a parsed params.yaml (the rest left at its defaults), validated."""
     sections: dict[str, Any] = {"promote": {}, "calibrate": {}}
-    for key in GATE_INPUTS:
+    for key in (*GATE_INPUTS, *PAIRED_INPUTS):
         section, name = key.split(".")
+        sections.setdefault(section, {})
         node = raw.get(section) if isinstance(raw, Mapping) else None
         if isinstance(node, Mapping) and name in node:
             sections[section][name] = node[name]
@@ -306,9 +358,10 @@ def resolve_gate(
             f"gate_overrides: {bad[0]!r} is not a gate threshold; use {' or '.join(GATE_KEYS)}"
         )
     try:
-        committed = _gate_values(_gate_params(committed_raw))
+        committed_params = _gate_params(committed_raw)
     except ParamsError as e:
         raise RetrainFailed(f"{source}: {e}") from None
+    committed = _gate_values(committed_params)
     try:
         used = _gate_values(_gate_params(committed_raw, overrides))
     except ParamsError as e:
@@ -323,6 +376,8 @@ def resolve_gate(
         committed=committed,
         overrides=overrides,
         ignored=ignored,
+        seed=committed_params.base.seed,
+        bootstrap_samples=committed_params.evaluate.bootstrap_samples,
     )
 
 
@@ -394,11 +449,16 @@ def data_versions(lock: Mapping[str, str], layout: Layout) -> dict[str, str]:
 
 
 def compare_data(
-    candidate: Mapping[str, str], production: Mapping[str, Any] | None, layout: Layout
+    candidate: Mapping[str, str],
+    production: Mapping[str, Any] | None,
+    layout: Layout,
+    *,
+    paired: bool = False,
 ) -> dict[str, Any]:
     """Whether the candidate learned from production's data version (``same``) or another one
     (``newer``: production's record is older than this run, so unless someone rolled the data
-    back, the current dvc.lock holds newer data); ``unknown`` when a record lacks versions."""
+    back, the current dvc.lock holds newer data); ``unknown`` when a record lacks versions.
+    ``paired``: the gate scored both bundles on the same images (the note then says so)."""
     out: dict[str, Any] = {"candidate": dict(candidate), "production": {}, "changed": [], "note": ""}
     if production is None:
         return {**out, "status": "no production"}
@@ -416,11 +476,18 @@ def compare_data(
         if len(compared) < len(layout.data_outputs):
             note += f" (as far as {', '.join(compared)} show)"
         return {**out, "status": "same", "note": note}
-    note = (
-        f"trained on newer data than production ({', '.join(changed)} changed): the test sets "
-        "may differ, so the AUC checks compare production's numbers on its own test set with the "
-        "candidate's on this one, not the two models on the same images"
-    )
+    if paired:
+        note = (
+            f"trained on newer data than production ({', '.join(changed)} changed): the AUC checks "
+            "compare the two on the candidate's test images production has not seen (see the "
+            "paired comparison)"
+        )
+    else:
+        note = (
+            f"trained on newer data than production ({', '.join(changed)} changed): the test sets "
+            "may differ, so the AUC checks compare production's numbers on its own test set with the "
+            "candidate's on this one, not the two models on the same images"
+        )
     return {**out, "status": "newer", "changed": changed, "note": note}
 
 
@@ -442,8 +509,11 @@ def gate_markdown(gate: Mapping[str, Any], layout: Layout) -> list[str]:
                 ("test malignant recall, in every input mode of the bundle (`promote.min_test_recall`, "
                  "null: `calibrate.target_recall`)",
                  fmt(_recall_bar(committed)), fmt(th["target_recall"])),
-                ("AUC drop allowed (`promote.max_auc_drop`)", fmt(committed["promote.max_auc_drop"]),
+                ("AUC drop allowed (`promote.max_auc_drop`; paired: the lower bound of the CI of the "
+                 "macro AUC difference on the same images)", fmt(committed["promote.max_auc_drop"]),
                  fmt(th["max_auc_drop"])),
+                ("paired lesion bootstrap: replicates, seed (`evaluate.bootstrap_samples`, `base.seed`)",
+                 *[f"{th['bootstrap_samples']}, seed {th['seed']}"] * 2),
             ],
         )  # fmt: skip
         lines += ["", f"Committed values from {th['source']}."]
@@ -468,7 +538,54 @@ def gate_markdown(gate: Mapping[str, Any], layout: Layout) -> list[str]:
             verdict = "—" if old is None or new is None else ("same" if old == new else "changed")
             rows.append((f"`{path}`", f"`{old}`" if old else "—", f"`{new}`" if new else "—", verdict))
         lines += _table(["output (md5 in dvc.lock)", "production", "candidate", ""], rows) + [""]
+    if gate.get("paired"):
+        lines += paired_markdown(gate["paired"], (th or {}).get("max_auc_drop"))
     return lines
+
+
+def _signed(v: float | None) -> str:
+    return "—" if v is None else f"{v:+.3f}"
+
+
+def paired_markdown(paired: Mapping[str, Any], max_auc_drop: float | None) -> list[str]:
+    """The summary's section on the paired comparison (``PairedGate.as_dict()``)."""
+    lines = ["## Paired comparison with production", ""]
+    if paired.get("unavailable"):
+        lines += [
+            f"Not compared on the same images: {paired['unavailable']}. The AUC checks compare each "
+            "bundle's stored test metrics.",
+            "",
+        ]
+        return lines
+    level = round(100 * paired["level"])
+    failed = f", less {paired['n_failed']} production could not score" if paired["n_failed"] else ""
+    rule = (
+        f" The gate: the lower bound of the {PAIRED_GATE_KEY} CI >= {-max_auc_drop:+.3f} in every input mode."
+        if max_auc_drop is not None
+        else ""
+    )
+    first = paired["modes"][0]
+    lines += [
+        f"Both bundles scored on the same **{first['n_images']}** test images ({first['n_lesions']} "
+        f"lesions): the candidate's {paired['n_test']} test images less **{paired['n_left_out']}** "
+        f"({paired['n_lesions_left_out']} lesions) production trained, tuned or calibrated on{failed}. "
+        f"Difference = candidate - production, {level}% CI of {paired['samples']} lesion-bootstrap "
+        f"replicates (seed {paired['seed']}).{rule}",
+        "",
+    ]
+    rows = []
+    for m in paired["modes"]:
+        for key in PAIRED_KEYS:
+            d = m["metrics"].get(key)
+            if d is None:
+                continue
+            ci = f"[{_signed(d['ci_low'])}, {_signed(d['ci_high'])}]"
+            shown = f"**{key}**" if key == PAIRED_GATE_KEY else key
+            rows.append((mode_label(m["mode"]), shown, fmt(d["production"]), fmt(d["candidate"]),
+                         _signed(d["diff"]), ci))  # fmt: skip
+    lines += _table(["input mode", "metric", "production", "candidate", "difference", f"{level}% CI"], rows)
+    lines += [""] + [f"- {note}" for note in paired.get("notes") or []]
+    return lines + ([""] if paired.get("notes") else [])
 
 
 def render(report: RunReport, layout: Layout) -> str:
@@ -699,9 +816,12 @@ def _log_gate(gate: Gate) -> None:
             {k: gate.committed[k] for k in gate.ignored},
         )
     logger.info(
-        "gate: test malignant recall >= %.3f in every input mode, AUC drop <= %.3f (%s)",
+        "gate: test malignant recall >= %.3f in every input mode, AUC drop <= %.3f (paired with "
+        "production: lower bound of the 95%% CI of the macro AUC difference, %d replicates, seed %d) (%s)",
         gate.target_recall,
         gate.max_auc_drop,
+        gate.bootstrap_samples,
+        gate.seed,
         gate.source,
     )
 
@@ -726,15 +846,20 @@ def _gate_and_promote(
         report.outcome = "not promoted"
         report.reason = f"this run did not reproduce {layout.bundle_stage!r}"
         return
+    paired = _paired(layout, production, gate)
     decision = decide(
         gate_metrics(report.metrics, layout),
         gate_metrics(production.get("metrics") or {}, layout) if production else None,
         target_recall=gate.target_recall,
         max_auc_drop=gate.max_auc_drop,
+        paired=paired,
     )
     lock = lock_hashes(layout.root)
-    data = compare_data(data_versions(lock, layout), production, layout)
+    is_paired = paired is not None and paired.unavailable is None
+    data = compare_data(data_versions(lock, layout), production, layout, paired=is_paired)
     report.gate = {**decision.as_dict(), "thresholds": gate.as_dict(), "data": data}
+    if paired is not None:
+        report.gate["paired"] = paired.as_dict()
     reason = decision.reason
     if gate.overrides:
         reason += " (gate overridden: " + ", ".join(f"{k}={v}" for k, v in gate.overrides.items()) + ")"
@@ -770,6 +895,17 @@ def _gate_and_promote(
         report.promotion["gate_overrides"] = ", ".join(f"{k}={v}" for k, v in gate.overrides.items())
     report.outcome, report.reason = "promoted", reason
     result["promoted"], result["tag"] = True, tag
+
+
+def _paired(layout: Layout, production: dict[str, Any] | None, gate: Gate) -> PairedGate | None:
+    """The paired comparison with production (None before the first promotion). A production
+    bundle without seen.json falls back here, before anything loads TensorFlow."""
+    if production is None:
+        return None
+    if (layout.path(layout.production) / SEEN_FILE).is_file():
+        return score_production(str(layout.root), gate.bootstrap_samples, gate.seed)
+    # no task run: the comparison stops at the missing file and says so
+    return _score_production(layout, gate.bootstrap_samples, gate.seed)
 
 
 def _last(text: str) -> str:

@@ -12,13 +12,23 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
 from flows.retrain import plan, retrain
+from stages.common import CLASSES
 from tests.integration.toy_pipeline import make_toy_repo
 
 pytestmark = pytest.mark.slow
+
+# The toy's bundles are not real ones and record no seen.json: the gate falls back to the stored
+# metrics and says so (the real comparison: test_the_gate_scores_production_on_the_same_images).
+NOT_PAIRED = (
+    "not compared on the same images: models/production has no seen.json (a bundle from before it was "
+    "recorded): which images it learned from is unknown; the AUC checks compare each bundle's stored "
+    "test metrics"
+)
 
 
 @pytest.fixture
@@ -108,7 +118,8 @@ def test_promotes_then_keeps_production_when_the_gate_fails(toy, prefect_api):
     assert not r2["promoted"]
     assert r2["reason"] == (
         "malignant_auc 0.730 vs production 0.810 (-0.080; drop allowed 0.010): too low; "
-        "macro_auc 0.720 vs production 0.800 (-0.080; drop allowed 0.010): too low"
+        "macro_auc 0.720 vs production 0.800 (-0.080; drop allowed 0.010): too low; "
+        f"{NOT_PAIRED}"
     )
     assert r2["gate"]["checks"][0]["detail"] == "test_malignant_recall 0.960 >= target 0.950"
     assert r2["stages"]["download"] == "skipped" and r2["stages"]["calibrate"] == "ran"
@@ -124,6 +135,7 @@ def test_promotes_then_keeps_production_when_the_gate_fails(toy, prefect_api):
     assert "Outcome:** not promoted: malignant_auc 0.730 vs production 0.810" in md2
     assert "params_overrides of gate inputs, not used by the gate: `promote.max_auc_drop=1.0`" in md2
     assert "## Data version: same as production" in md2
+    assert "## Paired comparison with production\n\nNot compared on the same images: models/production" in md2
     table = arts2["retrain-metrics-diff"].data
     rows = {(r["file"], r["metric"]): r for r in (json.loads(table) if isinstance(table, str) else table)}
     assert rows[("metrics/ensemble.json", "malignant_auc")] == {
@@ -153,7 +165,7 @@ def test_promotes_then_keeps_production_when_the_gate_fails(toy, prefect_api):
     art3 = _artifacts(state3.state_details.flow_run_id)["retrain-summary"]
     assert art3.description == "retrain: promoted (GATE OVERRIDDEN)"
     assert "**GATE OVERRIDDEN by the operator (gate_overrides), this run only:** " in art3.data
-    assert "| AUC drop allowed (`promote.max_auc_drop`) | 0.010 | 0.100 |" in art3.data
+    assert "the macro AUC difference on the same images) | 0.010 | 0.100 |" in art3.data
 
 
 def test_validation_failure_stops_before_training(toy, prefect_api):
@@ -285,3 +297,73 @@ def test_a_fusion_candidate_must_reach_the_recall_target_in_both_input_modes(toy
     record = json.loads((toy / "models" / "production" / "production.json").read_text())
     calibration = record["metrics"]["metrics/calibration.json"]
     assert calibration["test_malignant_recall"] == calibration["test_malignant_recall_image_only"] == 0.96
+
+
+def test_the_gate_scores_production_on_the_same_images(toy, prefect_api, tmp_path, monkeypatch):
+    """Issue 20, item 6, through the flow: the candidate bundle is a real one (TOY_REAL), so after
+    the first promotion the next run scores production on the candidate's test images it has not
+    seen (task score-production) and decides on the paired CI. The stored toy metrics are equal
+    for both runs: only the paired comparison can tell the candidates apart."""
+    from flows.promote import score_requests
+    from stages.predictions import write_predictions
+    from stages.scoring import IMAGE_ONLY
+    from tests.conftest import make_jpeg
+    from tests.unit.test_gate_paired import served, with_probs
+    from tests.unit.test_serve import make_bundle
+
+    real = tmp_path / "real"
+    make_bundle(real / "bundle")
+    rows = served(n_lesions=30, seed=4)[["image_id", "lesion_id", "dx", "age", "sex", "localization"]]
+    for k, image_id in enumerate(rows["image_id"]):
+        make_jpeg(real / "images" / f"{image_id}.jpg", size=(48, 40), seed=k)
+    frames, failed, _ = score_requests(real / "bundle", rows, real / "images", (IMAGE_ONLY,))
+    assert not failed
+    own = frames[IMAGE_ONLY]
+    write_predictions(own, real / "served.csv")
+    seen_lesion = rows["lesion_id"].iloc[0]
+    n_seen = int((rows["lesion_id"] == seen_lesion).sum())
+    (real / "seen.json").write_text(json.dumps({
+        "format_version": 1, "splits": ["train", "val"], "lesion_ids": [seen_lesion], "image_ids": [],
+    }))  # fmt: skip
+    monkeypatch.setenv("TOY_REAL", str(real))
+
+    first = retrain(return_state=True)
+    assert first.is_completed() and first.result()["promoted"], first.message
+    prod = toy / "models" / "production"
+    assert (prod / "seen.json").is_file()
+
+    # The same bundle again (a candidate equal to production): promoted on the paired CI [0, 0].
+    again = retrain(params_overrides={"calibrate.ece_bins": 10}, return_state=True)
+    assert again.is_completed() and again.name == "Completed", again.message
+    r2 = again.result()
+    n = len(rows) - n_seen
+    auc = next(c for c in r2["gate"]["checks"] if c["name"] == "macro_auc")
+    same = f"on the same {n} test images ({n_seen} left out: seen by production): "
+    assert auc["passed"] and same + "+0.000, 95% CI [+0.000, +0.000]" in auc["detail"]
+    paired = r2["gate"]["paired"]
+    assert (paired["n_test"], paired["n_left_out"], paired["n_images"]) == (len(rows), n_seen, n)
+    record = json.loads((prod / "production.json").read_text())
+    assert record["gate"]["paired"]["modes"][0]["metrics"]["macro_auc"]["diff"] == 0.0
+    names = set(_task_runs(again.state_details.flow_run_id))
+    assert "score-production" in {name.rsplit("-", 1)[0] for name in names}, names
+
+    # A candidate sure of the wrong class for every image, with the same stored metrics: refused
+    # on the paired CI; production stays as it was.
+    before = _snapshot(prod)
+    wrong = (own["dx"].map({c: i for i, c in enumerate(CLASSES)}).to_numpy() + 1) % len(CLASSES)
+    logits = np.full((len(own), len(CLASSES)), -6.0)
+    logits[np.arange(len(own)), wrong] = 6.0
+    worse = with_probs(own, logits)
+    for c in CLASSES:
+        worse[f"logit_{c}"] = np.log(worse[f"prob_{c}"])
+    write_predictions(worse, real / "served.csv")
+    third = retrain(params_overrides={"calibrate.ece_bins": 12}, return_state=True)
+    assert third.is_completed() and third.name == "Not promoted", third.message
+    r3 = third.result()
+    assert r3["reason"].startswith("macro_auc ") and same + "-" in r3["reason"]
+    assert "95% CI [" in r3["reason"] and r3["reason"].endswith("): too low")
+    assert _snapshot(prod) == before
+    md = _artifacts(third.state_details.flow_run_id)["retrain-summary"].data
+    assert f"Both bundles scored on the same **{n}** test images" in md
+    assert f"less **{n_seen}** (1 lesions) production trained, tuned or calibrated on" in md
+    assert "| image only | **macro_auc** |" in md

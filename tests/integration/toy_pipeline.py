@@ -16,6 +16,10 @@ project's real params.yaml:
   metadata) the image-only recall is 0.30: the gate refuses the candidate on that mode alone.
 * env ``TOY_TRAIN_SECONDS``: each train stage sleeps that long and records its
   ``CUDA_VISIBLE_DEVICES`` and start/end times in ``models/<bb>/run.json``.
+* env ``TOY_REAL``: a folder with a real bundle (``bundle/``), JPEGs (``images/``), the
+  bundle's served test answers (``served.csv``) and ``seen.json``. download copies the images
+  into ``data/raw/images``; calibrate makes that bundle the candidate (with ``seen.json``) and
+  its served answers ``data/served/test.csv``, so the gate can score production for real.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 
 STAGE_SCRIPT = r"""
-import json, sys, time
+import json, os, shutil, sys, time
 from pathlib import Path
 
 import yaml
@@ -45,6 +49,7 @@ def out(path, data):
 auc = min(0.99, 0.70 + 0.02 * p["train"]["common"]["epochs"])
 fusion = any(p["train"]["backbone"][bb]["fusion"] for bb in p["train"]["backbones"])
 image_only_recall = 0.96 if p["train"]["common"]["metadata_dropout"] > 0 else 0.30
+real = os.environ.get("TOY_REAL")
 
 
 def image_only(metrics, **changed):
@@ -56,6 +61,8 @@ def image_only(metrics, **changed):
 
 if stage == "download":
     out("data/raw/metadata.csv", "lesion_id,image_id,dx\n" + "HAM_1,ISIC_0000001,nv\n" * 11)
+    if real:
+        shutil.copytree(Path(real) / "images", "data/raw/images")
 elif stage == "split":
     out("data/split/split.csv", "image_id,split\n")
     out("metrics/split.json", {"n_train": 7, "n_val": 2, "n_test": 2, "n_groups": 9, "leakage": 0})
@@ -72,8 +79,6 @@ elif stage == "validate":
 elif stage == "prepare":
     out("data/prepared/shard-0.txt", "x")
 elif stage == "train":
-    import os
-
     print(f"training {rest[0]}", flush=True)
     start = time.time()
     time.sleep(float(os.environ.get("TOY_TRAIN_SECONDS", "0")))
@@ -91,8 +96,15 @@ elif stage == "ensemble":
         "malignant_auc_ci_high": auc + 0.04}, macro_auc=auc - 0.02, malignant_auc=auc - 0.01,
         malignant_auc_ci_low=auc - 0.05, malignant_auc_ci_high=auc + 0.02))
 elif stage == "calibrate":
-    out("models/ensemble/bundle.json", {"members": p["train"]["backbones"], "threshold": 0.2,
-        "target_recall": p["calibrate"]["target_recall"]})
+    if real:
+        shutil.rmtree("models/ensemble", ignore_errors=True)
+        shutil.copytree(Path(real) / "bundle", "models/ensemble")
+        shutil.copy(Path(real) / "seen.json", "models/ensemble/seen.json")
+        Path("data/served").mkdir(parents=True, exist_ok=True)
+        shutil.copy(Path(real) / "served.csv", "data/served/test.csv")
+    else:
+        out("models/ensemble/bundle.json", {"members": p["train"]["backbones"], "threshold": 0.2,
+            "target_recall": p["calibrate"]["target_recall"]})
     out("metrics/calibration.json", {**image_only({"threshold": 0.2, "test_malignant_recall": 0.96,
         "test_specificity": 0.5, "test_ppv": 0.3, "referrals_per_100": 61.0, "ece_before": 0.1,
         "ece_after": 0.05}, test_malignant_recall=image_only_recall, threshold=0.25),

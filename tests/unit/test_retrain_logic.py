@@ -521,7 +521,8 @@ def test_a_fusion_candidate_refused_on_its_image_only_recall_says_so_in_the_summ
     assert not result["promoted"] and promotions == []
     assert report.reason == (
         "test_malignant_recall_image_only (image only) 0.300 < target 0.950; production has no image-only "
-        "metrics (a one-mode bundle): only the AUCs with metadata are compared, the image-only ones are not"
+        f"metrics (a one-mode bundle): only the AUCs with metadata are compared, the image-only ones are not; "
+        f"{NOT_PAIRED}"
     )
     md = render(report, layout)
     assert "**Outcome:** not promoted: test_malignant_recall_image_only (image only) 0.300" in md
@@ -544,6 +545,12 @@ def _metrics(recall: float, auc: float) -> dict[str, dict[str, float]]:
 
 
 WEAK = _metrics(0.60, 0.60)  # recall 0.60 < 0.95; AUCs 0.30 below production's
+# These records have no production bundle beside them, so no seen.json: the gate falls back.
+NOT_PAIRED = (
+    "not compared on the same images: models/production has no seen.json (a bundle from before it was "
+    "recorded): which images it learned from is unknown; the AUC checks compare each bundle's stored "
+    "test metrics"
+)
 PRODUCTION_RECORD = {"metrics": _metrics(0.96, 0.90), "data_versions": RAW_LOCK, "data_version": "r1.dir"}
 
 
@@ -600,7 +607,7 @@ def test_params_overrides_do_not_loosen_the_gate(committed, promotions):
     assert report.reason == (
         "test_malignant_recall 0.600 < target 0.950; "
         "malignant_auc 0.600 vs production 0.900 (-0.300; drop allowed 0.010): too low; "
-        "macro_auc 0.600 vs production 0.900 (-0.300; drop allowed 0.010): too low"
+        f"macro_auc 0.600 vs production 0.900 (-0.300; drop allowed 0.010): too low; {NOT_PAIRED}"
     )
     th = report.gate["thresholds"]
     assert (th["target_recall"], th["max_auc_drop"], th["overrides"]) == (0.95, 0.01, {})
@@ -649,7 +656,7 @@ def test_gate_overrides_change_the_gate_and_are_recorded(committed, promotions):
         "`promote.max_auc_drop=0.5` (committed: 0.010), `promote.min_test_recall=0.5` (committed: —)." in md
     )
     assert md.index("## Gate thresholds") < md.index("## Promotion gate")
-    assert "| AUC drop allowed (`promote.max_auc_drop`) | 0.010 | 0.500 |" in md
+    assert "the macro AUC difference on the same images) | 0.010 | 0.500 |" in md
     # what the promotion commits: the committed bar (the run's target_recall 0.5 stays: dvc.lock
     # records it, so the recall bar moves to promote.min_test_recall)
     assert record["gate_pinned"] == {"promote.max_auc_drop": 0.01, "promote.min_test_recall": 0.95}

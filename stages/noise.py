@@ -466,6 +466,13 @@ def run(
             created.append(name)
             ref = git.exp_ref(baseline, name)
             if ref is None:
+                now = git.baseline()
+                if now != baseline:
+                    raise StageError(
+                        f"seed {seed}: HEAD moved from {baseline[:7]} to {now[:7]} while the noise runs ran "
+                        "(a commit or checkout): the experiments belong to different commits; run make "
+                        "noise again and commit only after it ends"
+                    )
                 raise StageError(
                     f"seed {seed}: dvc exp run succeeded but experiment {name} is not under refs/exps"
                 )
@@ -483,6 +490,12 @@ def run(
         if remove and created:
             _dvc_quiet(git, "exp", "remove", *created)
     cost = time.perf_counter() - t_all
+    if not changed:
+        # The committed run is one more run of the same data, params and code (seed offset 0):
+        # it counts when its record says so, which makes the spread of K + 1 runs for K's cost.
+        committed = _committed_run(git, baseline, metrics_dir, raw, contexts[0])
+        if committed is not None:
+            seeds, contexts, runs = [0, *seeds], [committed[0], *contexts], [committed[1], *runs]
     record = noise_record(
         seeds,
         runs,
@@ -511,6 +524,28 @@ def run(
             "another process, or dvc touched it; check git status"
         )
     return record
+
+
+def _committed_run(
+    git: Repo, baseline: str, metrics_dir: str, raw: str, like: Mapping[str, Any]
+) -> tuple[dict[str, Any], tuple] | None:
+    """The run committed at ``baseline`` as a (context, values) like :func:`collect` gives, when
+    its data version and params (but the seed) are those of the noise runs; else None (said)."""
+    try:
+        context, values = collect(git, baseline, 0, metrics_dir)
+    except StageError as e:
+        log.info("the committed run is not counted: %s", e)
+        return None
+    if lock_out_md5(context["lock"], raw) != lock_out_md5(like["lock"], raw) or params_digest(
+        context["params"]
+    ) != params_digest(like["params"]):
+        log.info("the committed run is not counted: its data version or params differ from the runs'")
+        return None
+    if (context["params"].get("train") or {}).get("seed_offset", 0) != 0:
+        log.info("the committed run is not counted: its train.seed_offset is not 0")
+        return None
+    log.info("the committed run (%s, seed offset 0) is counted with the new runs", baseline[:7])
+    return context, values
 
 
 def _same(contexts: Sequence[Mapping[str, Any]], seeds: Sequence[int], get: Any, what: str) -> Any:
@@ -553,7 +588,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         "as DVC experiments (the workspace is not touched), then write the spread of every headline "
         "metric to a metrics file.",
     )
-    ap.add_argument("--seeds", type=int, required=True, metavar="K", help="runs, with train.seed_offset 1..K")
+    ap.add_argument(
+        "--seeds",
+        type=int,
+        required=True,
+        metavar="K",
+        help="new runs, with train.seed_offset 1..K; the committed run (offset 0) joins them when its "
+        "data, params and code are the same",
+    )
     ap.add_argument("--first", type=int, default=1, help="first seed offset (default: %(default)s)")
     ap.add_argument("--out", type=Path, default=Path("metrics/noise.json"), help="default: %(default)s")
     ap.add_argument(

@@ -457,7 +457,8 @@ def _read_json(path: Path, shown: str) -> dict[str, Any]:
 
 
 def read_bands(runs: Sequence[RunData], layout: Layout) -> tuple[dict[str, float], str | None]:
-    """The headline noise bands of the first run that has a noise file (B, then A)."""
+    """The headline noise bands of the first run that has a noise file (B, then A), else the
+    workspace's."""
     from stages.noise import NoiseFileError, noise_bands
 
     for data in runs:
@@ -469,6 +470,14 @@ def read_bands(runs: Sequence[RunData], layout: Layout) -> tuple[dict[str, float
             return noise_bands(path), shown
         except NoiseFileError as e:
             raise StageError(str(e).replace(str(path), shown)) from None
+    # Runs made before the noise file (e.g. make noise's own experiments): the band committed
+    # now, said as such.
+    here = runs[0].files.root / layout.noise if runs else None
+    if here is not None and here.is_file():
+        try:
+            return noise_bands(here), f"{layout.noise} of the workspace (neither run has one)"
+        except NoiseFileError as e:
+            raise StageError(str(e)) from None
     return {}, None
 
 

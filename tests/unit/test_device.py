@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import write_raw
+from tests.conftest import write_raw
 
 from stages.common import CLASSES, StageError
 from stages.params import ParamsError, load_params, parse_params

@@ -170,7 +170,7 @@ class ScoringFailed(RuntimeError):
 def leave_out_seen(frame: pd.DataFrame, seen: Any) -> tuple[pd.DataFrame, int, int]:
     """The rows of a served frame neither whose lesion nor whose image ``seen``
     (:class:`stages.bundle.Seen`) holds, and how many images and lesions were left out."""
-    keep = seen.unseen(frame["lesion_id"].astype(str).tolist(), frame["image_id"].astype(str).tolist())
+    keep = seen.unseen_rows(frame)
     gone = frame[~keep]
     return frame[keep].reset_index(drop=True), len(gone), int(gone["lesion_id"].nunique())
 

@@ -76,6 +76,10 @@ class Seen:
         image_seen = np.isin(np.asarray(image_ids, dtype=str), list(self.image_ids))
         return ~(lesion_seen | image_seen)
 
+    def unseen_rows(self, frame: Any) -> np.ndarray:
+        """:meth:`unseen` for the rows of a frame with ``lesion_id`` and ``image_id`` columns."""
+        return self.unseen(frame["lesion_id"].astype(str).tolist(), frame["image_id"].astype(str).tolist())
+
 
 def seen_record(split: Any) -> dict[str, Any]:
     """The ``seen.json`` content for a split frame (columns image_id, lesion_id, split)."""

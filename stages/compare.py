@@ -498,12 +498,6 @@ class Rescore:
         return {k: v for k, v in self.__dict__.items() if k not in ("frames", "modes")}
 
 
-def unseen_rows(frame: pd.DataFrame, seen: Any) -> np.ndarray:
-    """Mask of a served frame's rows that a bundle with ``seen`` (:class:`stages.bundle.Seen`)
-    never trained, tuned or calibrated on: neither the image nor its lesion."""
-    return seen.unseen(frame["lesion_id"].astype(str).tolist(), frame["image_id"].astype(str).tolist())
-
-
 def seen_of_a(a: RunData, bundle_dir: Path, layout: Layout) -> tuple[Any, str]:
     """What A's bundle has seen (:class:`stages.bundle.Seen`) and where that was read: its
     seen.json, else, for a bundle older than the file, A's split's train + val rows."""
@@ -540,7 +534,7 @@ def rescore(
     assert bundle_dir is not None
     seen, source = seen_of_a(a, bundle_dir, layout)
     test = b.frames[""]
-    keep = unseen_rows(test, seen)
+    keep = seen.unseen_rows(test)
     ids = test.loc[keep, "image_id"].astype(str).tolist()
     left = test.loc[~keep]
     log.info(

@@ -417,15 +417,18 @@ def bootstrap_ci(
     if progress is not None:
         it = progress(it)
     rows = [statistic(idx) for idx in it]
+    return {key: percentile_ci([r[key] for r in rows], level) for key in rows[0]}
+
+
+def percentile_ci(replicates: Sequence[float] | np.ndarray, level: float = 0.95) -> tuple[float, float]:
+    """The percentile interval of bootstrap replicates, those that are nan (a statistic undefined
+    on that draw) left out; (nan, nan) when none is defined."""
+    v = np.asarray(replicates, dtype=np.float64)
+    v = v[~np.isnan(v)]
+    if not v.size:
+        return (math.nan, math.nan)
     alpha = (1.0 - level) / 2
-    out = {}
-    for key in rows[0]:
-        v = np.array([r[key] for r in rows], dtype=np.float64)
-        v = v[~np.isnan(v)]
-        out[key] = (
-            (float(np.quantile(v, alpha)), float(np.quantile(v, 1 - alpha))) if v.size else (np.nan, np.nan)
-        )
-    return out
+    return (float(np.quantile(v, alpha)), float(np.quantile(v, 1 - alpha)))
 
 
 def paired_mean_ci(
@@ -444,8 +447,7 @@ def paired_mean_ci(
         return (float(d.mean()), math.nan, math.nan)
     draws = rng.integers(0, sums.size, (n_samples, sums.size))
     means = sums[draws].sum(axis=1) / counts[draws].sum(axis=1)
-    alpha = (1.0 - level) / 2
-    return (float(d.mean()), float(np.quantile(means, alpha)), float(np.quantile(means, 1 - alpha)))
+    return (float(d.mean()), *percentile_ci(means, level))
 
 
 # --------------------------------------------------------------------------- recall-first threshold

@@ -12,7 +12,6 @@ A served frame is what the calibrate stage writes to ``data/served/test*.csv`` (
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -29,6 +28,7 @@ from stages.metrics import (
     malignant_score,
     malignant_truth,
     operating_point,
+    percentile_ci,
 )
 
 # The headline of one input mode, in the order they are shown. The served test metrics of
@@ -186,13 +186,8 @@ def paired_bootstrap(
         sa, sb = _statistics(arr_a.take(idx)), _statistics(arr_b.take(idx))
         for k in PAIRED_KEYS:
             draws[k].append(sb[k] - sa[k])
-    alpha = (1.0 - level) / 2
     out = {}
     for k in PAIRED_KEYS:
-        v = np.array(draws[k], dtype=np.float64)
-        v = v[~np.isnan(v)]
-        lo, hi = (math.nan, math.nan)
-        if v.size:
-            lo, hi = float(np.quantile(v, alpha)), float(np.quantile(v, 1 - alpha))
+        lo, hi = percentile_ci(draws[k], level)
         out[k] = PairedDiff(k, point_a[k], point_b[k], point_b[k] - point_a[k], lo, hi)
     return out

@@ -27,7 +27,6 @@ from stages.compare import (
     lock_out_md5,
     lock_tracks,
     params_diff,
-    unseen_rows,
     verdict,
 )
 from stages.metrics import malignant_score
@@ -211,7 +210,7 @@ def test_rescoring_leaves_out_every_image_whose_lesion_or_image_a_has_seen():
     b_test = served_frame(1, n_lesions=20)
     lesion_seen = b_test["lesion_id"].iloc[0]  # a lesion A trained on, all its images
     image_seen = b_test["image_id"].iloc[-1]  # an image A calibrated on (e.g. a cross-id duplicate)
-    keep = unseen_rows(b_test, Seen(frozenset({lesion_seen}), frozenset({image_seen})))
+    keep = Seen(frozenset({lesion_seen}), frozenset({image_seen})).unseen_rows(b_test)
     left = b_test[~keep]
     assert set(left["lesion_id"]) >= {lesion_seen}
     assert (b_test["lesion_id"] == lesion_seen).sum() + 1 == len(left)

@@ -50,7 +50,7 @@ $(STAMP): $(LOCK) pyproject.toml
 
 demo: setup  ## set up, then run the whole pipeline on the embedded synthetic set (offline)
 	$(BIN)/dvc repro
-	@echo; $(BIN)/python -m stages.summary --metrics metrics --diff HEAD
+	@echo; $(BIN)/python -m tools.summary --metrics metrics --diff HEAD
 	@echo; echo "vs the committed run: dvc metrics diff; all metrics: dvc metrics show; plots: dvc plots show"
 
 # A real HAM10000 folder (metadata csv + images, or the Dataverse zips) for `make real`.
@@ -59,8 +59,8 @@ PROFILE ?= profiles/real-cpu.yaml
 
 real: setup  ## the whole pipeline on real HAM10000 (DATA=folder) with the CPU profile, as a DVC experiment (~40-50 min on 2 cores)
 	@test -e "$(DATA)" || { echo "error: DATA=$(DATA): not found; give a HAM10000 folder: make real DATA=/path/to/ham10000" >&2; exit 1; }
-	$(BIN)/python -m stages.profile $(PROFILE) --set download.source=local:$(DATA) --record results/$(notdir $(basename $(PROFILE))).json
-	@echo; $(BIN)/python -m stages.summary --metrics metrics
+	$(BIN)/python -m tools.profile $(PROFILE) --set download.source=local:$(DATA) --record results/$(notdir $(basename $(PROFILE))).json
+	@echo; $(BIN)/python -m tools.summary --metrics metrics
 	@echo; echo "compare with the committed run: dvc metrics diff; keep it: dvc exp show / dvc exp branch"
 
 # The run-to-run noise of training on the current data and params: train -> calibrate once per
@@ -71,7 +71,7 @@ SEEDS ?= 3
 NOISE_SET ?=
 .PHONY: noise
 noise: setup  ## measure the training noise: SEEDS runs of train -> calibrate (demo: ~12 min per seed on 2 cores)
-	$(BIN)/python -m stages.noise --seeds $(SEEDS) $(addprefix --set ,$(NOISE_SET))
+	$(BIN)/python -m tools.noise --seeds $(SEEDS) $(addprefix --set ,$(NOISE_SET))
 
 # Two runs compared on the same test images: per headline metric A, B, B-A, the paired
 # lesion-bootstrap 95% CI of B-A and a verdict (significant only when the CI excludes 0 and B-A
@@ -82,7 +82,7 @@ noise: setup  ## measure the training noise: SEEDS runs of train -> calibrate (d
 A ?= HEAD
 B ?= workspace
 compare: setup  ## paired comparison of two runs: make compare A=HEAD~1 B=workspace (git revisions or experiment names; RESCORE=1, JSON=out.json)
-	$(BIN)/python -m stages.compare $(A) $(B) $(if $(filter-out 0,$(RESCORE)),--rescore) $(if $(JSON),--json $(JSON))
+	$(BIN)/python -m tools.compare $(A) $(B) $(if $(filter-out 0,$(RESCORE)),--rescore) $(if $(JSON),--json $(JSON))
 
 leakage-audit: setup  ## train one model on an image-level vs the lesion-level split of real data (DATA=folder): reports/leakage_audit/
 	$(BIN)/python -m bench.leakage_audit --data $(DATA)

@@ -5,7 +5,7 @@ Side by side in one run, on real HAM10000 images (../shared/data/ham10000):
 * **drift check**: ``stages.drift.run`` end to end on 1,000 new 600x450 JPEGs (per-image
   features through JPEG draft mode on all cores, the bundle's embeddings and predictions, the
   Evidently report with ``DataDriftPreset`` + ``EmbeddingsDrift``, the HTML report);
-* **features, ours**: the per-image features alone (``stages.imagefeatures`` with all cores and
+* **features, ours**: the per-image features alone (``skinlesion.measure.imagefeatures`` with all cores and
   draft mode, the bundle not run);
 * **features, naive**: the same features computed the way a first script would: one process,
   ``Image.open(p).convert("RGB")`` (a full decode), resized to the same 128 px view, the same
@@ -55,13 +55,13 @@ class _NoModel:
 def _child(mode: str, batch: Path, bundle: Path) -> dict[str, Any]:
     from PIL import Image
 
-    from stages.common import n_workers
-    from stages.images import list_images
+    from skinlesion.core.images import list_images
+    from skinlesion.core.parallel import n_workers
 
     files = list_images(batch)
     t0 = time.perf_counter()
     if mode == "naive":
-        from stages.imagefeatures import jpeg_quality, pixel_features
+        from skinlesion.measure.imagefeatures import jpeg_quality, pixel_features
 
         rows = []
         for p in files:
@@ -76,14 +76,14 @@ def _child(mode: str, batch: Path, bundle: Path) -> dict[str, Any]:
             )
         n = len(rows)
     elif mode == "features":
-        from stages.imagefeatures import FeatureSpec, build_table
+        from skinlesion.measure.imagefeatures import FeatureSpec, build_table
 
         spec = FeatureSpec(image_size=32, aspect="crop", stats_size=128)
         table = build_table([(p.name, p) for p in files], spec, _NoModel(), workers=n_workers())
         n = len(table.frame)
     else:
+        from skinlesion.params.load import parse_params
         from stages import drift
-        from stages.params import parse_params
 
         res = drift.run(
             parse_params({}).drift, bundle_dir=bundle, images_dir=batch, report_dir=OUT / "report",

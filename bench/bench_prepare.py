@@ -53,7 +53,7 @@ def _child(
     """One measured run (in its own process): returns seconds, n and CPU/RSS figures."""
     from PIL import Image
 
-    from stages.params import parse_params
+    from skinlesion.params.load import parse_params
     from stages.prepare import SPLITS, run
 
     split = pd.read_csv(split_csv, dtype=str, keep_default_na=False)
@@ -140,7 +140,7 @@ def _machine() -> dict[str, str]:
         (line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
          if line.startswith("model name")), platform.processor() or "?",
     ) if Path("/proc/cpuinfo").exists() else platform.processor()  # fmt: skip
-    from stages.common import n_workers
+    from skinlesion.core.parallel import n_workers
 
     return {
         "cpu": f"{cpu}, {n_workers()} usable core(s)",

@@ -72,10 +72,10 @@ def demo_shaped_bundle(root: Path, size: int = 64) -> Path:
     """A bundle with the demo's members (mobilenetv2 + custom_cnn at ``size`` px), untrained."""
     import keras
 
-    from stages.bundle import BUNDLE_FORMAT_VERSION, file_md5
-    from stages.common import CLASSES
-    from stages.models import ModelSpec, build_backbone, build_model
-    from stages.scoring import IMAGE_ONLY, OperatingPoint
+    from skinlesion.core.schema import CLASSES
+    from skinlesion.measure.scoring import IMAGE_ONLY, OperatingPoint
+    from skinlesion.model.bundle import BUNDLE_FORMAT_VERSION, file_md5
+    from skinlesion.model.networks import ModelSpec, build_backbone, build_model
 
     keras.utils.set_random_seed(0)
     members = []
@@ -103,7 +103,7 @@ def three_members(src: Path, dest: Path) -> Path:
     (``members/<name>`` -> ``members/<name>_copy<k>``), list them in bundle.json with equal weights
     and their md5. The copies have the same weights as their source, so the ensemble's output
     equals the source's; what changes is the work per image, which is what is measured."""
-    from stages.bundle import file_md5
+    from skinlesion.model.bundle import file_md5
 
     shutil.copytree(src, dest)
     meta = json.loads((dest / "bundle.json").read_text())
@@ -163,10 +163,10 @@ def _child_naive(bundle: Path, n: int) -> dict[str, Any]:
     import keras  # noqa: F401
     from PIL import Image
 
-    from stages.bundle import read_bundle_json
-    from stages.metrics import apply_calibration
-    from stages.models import load_model
-    from stages.scoring import IMAGE_ONLY, OperatingPoint, model_inputs
+    from skinlesion.measure.metrics import apply_calibration
+    from skinlesion.measure.scoring import IMAGE_ONLY, OperatingPoint, model_inputs
+    from skinlesion.model.bundle import read_bundle_json
+    from skinlesion.model.networks import load_model
 
     meta = read_bundle_json(bundle)  # format 1 or 2: its image-only operating point either way
     members = [
@@ -268,7 +268,7 @@ def _web(bundle: Path, n: int) -> dict[str, list[float]]:
 def _machine() -> dict[str, str]:
     import keras
 
-    from stages.common import n_workers
+    from skinlesion.core.parallel import n_workers
 
     cpu = platform.processor() or "?"
     if Path("/proc/cpuinfo").exists():

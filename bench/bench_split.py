@@ -124,8 +124,8 @@ def run_bench(
     """Time everything; write ``out_md`` (markdown) and return the figures."""
     from concurrent.futures import ProcessPoolExecutor
 
-    from stages.common import n_workers
-    from stages.params import parse_params
+    from skinlesion.core.parallel import n_workers
+    from skinlesion.params.load import parse_params
     from stages.split import compute_features, near_pairs, near_pairs_bruteforce, run
 
     images = data / "images_200x150"

@@ -47,8 +47,8 @@ def prepare_real(size: int, root: Path) -> Path:
     import numpy as np
     import pandas as pd
 
+    from skinlesion.params.load import parse_params
     from stages import prepare
-    from stages.params import parse_params
 
     meta = pd.read_csv(SHARED / "HAM10000_metadata.csv", dtype=str, keep_default_na=False)
     have = {p.stem for p in (SHARED / "images_200x150").glob("*.jpg")}
@@ -101,9 +101,10 @@ class _StepTimer:
 
 
 def _model_and_loss(backbone: str, prepared: Path, seed: int) -> tuple[Any, Any, Any]:
-    from stages import losses, models
-    from stages.params import load_params
-    from stages.tfdata import load_manifest
+    from skinlesion.model import losses
+    from skinlesion.model import networks as models
+    from skinlesion.model.tfdata import load_manifest
+    from skinlesion.params.load import load_params
     from stages.train import _class_counts, _optimizer, plan_phases
 
     params = load_params(REPO / "params.yaml").train
@@ -140,7 +141,7 @@ def scenario(
     import keras
     import numpy as np
 
-    from stages.tfdata import load_manifest, read_split
+    from skinlesion.model.tfdata import load_manifest, read_split
     from stages.train import _datasets
 
     keras.utils.set_random_seed(0)

@@ -56,8 +56,8 @@ def _lesion_split(meta: pd.DataFrame) -> pd.DataFrame:
 
 def run_bench(*, data: Path = SHARED, reps: int = 3, workers: int = 0, out_md: Path | None = RESULTS) -> dict:
     """Time the modes on the real images; write ``out_md`` (markdown) and return the figures."""
-    from stages.common import n_workers
-    from stages.params import parse_params
+    from skinlesion.core.parallel import n_workers
+    from skinlesion.params.load import parse_params
     from stages.validate import inspect_images, run
 
     images = data / "images_200x150"

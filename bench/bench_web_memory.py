@@ -4,7 +4,7 @@ budget and without it, side by side in one run.
 A worst case is a small file that decodes to the most memory the pixel cap lets through, just
 under the project's pixel cap, a few hundred KB on the wire: an RGBA PNG (the 8-bit mode that
 costs the most per pixel: 4 bytes decoded plus the RGB copy) and a 16-bit grey PNG (scaled to 8
-bits through numpy by stages.images). Each run starts ``python -m serve.web`` in a fresh process
+bits through numpy by skinlesion.core.images). Each run starts ``python -m serve.web`` in a fresh process
 on 127.0.0.1 with the project's bundle; 8 clients post one such image each to
 ``POST /api/predict`` at the same moment. The server's own high-water mark (``VmHWM``: one
 process, decoding on threads) is read after the 8 answers; its resident set before them is the
@@ -45,7 +45,7 @@ KINDS = {"rgba": "RGBA PNG", "grey16": "16-bit grey PNG"}
 
 def _cap(bundle: Path) -> int:
     from serve.web import pixel_cap
-    from stages.bundle import read_bundle_json
+    from skinlesion.model.bundle import read_bundle_json
 
     return pixel_cap(read_bundle_json(bundle).get("params"))
 
@@ -136,7 +136,7 @@ def _run(bundle: Path, png: bytes, name: str, opts: list[str]) -> dict:
 
 
 def _write(runs: list[dict], cap: int, sizes_kb: dict[str, float], bundle: Path) -> None:
-    from stages.common import n_workers
+    from skinlesion.core.parallel import n_workers
 
     side = math.isqrt(cap)
     rows = []
@@ -192,7 +192,7 @@ def _write(runs: list[dict], cap: int, sizes_kb: dict[str, float], bundle: Path)
         f"(a fresh process per run, bundle `{shown}`): a PNG of {side}x{side} = {side * side:,} pixels, "
         f"just under the project's pixel cap of {cap:,} (the stricter of the bundle's `validate.max_pixels` "
         "and `drift.max_pixels`), RGBA (the 8-bit mode that costs the most) or 16-bit grey (scaled to "
-        "8 bits by stages.images). Peak = the server process's `VmHWM` after the answers; baseline = its "
+        "8 bits by skinlesion.core.images). Peak = the server process's `VmHWM` after the answers; baseline = its "
         'resident set before them (TensorFlow and the members loaded). "Pixels in decoding at once" is '
         "the budget's own high-water mark (`/healthz`).",
         "\n".join([head, "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |", *rows]),

@@ -5,7 +5,7 @@ in its train, val or test split, not under another ``lesion_id`` (a near-duplica
 So ``OUT/external`` measures the model on new lesions, the way a clinic's next batch would.
 
 The grouping is the split stage's, called the same way (:mod:`stages.split`, the defaults of
-:class:`stages.params.SplitParams`): the source is imported with the download stage's public
+:class:`skinlesion.params.split.SplitParams`): the source is imported with the download stage's public
 reader (:func:`stages.download.import_folder`), every image gets its pHash and thumbnail, hash
 candidates are verified, and union-find joins each ``lesion_id`` group with its verified
 near-duplicates. Whole groups are held out, stratified by the group's diagnosis (its majority
@@ -45,21 +45,14 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from stages.common import (
-    CLASSES,
-    HAM_COLUMNS,
-    MALIGNANT,
-    StageError,
-    atomic_dir,
-    n_workers,
-    run_main,
-    setup_logging,
-    write_json,
-)
+from skinlesion.core.cli import run_main, setup_logging
+from skinlesion.core.errors import StageError
+from skinlesion.core.outputs import atomic_dir, write_json
+from skinlesion.core.parallel import n_workers, process_pool
+from skinlesion.core.schema import CLASSES, HAM_COLUMNS, MALIGNANT
+from skinlesion.core.tables import name_first, read_table
+from skinlesion.params.split import SplitParams
 from stages.download import import_folder, write_metadata_csv
-from stages.metadata import name_first, read_table
-from stages.parallel import process_pool
-from stages.params import SplitParams
 from stages.split import HASH_CHUNK, build_groups, compute_features, near_pairs, score_candidates
 
 log = logging.getLogger(__name__)

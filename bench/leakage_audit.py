@@ -200,11 +200,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temp dir, removed)")
     args = ap.parse_args(argv)
 
-    from stages.common import setup_logging
+    from skinlesion.core.cli import setup_logging
+    from skinlesion.params.load import parse_params
     from stages.download import import_folder
-    from stages.params import parse_params
-    from stages.profile import merge, read_profile
     from stages.split import run as split_run
+    from tools.profile import merge, read_profile
 
     setup_logging(False)
     if not args.data.is_dir():

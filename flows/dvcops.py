@@ -481,11 +481,12 @@ def push_to_remote(repo: Path, *, run_cache: bool = True, timeout: float = 6 * 3
 def set_params(path: Path, overrides: Mapping[str, Any]) -> bool:
     """Apply ``{"train.common.epochs": 1, ...}`` to params.yaml and keep them, as ``dvc exp run
     -S`` does, so dvc.lock and params.yaml agree after the run. Only the changed values are
-    rewritten (comments and layout stay); the result is validated by :mod:`stages.params` before
+    rewritten (comments and layout stay); the result is validated by :mod:`skinlesion.params` before
     anything is written, so a bad override raises :class:`ParamsError` naming the key and leaves
     the file as it was. Returns whether the file changed.
     """
-    from stages.params import ParamsError, parse_params
+    from skinlesion.core.errors import ParamsError
+    from skinlesion.params.load import parse_params
 
     text = path.read_text(encoding="utf-8")
     before = yaml.safe_load(text) or {}
@@ -506,7 +507,7 @@ def set_params(path: Path, overrides: Mapping[str, Any]) -> bool:
             new_text = _replace_value(new_text, parts, parent[parts[-1]], value) or new_text
     if yaml.safe_load(new_text) != intended:
         new_text = _roundtrip_dump(text, overrides)  # a value the in-place edit cannot express
-    from stages.common import atomic_file
+    from skinlesion.core.outputs import atomic_file
 
     with atomic_file(path, "w", encoding="utf-8") as fh:
         fh.write(new_text)
@@ -520,7 +521,7 @@ def apply_overrides(
     A missing section raises :class:`ParamsError` naming the key; a missing last key is added."""
     import copy
 
-    from stages.params import ParamsError
+    from skinlesion.core.errors import ParamsError
 
     out = copy.deepcopy(dict(raw))
     for key, value in overrides.items():

@@ -59,9 +59,9 @@ from prefect.settings import get_current_settings
 
 from flows.dvcops import Layout, stream_command, subprocess_env
 from flows.report import _table, fmt, mode_label, with_ci
-from stages.common import write_json
-from stages.params import load_params
-from stages.scoring import IMAGE_ONLY, METADATA
+from skinlesion.core.outputs import write_json
+from skinlesion.measure.scoring import IMAGE_ONLY, METADATA
+from skinlesion.params.load import load_params
 
 __all__ = [
     "EVENT",

@@ -9,7 +9,7 @@ A candidate bundle (``models/ensemble``) replaces production (``models/productio
 * the candidate's macro AUC is not worse than production's by more than ``promote.max_auc_drop``
   on the same images: both bundles' answers for the candidate's test split, less every image
   whose lesion or image production trained, tuned or calibrated on (``seen.json``), compared
-  lesion by lesion (:mod:`stages.paired`); the lower bound of the paired 95% CI of the
+  lesion by lesion (:mod:`skinlesion.measure.paired`); the lower bound of the paired 95% CI of the
   difference (candidate - production) must be at least ``-promote.max_auc_drop`` in every kind of
   request (a negative tolerance demands an improvement). With no production model yet the AUCs
   are not compared. A production bundle the comparison cannot use (no ``seen.json``: older than
@@ -39,11 +39,20 @@ import pandas as pd
 
 from flows.dvcops import DvcError, Layout, dvc_argv, run_quiet
 from flows.report import mode_label
-from stages.bundle import read_seen
-from stages.common import CLASSES, StageError, atomic_dir, failpoint
-from stages.paired import PairedDiff, pair, paired_bootstrap
-from stages.predictions import META_COLUMNS, read_predictions
-from stages.scoring import IMAGE_ONLY, IMAGE_ONLY_SUFFIX, METADATA, MODES, mode_suffix, parse_metadata
+from skinlesion.core.errors import StageError
+from skinlesion.core.outputs import atomic_dir, failpoint
+from skinlesion.core.schema import CLASSES
+from skinlesion.measure.paired import PairedDiff, pair, paired_bootstrap
+from skinlesion.measure.predictions import META_COLUMNS, read_predictions
+from skinlesion.measure.scoring import (
+    IMAGE_ONLY,
+    IMAGE_ONLY_SUFFIX,
+    METADATA,
+    MODES,
+    mode_suffix,
+    parse_metadata,
+)
+from skinlesion.model.bundle import read_seen
 
 __all__ = [
     "GATE_AUC_KEYS",
@@ -82,7 +91,7 @@ DECODE_WORKERS = 1
 RECORD = "production.json"
 # Float noise must not flip a decision taken on metrics rounded nowhere.
 _EPS = 1e-9
-# Test hook (stages.common.failpoint): "<point>[@N][:pause]" stops a promotion at one of its steps:
+# Test hook (skinlesion.core.outputs.failpoint): "<point>[@N][:pause]" stops a promotion at one of its steps:
 # copy@N (about to copy the bundle's Nth file into the temp folder), record (the bundle copied,
 # production.json not written), track (production swapped in, `dvc add` not run), tag (the record
 # committed, not tagged). The swap itself: SKINLESION_ATOMIC_FAILPOINT=swapped-production.
@@ -114,7 +123,7 @@ def _finite(v: float) -> float | None:
 class PairedMode:
     """One kind of request (``metadata``: each image with its own age, sex and site;
     ``image_only``: every image without), answered by both bundles on the same images.
-    ``diffs``: :data:`stages.paired.PAIRED_KEYS`, ``a`` production, ``b`` the candidate."""
+    ``diffs``: :data:`skinlesion.measure.paired.PAIRED_KEYS`, ``a`` production, ``b`` the candidate."""
 
     mode: str
     n_images: int
@@ -169,7 +178,7 @@ class ScoringFailed(RuntimeError):
 
 def leave_out_seen(frame: pd.DataFrame, seen: Any) -> tuple[pd.DataFrame, int, int]:
     """The rows of a served frame neither whose lesion nor whose image ``seen``
-    (:class:`stages.bundle.Seen`) holds, and how many images and lesions were left out."""
+    (:class:`skinlesion.model.bundle.Seen`) holds, and how many images and lesions were left out."""
     keep = seen.unseen_rows(frame)
     gone = frame[~keep]
     return frame[keep].reset_index(drop=True), len(gone), int(gone["lesion_id"].nunique())
@@ -192,7 +201,7 @@ def compare_served(
     seed: int,
     level: float = PAIRED_LEVEL,
 ) -> tuple[PairedMode, ...]:
-    """The paired lesion bootstrap (:func:`stages.paired.paired_bootstrap`) of each kind of
+    """The paired lesion bootstrap (:func:`skinlesion.measure.paired.paired_bootstrap`) of each kind of
     request: served frames by mode, the same images in both. Each mode draws the same lesions
     (one generator per mode, seeded alike), so the modes' CIs are read on the same replicates."""
     out = []

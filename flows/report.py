@@ -4,7 +4,7 @@ Pure functions on plain values (no Prefect, no I/O), so they are tested on small
 publishes their output as Prefect artifacts. Numbers are rounded here: ``dvc metrics diff
 --json`` prints them unrounded.
 
-A bundle fusing metadata reports every metric in two input modes (``stages.scoring``): the key
+A bundle fusing metadata reports every metric in two input modes (``skinlesion.measure.scoring``): the key
 as is, each test image with its own metadata ("with metadata"), and the key with the suffix
 ``_image_only``, every image without ("image only"). Each table shows both, labelled; the
 metrics of a bundle without fusion (one mode) are shown as they always were.
@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from flows.dvcops import Layout
-from stages.scoring import IMAGE_ONLY, IMAGE_ONLY_SUFFIX, METADATA
+from skinlesion.measure.scoring import IMAGE_ONLY, IMAGE_ONLY_SUFFIX, METADATA
 
 __all__ = [
     "RunReport",

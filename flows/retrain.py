@@ -95,9 +95,10 @@ from flows.promote import (
     utc_tag,
 )
 from flows.report import RunReport, _table, diff_table, fmt, mode_label, render_summary
-from stages.bundle import SEEN_FILE
-from stages.paired import PAIRED_KEYS
-from stages.params import Params, ParamsError, load_params, parse_params
+from skinlesion.core.errors import ParamsError
+from skinlesion.measure.paired import PAIRED_KEYS
+from skinlesion.model.bundle import SEEN_FILE
+from skinlesion.params.load import Params, load_params, parse_params
 
 __all__ = [
     "Gate",

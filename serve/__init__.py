@@ -1,7 +1,7 @@
 """Using a trained model bundle: the prediction CLI, the web app and Grad-CAM explanations.
 
 Not a DVC stage: nothing here writes pipeline outputs. Every image goes through the stages'
-decode path (:mod:`stages.images`) and every prediction through :class:`stages.bundle.Bundle`,
+decode path (:mod:`skinlesion.core.images`) and every prediction through :class:`skinlesion.model.bundle.Bundle`,
 so serving cannot disagree with training or evaluation about preprocessing, members, weights,
 temperature or the malignant threshold.
 

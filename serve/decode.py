@@ -1,6 +1,6 @@
 """Turning a file or an upload into the model's input, with a message for every way it can fail.
 
-The pixels come from :func:`stages.images.load_image`, the function ``prepare`` fed training
+The pixels come from :func:`skinlesion.core.images.load_image`, the function ``prepare`` fed training
 with, so a served image is resized, cropped or padded exactly as the model saw its training set.
 The same function refuses what must not be predicted on (a file cut short, rows the data does not
 hold, decoded as grey padding) and scales 16-bit images to 8 bits. What is added here is what a
@@ -8,7 +8,7 @@ server needs in front of it: a format allow-list checked from the header (Pillow
 which it hands to Ghostscript: not for untrusted uploads), a larger copy of the same square for
 showing the Grad-CAM overlay, and one short line per bad file instead of an exception.
 
-No TensorFlow here: worker processes of :func:`stages.parallel.in_order` import this module.
+No TensorFlow here: worker processes of :func:`skinlesion.core.parallel.in_order` import this module.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from stages.images import DEFAULT_MAX_PIXELS, ImageRejected, load_image, open_checked
+from skinlesion.core.images import DEFAULT_MAX_PIXELS, ImageRejected, load_image, open_checked
 
 # Pillow format names. MPO is what Pillow calls the JPEG files many cameras write (a JPEG with
 # extra preview frames); it decodes as its first frame.
@@ -53,7 +53,7 @@ def _opener(source: Source) -> Any:
 def decode(source: Source, spec: DecodeSpec) -> Decoded:
     """The model input (and display copy) of a file path or the bytes of an upload.
 
-    Raises :class:`~stages.images.ImageRejected` (its subclass ``ImageIncomplete`` for data that is
+    Raises :class:`~skinlesion.core.images.ImageRejected` (its subclass ``ImageIncomplete`` for data that is
     not all there), ``OSError`` (missing, truncated) or another decoder error;
     :func:`describe_error` turns any of them into a line for the user.
     """

@@ -9,12 +9,12 @@ whose header has lesion_id, image_id, dx, dx_type, age, sex, localization) and `
 files anywhere below it. Every labelled image is scored through the serving path
 (:class:`serve.predictor.Predictor`, as ``serve.predict`` and the web app score it) and measured
 with the code the calibrate stage reports its test split with
-(:func:`stages.predictions.served_report`): macro AUC per image and per lesion with
+(:func:`skinlesion.measure.predictions.served_report`): macro AUC per image and per lesion with
 lesion-bootstrap CIs, the balanced accuracy of the bundle's decision, malignant recall and
 specificity at the bundle's thresholds, referrals per 100 lesions and the calibration error.
 
 A bundle whose members fuse metadata is measured in both input modes on the same images:
-``metadata`` (each image with its own age, sex and site, by the rule of stages.scoring) and
+``metadata`` (each image with its own age, sex and site, by the rule of skinlesion.measure.scoring) and
 ``image_only``. A row that cannot be used (a value outside HAM10000's vocabulary, no image file,
 an image_id listed twice, no lesion_id, a damaged image) is named on stderr and in ``--out`` and
 left out; the others are scored, and the exit code is then 1.
@@ -46,15 +46,19 @@ import pandas as pd
 
 from serve.predict import check_output_file, check_output_folder
 from serve.predictor import DISCLAIMER, Prediction, Predictor, default_bundle, pick_workers
-from stages.common import CLASSES, HAM_COLUMNS, StageError, atomic_file, run_main, setup_logging
+from skinlesion.core.cli import run_main, setup_logging
+from skinlesion.core.errors import ParamsError, StageError
+from skinlesion.core.outputs import atomic_file
+from skinlesion.core.schema import CLASSES, HAM_COLUMNS
+from skinlesion.core.tables import read_table
+from skinlesion.measure.predictions import META_COLUMNS, Served, json_value, labels, served_report
+from skinlesion.measure.scoring import METADATA, MODE_RULE, parse_metadata
+from skinlesion.params.evaluate import EvaluateParams
+from skinlesion.params.load import parse_params
 
 # The reader of ``download.source=local:PATH``, so that this command takes exactly the table and
 # the image files an import of the folder would take.
 from stages.download import find_metadata_table, index_images, read_metadata_table, safe_extract_zip
-from stages.metadata import read_table
-from stages.params import EvaluateParams, ParamsError, parse_params
-from stages.predictions import META_COLUMNS, Served, json_value, labels, served_report
-from stages.scoring import METADATA, MODE_RULE, parse_metadata
 
 log = logging.getLogger(__name__)
 

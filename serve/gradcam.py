@@ -6,7 +6,7 @@ the probability, because a saturated softmax has near-zero gradients exactly whe
 most sure.
 
 The feature map is found without knowing the backbone: it is the input of the layer that pools
-a 4-D tensor into a vector (``gap`` in :func:`stages.models.build_model`; a Keras application
+a 4-D tensor into a vector (``gap`` in :func:`skinlesion.model.networks.build_model`; a Keras application
 or the custom CNN is nested as one ``backbone`` layer, whose own ``output`` lives in the nested
 graph and so cannot be used). The model is split there into ``image -> features`` and
 ``features (+ metadata) -> head input``; the gradient is taken on the second part with the

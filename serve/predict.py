@@ -57,9 +57,11 @@ from serve.predictor import (
     default_bundle,
     pick_workers,
 )
-from stages.common import StageError, atomic_file, run_main, setup_logging
-from stages.images import IMAGE_SUFFIXES, list_images
-from stages.scoring import META_FIELDS, MODE_RULE, parse_metadata
+from skinlesion.core.cli import run_main, setup_logging
+from skinlesion.core.errors import StageError
+from skinlesion.core.images import IMAGE_SUFFIXES, list_images
+from skinlesion.core.outputs import atomic_file
+from skinlesion.measure.scoring import META_FIELDS, MODE_RULE, parse_metadata
 
 log = logging.getLogger(__name__)
 

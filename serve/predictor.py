@@ -1,6 +1,6 @@
 """The one predictor the CLI and the web app share: a bundle loaded once, images in, answers out.
 
-:class:`Predictor` wraps :class:`stages.bundle.Bundle` (members, weights, temperature, TTA and the
+:class:`Predictor` wraps :class:`skinlesion.model.bundle.Bundle` (members, weights, temperature, TTA and the
 malignant threshold exactly as ``calibrate`` recorded them) and adds what a user reads: the top-3
 classes, the malignant probability and the ``refer`` flag, a risk level per top class, the
 bundle's version, and on request a Grad-CAM overlay of the best member (the highest weight).
@@ -30,10 +30,18 @@ import numpy as np
 from tqdm import tqdm
 
 from serve.decode import Decoded, DecodeSpec, decode_chunk
-from stages.bundle import pixel_cap, read_training_data, trained_on
-from stages.common import MALIGNANT, StageError, n_workers
-from stages.parallel import in_order
-from stages.scoring import IMAGE_ONLY, METADATA, UNKNOWN_LOCALIZATION, UNKNOWN_SEX, MetaArrays, mode_inputs
+from skinlesion.core.errors import StageError
+from skinlesion.core.parallel import in_order, n_workers
+from skinlesion.core.schema import MALIGNANT
+from skinlesion.measure.scoring import (
+    IMAGE_ONLY,
+    METADATA,
+    UNKNOWN_LOCALIZATION,
+    UNKNOWN_SEX,
+    MetaArrays,
+    mode_inputs,
+)
+from skinlesion.model.bundle import pixel_cap, read_training_data, trained_on
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +138,7 @@ class Prediction:
     # df) can be predicted while a common one (nv) has the highest probability (top[0], "top1"):
     # the decision weighs every class alike, the probabilities follow the population.
     predicted: str = ""
-    # the bundle's input mode this row was scored in (stages.scoring: metadata | image_only)
+    # the bundle's input mode this row was scored in (skinlesion.measure.scoring: metadata | image_only)
     mode: str = ""
     threshold: float = math.nan  # the malignant threshold of that mode
     error: str | None = None
@@ -210,7 +218,7 @@ class Predictor:
 
     @classmethod
     def load(cls, bundle_dir: str | Path, **kwargs: Any) -> Predictor:
-        from stages.bundle import Bundle  # TensorFlow from here on
+        from skinlesion.model.bundle import Bundle  # TensorFlow from here on
 
         return cls(Bundle.load(bundle_dir), **kwargs)
 

@@ -13,11 +13,11 @@ Port 8080 by default: ``evidently ui`` (the drift dashboard) keeps its own defau
 run side by side.
 
 Metadata: each image may come with ``age`` (years, 0-120), ``sex`` and ``localization`` (HAM10000's
-vocabulary, ``stages.common.SEXES`` / ``LOCALIZATIONS``), sent as form fields repeated once per
+vocabulary, ``skinlesion.core.schema.SEXES`` / ``LOCALIZATIONS``), sent as form fields repeated once per
 file in the order of ``files`` (an empty value or "unknown" means unknown). A field sent another
 number of times, with a value in it, is refused (400) rather than paired by guess. A value that does
 not parse gives that image an error result naming the field and the value; the other images are
-still analysed. Each result says the input mode it was scored in (``stages.scoring``: metadata
+still analysed. Each result says the input mode it was scored in (``skinlesion.measure.scoring``: metadata
 only when all three are known and the bundle fuses metadata, else image_only) and that mode's
 threshold.
 
@@ -76,10 +76,12 @@ from python_multipart.multipart import parse_options_header
 
 from serve.decode import ALLOWED_FORMATS, Decoded, DecodeSpec, decode, describe_error
 from serve.predictor import DISCLAIMER, Prediction, Predictor, default_bundle
-from stages.bundle import pixel_cap  # noqa: F401 (re-exported: tests and callers)
-from stages.common import LOCALIZATIONS, SEXES, StageError, n_workers, run_main, setup_logging
-from stages.images import IMAGE_SUFFIXES, ImageIncomplete, ImageRejected, open_checked
-from stages.scoring import (
+from skinlesion.core.cli import run_main, setup_logging
+from skinlesion.core.errors import StageError
+from skinlesion.core.images import IMAGE_SUFFIXES, ImageIncomplete, ImageRejected, open_checked
+from skinlesion.core.parallel import n_workers
+from skinlesion.core.schema import LOCALIZATIONS, SEXES
+from skinlesion.measure.scoring import (
     IMAGE_ONLY,
     META_FIELDS,
     METADATA,
@@ -89,6 +91,7 @@ from stages.scoring import (
     MetaArrays,
     parse_metadata,
 )
+from skinlesion.model.bundle import pixel_cap  # noqa: F401 (re-exported: tests and callers)
 
 log = logging.getLogger(__name__)
 
@@ -159,7 +162,7 @@ class Refusal(Exception):
 
 # (age, sex, localization) as sent with one file; None: the field was not sent.
 MetaTexts = tuple[str | None, str | None, str | None]
-# (age, sex index, localization index) as stages.scoring.parse_metadata returns it.
+# (age, sex index, localization index) as skinlesion.measure.scoring.parse_metadata returns it.
 MetaRow = tuple[float, int, int]
 
 
@@ -195,7 +198,7 @@ def name_problem(name: str) -> str | None:
 
 
 def _status_for(e: BaseException) -> int:
-    """413 for the pixel cap (stages.images says "over the limit"), 415 for a non-image or a
+    """413 for the pixel cap (skinlesion.core.images says "over the limit"), 415 for a non-image or a
     format not accepted, 422 for an image file that is damaged."""
     if isinstance(e, ImageIncomplete):  # a damaged file, like a truncated one
         return 422
@@ -789,7 +792,7 @@ class _App(FastAPI):
 
 def load_predictor(settings: WebSettings) -> Predictor:
     """The bundle checked (bundle.json's values, the pixel cap), then loaded with the web's cap."""
-    from stages.bundle import read_bundle_json
+    from skinlesion.model.bundle import read_bundle_json
 
     meta = read_bundle_json(settings.bundle)
     cap = pixel_cap(meta.get("params"), settings.max_pixels, str(Path(settings.bundle) / "bundle.json"))

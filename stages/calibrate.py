@@ -38,31 +38,12 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from stages.bundle import (
-    BUNDLE_FORMAT_VERSION,
-    BUNDLE_JSON,
-    REFERENCE_KEY,
-    SEEN_FILE,
-    TRAINING_DATA_KEY,
-    TrainingData,
-    file_md5,
-    read_training_data,
-    seen_record,
-    trained_on,
-    write_drift_reference,
-)
-from stages.common import (
-    CLASSES,
-    MALIGNANT,
-    StageError,
-    atomic_dir,
-    atomic_file,
-    run_main,
-    setup_logging,
-    write_json,
-)
-from stages.metadata import read_table
-from stages.metrics import (
+from skinlesion.core.cli import run_main, setup_logging
+from skinlesion.core.errors import StageError
+from skinlesion.core.outputs import atomic_dir, atomic_file, write_json
+from skinlesion.core.schema import CLASSES, MALIGNANT
+from skinlesion.core.tables import read_table
+from skinlesion.measure.metrics import (
     apply_calibration,
     balanced_accuracy,
     balanced_decision,
@@ -75,9 +56,8 @@ from stages.metrics import (
     recall_first_threshold,
     reliability_table,
 )
-from stages.paired import headline
-from stages.params import CalibrateParams, DriftReferenceParams, EvaluateParams, load_params
-from stages.predictions import (
+from skinlesion.measure.paired import headline
+from skinlesion.measure.predictions import (
     Served,
     complete_metadata,
     json_value,
@@ -88,7 +68,7 @@ from stages.predictions import (
     served_report,
     write_predictions,
 )
-from stages.scoring import (
+from skinlesion.measure.scoring import (
     IMAGE_ONLY,
     METADATA,
     MODE_RULE,
@@ -97,6 +77,24 @@ from stages.scoring import (
     malignant_flags,
     mode_suffix,
 )
+from skinlesion.model.bundle import (
+    BUNDLE_FORMAT_VERSION,
+    BUNDLE_JSON,
+    REFERENCE_KEY,
+    SEEN_FILE,
+    TRAINING_DATA_KEY,
+    TrainingData,
+    file_md5,
+    read_training_data,
+    seen_record,
+    trained_on,
+    write_drift_reference,
+)
+from skinlesion.params.base import BaseParams
+from skinlesion.params.calibrate import CalibrateParams
+from skinlesion.params.drift import DriftParams, DriftReferenceParams
+from skinlesion.params.evaluate import EvaluateParams
+from skinlesion.params.schema import load_sections
 
 log = logging.getLogger(__name__)
 
@@ -507,7 +505,7 @@ def reliability_plot(
 
 @dataclass(frozen=True)
 class DriftReference:
-    """Where the drift reference stored in the bundle comes from (see stages.bundle)."""
+    """Where the drift reference stored in the bundle comes from (see skinlesion.model.bundle)."""
 
     raw_dir: Path  # data/raw: images/<image_id>.jpg
     split_csv: Path  # the validated split
@@ -583,8 +581,8 @@ def run(
     classes: Sequence[str] = CLASSES,
 ) -> CalibrateResult:
     """``split_csv``: the validated split, recorded in the bundle as what it has seen (train and
-    val lesions: :data:`stages.bundle.SEEN_FILE`); ``headline_path``: the few metrics runs are
-    compared by (:func:`stages.paired.headline`); ``raw_md5``: the DVC md5 of the raw data, the
+    val lesions: :data:`skinlesion.model.bundle.SEEN_FILE`); ``headline_path``: the few metrics runs are
+    compared by (:func:`skinlesion.measure.paired.headline`); ``raw_md5``: the DVC md5 of the raw data, the
     version in the bundle's ``training_data`` (what it says it was trained on)."""
     ensemble_dir = Path(ensemble_dir)
     weights_path = ensemble_dir / "weights.json"
@@ -605,7 +603,7 @@ def run(
     except FileNotFoundError:
         raise StageError(f"{ensemble_metrics_path}: not found; run the ensemble stage first") from None
 
-    from stages.tfdata import load_manifest  # no TensorFlow: the manifest is plain JSON
+    from skinlesion.model.tfdata import load_manifest  # no TensorFlow: the manifest is plain JSON
 
     manifest = load_manifest(prepared_dir)
     if data_md5 is None:
@@ -649,7 +647,7 @@ def run(
             "malignant flag = calibrated[mel] + calibrated[bcc] + calibrated[akiec] >= the mode's threshold"
         ),
         "data_version": {"path": Path(prepared_dir).as_posix(), "md5": data_md5},
-        # what every face of the bundle names first (stages.bundle.TrainingData): the source from
+        # what every face of the bundle names first (skinlesion.model.bundle.TrainingData): the source from
         # the download params, the version of the raw data (raw_md5: data/raw in dvc.lock)
         TRAINING_DATA_KEY: TrainingData.of_params(all_params.get("download") or {}, raw_md5).to_json(),
         "params": all_params,
@@ -685,8 +683,8 @@ def run(
 
         # The reported test numbers: the bundle just written, scoring the test images the way
         # serve.predict does (one scoring path; tests/integration/test_parity.py holds them equal).
-        from stages.bundle import Bundle
-        from stages.tfdata import read_split_numpy
+        from skinlesion.model.bundle import Bundle
+        from skinlesion.model.tfdata import read_split_numpy
 
         loaded = Bundle.load(tmp)
         arrays = read_split_numpy(prepared_dir, "test")
@@ -833,7 +831,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     setup_logging(args.verbose)
 
     def body() -> int:
-        params = load_params(args.params)
+        params = load_sections(args.params, base=BaseParams, calibrate=CalibrateParams, drift=DriftParams)
         md5 = data_version(args.lock, args.prepared.as_posix())
         run(
             params.calibrate,

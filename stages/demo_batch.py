@@ -16,9 +16,12 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from stages.common import atomic_dir, run_main, setup_logging
-from stages.params import DemoBatchParams, SyntheticParams, load_params
-from stages.synthetic import SyntheticResult, generate
+from skinlesion.core.cli import run_main, setup_logging
+from skinlesion.core.outputs import atomic_dir
+from skinlesion.params.download import DownloadParams, SyntheticParams
+from skinlesion.params.drift import DemoBatchParams, DriftParams
+from skinlesion.params.schema import load_sections
+from skinlesion.sources.synthetic import SyntheticResult, generate
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +51,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     setup_logging(args.verbose)
 
     def body() -> None:
-        params = load_params(args.params)
+        params = load_sections(args.params, download=DownloadParams, drift=DriftParams)
         run(params.drift.demo_batch, params.download.synthetic, out_dir=args.out)
 
     return run_main(body)

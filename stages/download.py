@@ -37,9 +37,14 @@ from pathlib import Path, PurePosixPath
 import pandas as pd
 from tqdm import tqdm
 
-from stages.common import HAM_COLUMNS, StageError, atomic_dir, run_main, setup_logging
-from stages.metadata import name_first, read_table
-from stages.params import DownloadParams, load_params
+from skinlesion.core.cli import run_main, setup_logging
+from skinlesion.core.errors import StageError
+from skinlesion.core.outputs import atomic_dir
+from skinlesion.core.schema import HAM_COLUMNS
+from skinlesion.core.tables import name_first, read_table
+from skinlesion.params.base import BaseParams
+from skinlesion.params.download import DownloadParams
+from skinlesion.params.schema import load_sections
 
 log = logging.getLogger(__name__)
 
@@ -392,12 +397,12 @@ def run(params: DownloadParams, *, seed: int, out_dir: Path, cache_dir: Path) ->
             raise StageError(f"{key}: local path {str(path)!r} does not exist")
     with atomic_dir(out_dir) as tmp:
         if params.source == "synthetic":
-            from stages.synthetic import generate
+            from skinlesion.sources.synthetic import generate
 
             res = generate(params.synthetic, seed, tmp)
             result = DownloadResult("synthetic", res.n_images, res.n_images)
         elif params.source == "dataverse":
-            from stages.dataverse import fetch_dataverse
+            from skinlesion.sources.dataverse import fetch_dataverse
 
             files = fetch_dataverse(params.dataverse, cache_dir)
             result = import_dataverse_files(files, tmp, scratch=cache_dir)
@@ -438,7 +443,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     setup_logging(args.verbose)
 
     def body() -> int:
-        params = load_params(args.params)
+        params = load_sections(args.params, base=BaseParams, download=DownloadParams)
         section = params.download
         if args.source:
             section = dataclasses.replace(section, source=args.source)

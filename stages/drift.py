@@ -2,7 +2,7 @@
 
 For every image of the batch (``drift.new_images``: a folder, searched recursively; a HAM10000
 metadata CSV in it makes it a *labelled* batch) it computes the same per-image table the bundle
-stores for its training split (:mod:`stages.imagefeatures`: size, compression, brightness,
+stores for its training split (:mod:`skinlesion.measure.imagefeatures`: size, compression, brightness,
 contrast, colour, saturation, sharpness, dark corners; the best member's embedding, the
 predicted class and its calibrated confidence) and compares the two with Evidently 0.7:
 
@@ -30,7 +30,7 @@ not counted. Both are named in ``skipped_features``; a test that still gives no 
 feature the same way, so no NaN reaches a verdict.
 
 A labelled batch's metadata rows are checked with the vocabularies and the age range the
-``validate`` stage and serving use (:func:`stages.scoring.parse_metadata`): every row that fails
+``validate`` stage and serving use (:func:`skinlesion.measure.scoring.parse_metadata`): every row that fails
 (a diagnosis not in the class set, an age outside 0..120, a sex not in the set, an image_id
 listed twice with different values, a row with the wrong number of fields) is named with its
 line, column and value in both outputs and left out of the metadata comparison; the other rows
@@ -54,21 +54,13 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from stages.bundle import Bundle, read_drift_reference
-from stages.common import (
-    CLASSES,
-    DX_TYPES,
-    HAM_COLUMNS,
-    LOCALIZATIONS,
-    SEXES,
-    StageError,
-    atomic_dir,
-    n_workers,
-    run_main,
-    setup_logging,
-    write_json,
-)
-from stages.imagefeatures import (
+from skinlesion.core.cli import run_main, setup_logging
+from skinlesion.core.errors import StageError
+from skinlesion.core.outputs import atomic_dir, write_json
+from skinlesion.core.parallel import n_workers
+from skinlesion.core.schema import CLASSES, DX_TYPES, HAM_COLUMNS, LOCALIZATIONS, SEXES
+from skinlesion.core.tables import FIELDS, read_rows
+from skinlesion.measure.imagefeatures import (
     IMAGE_FEATURES,
     MODEL_FEATURES,
     PRED_CLASS,
@@ -77,9 +69,11 @@ from stages.imagefeatures import (
     list_batch,
     split_embeddings,
 )
-from stages.metadata import FIELDS, read_rows
-from stages.params import DriftParams, load_params
-from stages.scoring import parse_metadata
+from skinlesion.measure.scoring import parse_metadata
+from skinlesion.model.bundle import Bundle, read_drift_reference
+from skinlesion.params.base import BaseParams
+from skinlesion.params.drift import DriftParams
+from skinlesion.params.schema import load_sections
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +96,7 @@ MAX_LISTED = 50
 # the thresholds; it is not a floor for a reliable verdict: on real HAM10000 thumbnails, clean
 # batches of 20 / 30 / 40-50 / 60-100 images had half of their image features past
 # num_threshold 0.2 by sampling noise alone in 15/20, 8/20, 1/20, 0/20 draws. That minimum depends
-# on the thresholds, so it would be a param (drift.min_images, in stages/params.py).
+# on the thresholds, so it would be a param (drift.min_images, in skinlesion/params/).
 MIN_IMAGES = 12
 TOO_FEW = "too few images"
 # Columns of the batch's HAM10000 table that are checked (lesion_id and image_id are ids).
@@ -155,11 +149,11 @@ def pca_columns(
 
 
 def check_metadata(table: pd.DataFrame, source: str) -> tuple[pd.DataFrame, list[dict[str, Any]]]:
-    """The usable rows of a HAM10000 table read by :func:`stages.metadata.read_rows`, and the others.
+    """The usable rows of a HAM10000 table read by :func:`skinlesion.core.tables.read_rows`, and the others.
 
     A row is not used when it has the wrong number of fields, no image_id, a dx not in the
     class set (blank: an unlabelled row), a dx_type not in its set, or an age, sex or
-    localization :func:`stages.scoring.parse_metadata` refuses (the vocabularies and the 0..120
+    localization :func:`skinlesion.measure.scoring.parse_metadata` refuses (the vocabularies and the 0..120
     age range of ``validate`` and serving); nor when its image_id is on another row with other
     values (neither can be trusted). A repeat of an identical row is named and counted once.
     Each is a ``{"file", "row", "column", "value", "why"}``, ``row`` the line of the file.
@@ -912,7 +906,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     setup_logging(args.verbose)
 
     def body() -> int:
-        params = load_params(args.params)
+        params = load_sections(args.params, base=BaseParams, drift=DriftParams)
         workspace = None if args.no_workspace else (args.workspace or Path(params.drift.workspace))
         run(
             params.drift,

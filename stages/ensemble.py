@@ -31,10 +31,12 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from stages.common import CLASSES, StageError, atomic_dir, run_main, setup_logging, write_json
-from stages.metrics import classification_metrics, fit_simplex_weights, log_loss, paired_mean_ci
-from stages.params import EnsembleParams, EvaluateParams, load_params
-from stages.predictions import (
+from skinlesion.core.cli import run_main, setup_logging
+from skinlesion.core.errors import StageError
+from skinlesion.core.outputs import atomic_dir, write_json
+from skinlesion.core.schema import CLASSES
+from skinlesion.measure.metrics import classification_metrics, fit_simplex_weights, log_loss, paired_mean_ci
+from skinlesion.measure.predictions import (
     SPLITS,
     json_value,
     labels,
@@ -45,7 +47,12 @@ from stages.predictions import (
     write_plots,
     write_predictions,
 )
-from stages.scoring import IMAGE_ONLY, MODES, mix, mode_suffix
+from skinlesion.measure.scoring import IMAGE_ONLY, MODES, mix, mode_suffix
+from skinlesion.params.base import BaseParams
+from skinlesion.params.ensemble import EnsembleParams, check_members_trained
+from skinlesion.params.evaluate import EvaluateParams
+from skinlesion.params.schema import load_sections
+from skinlesion.params.train import TrainParams
 
 log = logging.getLogger(__name__)
 
@@ -273,7 +280,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     setup_logging(args.verbose)
 
     def body() -> int:
-        params = load_params(args.params)
+        params = load_sections(
+            args.params, base=BaseParams, ensemble=EnsembleParams, evaluate=EvaluateParams, train=TrainParams
+        )
+        check_members_trained(params.ensemble, params.train.backbones)
         run(
             params.ensemble,
             params.evaluate,

@@ -7,7 +7,7 @@ Writes
   ``logit_<dx>`` = log(prob) (so temperature scaling also works after averaging members).
   A fusion member is scored with the split's own metadata as ``serve`` would (rows with any
   field unknown image-only), and again image-only into ``{val,test}_image_only.csv``;
-* ``<metrics>`` - flat JSON of the test metrics (:func:`stages.metrics.classification_metrics`;
+* ``<metrics>`` - flat JSON of the test metrics (:func:`skinlesion.measure.metrics.classification_metrics`;
   a fusion member's image-only ones again with the suffix ``_image_only``) each with
   ``<key>_ci_low`` / ``<key>_ci_high`` from a lesion-level bootstrap, a few validation numbers
   (``val_*``) and the worst subgroup;
@@ -17,7 +17,7 @@ Writes
   median and worst confidence in the true class, per class) and ``subgroups.csv``.
 
 The report functions (:func:`read_predictions`, :func:`report`, :func:`write_plots`) live in
-:mod:`stages.predictions`, shared with the ensemble and calibrate stages, so a member and the
+:mod:`skinlesion.measure.predictions`, shared with the ensemble and calibrate stages, so a member and the
 ensemble are measured identically.
 """
 
@@ -34,9 +34,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from stages.common import CLASSES, StageError, atomic_dir, run_main, setup_logging, write_json
-from stages.params import EvaluateParams, load_params
-from stages.predictions import (  # noqa: F401 (re-exported: the report helpers live there)
+from skinlesion.core.cli import run_main, setup_logging
+from skinlesion.core.errors import StageError
+from skinlesion.core.outputs import atomic_dir, write_json
+from skinlesion.core.schema import CLASSES
+from skinlesion.measure.predictions import (  # noqa: F401 (re-exported: the report helpers live there)
     META_COLUMNS,
     SPLITS,
     SUBGROUP_ATTRIBUTES,
@@ -58,7 +60,7 @@ from stages.predictions import (  # noqa: F401 (re-exported: the report helpers 
     write_plots,
     write_predictions,
 )
-from stages.scoring import (
+from skinlesion.measure.scoring import (
     IMAGE_ONLY,
     METADATA,
     MODES,
@@ -68,6 +70,10 @@ from stages.scoring import (
     mode_suffix,
     row_modes,
 )
+from skinlesion.params.base import BaseParams
+from skinlesion.params.evaluate import EvaluateParams
+from skinlesion.params.schema import load_sections
+from skinlesion.params.train import TrainParams
 
 log = logging.getLogger(__name__)
 
@@ -89,14 +95,14 @@ def predict(
     model: Any, arrays: Any, *, batch_size: int, tta: bool, mode: str = METADATA, call: Any = None
 ) -> tuple[np.ndarray, np.ndarray]:
     """A member's probabilities for a whole split (``SplitArrays``) in an input mode, and the
-    mode each row used: the scoring path the bundle serves with (:mod:`stages.scoring`).
+    mode each row used: the scoring path the bundle serves with (:mod:`skinlesion.measure.scoring`).
 
     ``mode`` ``metadata``: each row as ``serve`` would score it given the split's own metadata
     (rows with any field unknown image-only); ``image_only``: every field unknown. A member
     without fusion ignores metadata (every row image-only). ``call``: the model as a graph
-    (:func:`stages.models.as_graph`), built once by a caller that predicts several times.
+    (:func:`skinlesion.model.networks.as_graph`), built once by a caller that predicts several times.
     """
-    from stages.models import as_graph
+    from skinlesion.model.networks import as_graph
 
     takes_meta = len(model.inputs) > 1
     n = len(arrays.images)
@@ -152,7 +158,7 @@ def run(
     metrics_path: Path,
     plots_dir: Path,
 ) -> EvaluateResult:
-    from stages.tfdata import load_manifest, read_split_numpy
+    from skinlesion.model.tfdata import load_manifest, read_split_numpy
 
     model_path = Path(model_dir) / "model.keras"
     if not model_path.is_file():
@@ -164,7 +170,7 @@ def run(
             f"{Path(prepared_dir) / 'manifest.json'}: classes {list(classes)} differ from {list(CLASSES)}"
         )
 
-    from stages.models import as_graph, load_model
+    from skinlesion.model.networks import as_graph, load_model
 
     log.info("loading %s", model_path)
     try:
@@ -246,7 +252,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     setup_logging(args.verbose)
 
     def body() -> int:
-        params = load_params(args.params)
+        params = load_sections(args.params, base=BaseParams, evaluate=EvaluateParams, train=TrainParams)
         if args.backbone not in params.train.backbones:
             raise StageError(
                 f"--backbone {args.backbone!r} is not in train.backbones {list(params.train.backbones)}"

@@ -19,7 +19,7 @@ and resizing it each time would dominate a CPU epoch. This stage does it once, i
 
 Images that cannot be decoded are never skipped: all of them are collected and reported by
 name in one error (the validate stage normally stops them earlier). The record format lives in
-:mod:`stages.tfdata`.
+:mod:`skinlesion.model.tfdata`.
 """
 
 from __future__ import annotations
@@ -40,27 +40,20 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from stages import tfdata
-from stages.common import (
-    CLASSES,
-    LOCALIZATIONS,
-    SEXES,
-    StageError,
-    atomic_dir,
-    failpoint,
-    n_workers,
-    run_main,
-    setup_logging,
-    write_json,
-)
-from stages.images import PAD_COLOR, draft_request, load_image, to_square  # noqa: F401 (re-exported)
-from stages.metadata import name_first, read_table
-from stages.parallel import in_order
-from stages.params import PrepareParams, load_params
+from skinlesion.core.cli import run_main, setup_logging
+from skinlesion.core.errors import StageError
+from skinlesion.core.images import PAD_COLOR, draft_request, load_image, to_square  # noqa: F401 (re-exported)
+from skinlesion.core.outputs import atomic_dir, failpoint, write_json
+from skinlesion.core.parallel import in_order, n_workers
+from skinlesion.core.schema import CLASSES, LOCALIZATIONS, SEXES
+from skinlesion.core.tables import name_first, read_table
+from skinlesion.model import tfdata
+from skinlesion.params.prepare import PrepareParams
+from skinlesion.params.schema import load_sections
 
 log = logging.getLogger(__name__)
 
-# Test hook (stages.common.failpoint): "shard_open@N[:pause]" stops this stage as it opens its
+# Test hook (skinlesion.core.outputs.failpoint): "shard_open@N[:pause]" stops this stage as it opens its
 # Nth shard inside the temp folder (tests/e2e/test_faults.py kills dvc repro right there).
 FAILPOINT_ENV = "SKINLESION_PREPARE_FAILPOINT"
 
@@ -80,7 +73,7 @@ def ordered_rows(split_df: pd.DataFrame, meta_df: pd.DataFrame, *, split_name: s
                  meta_name: str = "metadata.csv") -> pd.DataFrame:  # fmt: skip
     """Join the split rows with the metadata; check and encode; order rows for writing.
 
-    The frames are as :func:`stages.metadata.read_table` returns them: the columns in
+    The frames are as :func:`skinlesion.core.tables.read_table` returns them: the columns in
     :data:`SPLIT_NEEDS` and :data:`META_NEEDS` there, no image_id twice.
     Returns one row per image in train/val/test with columns ``image_id, lesion_id, dx, label,
     age (float, NaN = unknown), sex, localization, sex_idx, loc_idx, split``, grouped by split
@@ -298,7 +291,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         prog="python -m stages.prepare",
         description="Decode and resize every train/val/test image once (JPEG draft mode, all cores) "
-        "into TFRecord shards, a CSV per split and manifest.json (format: stages/tfdata.py).",
+        "into TFRecord shards, a CSV per split and manifest.json (format: skinlesion/model/tfdata.py).",
     )
     ap.add_argument("--params", default="params.yaml", help="params file; reads its 'prepare' section")
     ap.add_argument("--raw", required=True, help="raw data folder: metadata.csv + images/<image_id>.jpg")
@@ -310,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(args.verbose)
 
     def body() -> None:
-        params = load_params(args.params).prepare
+        params = load_sections(args.params, prepare=PrepareParams).prepare
         run(params, raw_dir=args.raw, split_csv=args.split, out_dir=args.out)
 
     return run_main(body)

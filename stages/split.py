@@ -49,18 +49,15 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from stages.common import (
-    CLASSES,
-    StageError,
-    atomic_dir,
-    n_workers,
-    run_main,
-    setup_logging,
-    write_json,
-)
-from stages.metadata import read_table
-from stages.parallel import in_order_on, process_pool
-from stages.params import FractionsParams, SplitParams, load_params
+from skinlesion.core.cli import run_main, setup_logging
+from skinlesion.core.errors import StageError
+from skinlesion.core.outputs import atomic_dir, write_json
+from skinlesion.core.parallel import in_order_on, n_workers, process_pool
+from skinlesion.core.schema import CLASSES
+from skinlesion.core.tables import read_table
+from skinlesion.params.base import BaseParams
+from skinlesion.params.schema import load_sections
+from skinlesion.params.split import FractionsParams, SplitParams
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +88,7 @@ def _features_one(path: str) -> tuple[int, np.ndarray] | str:
     import imagehash
     from PIL import Image
 
-    from stages.images import open_checked
+    from skinlesion.core.images import open_checked
 
     try:
         # The header's pixel count is checked before anything is decoded: split runs before
@@ -761,7 +758,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     setup_logging(args.verbose)
 
     def body() -> int:
-        p = load_params(args.params)
+        p = load_sections(args.params, base=BaseParams, split=SplitParams)
         run(p.split, seed=p.base.seed, raw_dir=args.raw, out_dir=args.out, metrics_path=args.metrics,
             plots_dir=args.plots)  # fmt: skip
         return 0

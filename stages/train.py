@@ -1,10 +1,10 @@
 """Train stage (``train@<backbone>``): one classifier per backbone from the prepared shards.
 
-Reads ``data/prepared`` (TFRecord shards + manifest, see :mod:`stages.tfdata`) and writes, for one
+Reads ``data/prepared`` (TFRecord shards + manifest, see :mod:`skinlesion.model.tfdata`) and writes, for one
 backbone:
 
 * ``<out>/model.keras`` — takes raw uint8 RGB (augmentation and the family's preprocessing are
-  inside), loads with ``safe_mode=True`` once :mod:`stages.models` is imported;
+  inside), loads with ``safe_mode=True`` once :mod:`skinlesion.model.networks` is imported;
 * ``<out>/config.json`` (everything the run was built from), ``<out>/history.csv`` / ``.json``;
 * ``<metrics>`` — flat JSON for ``dvc metrics``: best val macro AUC / F1, epochs, wall time,
   images/s, which weights were used;
@@ -61,18 +61,14 @@ from typing import Any, NamedTuple
 import numpy as np
 from tqdm import tqdm
 
-from stages.common import (
-    CLASSES,
-    StageError,
-    atomic_dir,
-    atomic_file,
-    failpoint,
-    run_main,
-    setup_logging,
-    write_json,
-)
-from stages.metrics import macro_auc
-from stages.params import TrainCommonParams, TrainParams, load_params
+from skinlesion.core.cli import run_main, setup_logging
+from skinlesion.core.errors import StageError
+from skinlesion.core.outputs import atomic_dir, atomic_file, failpoint, write_json
+from skinlesion.core.schema import CLASSES
+from skinlesion.measure.metrics import macro_auc
+from skinlesion.params.base import BaseParams
+from skinlesion.params.schema import load_sections
+from skinlesion.params.train import TrainCommonParams, TrainParams
 
 log = logging.getLogger(__name__)
 
@@ -229,7 +225,7 @@ def _phase_file(index: int) -> str:
 
 
 def _failpoint(point: str, epoch: int) -> None:
-    """Test hook (``stages.common.failpoint``): ``SKINLESION_TRAIN_FAILPOINT=<point>[@N]`` kills
+    """Test hook (``skinlesion.core.outputs.failpoint``): ``SKINLESION_TRAIN_FAILPOINT=<point>[@N]`` kills
     this process at ``point`` of the first epoch >= N. Points: ``after_best_weights`` (new best
     weights written, state not yet), ``after_checkpoint`` (epoch checkpoint written, state not
     yet), ``after_commit``. tests/unit/test_train_resume.py kills a real run inside those windows.
@@ -349,7 +345,7 @@ def metadata_dropout(features: Mapping[str, Any], rate: float, seed: Any) -> dic
     """
     import tensorflow as tf
 
-    from stages.common import LOCALIZATIONS, SEXES
+    from skinlesion.core.schema import LOCALIZATIONS, SEXES
 
     if rate <= 0:
         return dict(features)
@@ -388,7 +384,7 @@ def _datasets(
     import keras
     import tensorflow as tf
 
-    from stages.tfdata import read_split
+    from skinlesion.model.tfdata import read_split
 
     k = len(CLASSES)
 
@@ -740,7 +736,7 @@ class _Prepared:
 
 
 def _read_prepared(prepared: Path) -> _Prepared:
-    from stages.tfdata import load_manifest
+    from skinlesion.model.tfdata import load_manifest
 
     manifest = load_manifest(prepared)
     if tuple(manifest.get("classes", ())) != CLASSES:
@@ -764,7 +760,7 @@ class _Job:
     backbone: str
     data: _Prepared
     common: TrainCommonParams
-    rt: Any  # stages.distribute.Runtime
+    rt: Any  # skinlesion.model.distribute.Runtime
     model: Any
     pretrained: bool
     weights_used: str
@@ -790,7 +786,7 @@ def _build(params: TrainParams, backbone: str, data: _Prepared, seed: int) -> _J
     """Build the model and data: the runtime first (devices and the strategy must precede any
     other TensorFlow work), then the model under the strategy, the phase plan, the datasets."""
     bbp, common = params.for_backbone(backbone), params.common
-    from stages.distribute import configure_runtime
+    from skinlesion.model.distribute import configure_runtime
 
     rt = configure_runtime(
         params.strategy, params.mixed_precision, params.jit_compile, device=params.device, seed=seed,
@@ -798,7 +794,8 @@ def _build(params: TrainParams, backbone: str, data: _Prepared, seed: int) -> _J
     )  # fmt: skip
     import tensorflow as tf
 
-    from stages import losses, models
+    from skinlesion.model import losses
+    from skinlesion.model import networks as models
 
     multi = rt.kind == "multi_worker"
     global_batch = (bbp.batch_size or common.batch_size) * rt.replicas
@@ -920,7 +917,8 @@ def _fit_phase(job: _Job, phase: Phase, state: TrainState, backup: Backup, live_
     import keras
     import tensorflow as tf
 
-    from stages import losses, models
+    from skinlesion.model import losses
+    from skinlesion.model import networks as models
 
     common, rt, model, types = job.common, job.rt, job.model, callback_types()
     with rt.strategy.scope():
@@ -949,7 +947,7 @@ def _fit_phase(job: _Job, phase: Phase, state: TrainState, backup: Backup, live_
     progress = types.Progress(job.steps_per_epoch, common.epochs)
     callbacks = [job.evaluator, *resumable.values(), recorder, progress]
     if job.multi:
-        from stages.distribute import custom_fit
+        from skinlesion.model.distribute import custom_fit
 
         loss_none = losses.make_loss(
             common.loss, job.class_weights, gamma=common.focal_gamma, label_smoothing=common.label_smoothing,
@@ -1064,8 +1062,8 @@ def _recalibrate_bn(job: _Job, summary: dict[str, Any]) -> dict[str, Any]:
     the per-replica training batch; returns the validation numbers after it, for the metrics
     (the ``best_val_*`` keys in ``summary`` are the epoch's, measured with the running statistics
     on these same weights: the "before" of the log line, without another validation pass)."""
-    from stages import models
-    from stages.tfdata import read_split
+    from skinlesion.model import networks as models
+    from skinlesion.model.tfdata import read_split
 
     t0 = time.perf_counter()
     per_replica = job.global_batch // job.rt.replicas
@@ -1144,7 +1142,7 @@ def run(
     backup = Path(backup) if backup is not None else out.with_name(out.name + ".ckpt")
     if backbone not in params.backbones:
         raise StageError(f"train.backbones: {backbone!r} is not listed ({list(params.backbones)})")
-    from stages.distribute import visible_gpus
+    from skinlesion.model.distribute import visible_gpus
 
     visible_gpus(params.device)  # a GPU run without a GPU stops here, before any data is read
     job = _build(params, backbone, _read_prepared(prepared), seed)
@@ -1196,7 +1194,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
     def body() -> int:
-        p = load_params(args.params)
+        p = load_sections(args.params, base=BaseParams, train=TrainParams)
         run(
             p.train,
             backbone=args.backbone,

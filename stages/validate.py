@@ -46,11 +46,16 @@ import pandas as pd
 from PIL import Image, ImageFile, UnidentifiedImageError
 from tqdm import tqdm
 
-from stages.common import HAM_COLUMNS, StageError, atomic_dir, n_workers, run_main, setup_logging, write_json
-from stages.images import load_checked
-from stages.metadata import read_rows, read_table
-from stages.parallel import in_order
-from stages.params import FractionsParams, ValidateParams, load_params
+from skinlesion.core.cli import run_main, setup_logging
+from skinlesion.core.errors import StageError
+from skinlesion.core.images import load_checked
+from skinlesion.core.outputs import atomic_dir, write_json
+from skinlesion.core.parallel import in_order, n_workers
+from skinlesion.core.schema import HAM_COLUMNS
+from skinlesion.core.tables import read_rows, read_table
+from skinlesion.params.schema import load_sections
+from skinlesion.params.split import FractionsParams, SplitParams
+from skinlesion.params.validate import ValidateParams
 
 log = logging.getLogger(__name__)
 
@@ -278,7 +283,7 @@ def inspect_image(path: str | Path, max_pixels: int) -> dict[str, Any]:
 
     The pixel count is read from the header and the image is only decoded when it is within
     ``max_pixels``, so a 20,000 x 20,000 header allocates nothing. The decode is a full load
-    through the project's image gate (:func:`stages.images.load_checked`): a truncated JPEG has a
+    through the project's image gate (:func:`skinlesion.core.images.load_checked`): a truncated JPEG has a
     valid header and only fails there, and one that Pillow would pad with grey is refused.
     """
     facts: dict[str, Any] = {
@@ -1002,7 +1007,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(args.verbose)
 
     def body() -> int:
-        params = load_params(args.params)
+        params = load_sections(args.params, split=SplitParams, validate=ValidateParams)
         try:
             run(
                 params.validate,

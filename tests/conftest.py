@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from stages.common import HAM_COLUMNS
+from skinlesion.core.schema import HAM_COLUMNS
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_HAM = Path(os.environ.get("HAM10000_DIR", REPO.parent / "shared" / "data" / "ham10000"))

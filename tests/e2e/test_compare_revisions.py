@@ -1,4 +1,4 @@
-"""``python -m stages.compare`` between real git revisions and DVC experiments.
+"""``python -m tools.compare`` between real git revisions and DVC experiments.
 
 A tmp git + DVC repository whose two stages take milliseconds: ``download`` writes a HAM10000
 metadata table (``data.lesions`` lesions from ``data.first``), ``calibrate`` writes the served
@@ -16,14 +16,14 @@ from pathlib import Path
 
 import pytest
 
-from stages.paired import PAIRED_KEYS
+from skinlesion.measure.paired import PAIRED_KEYS
 from tests.conftest import run_cmd
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 GIT = ["git", "-c", "user.email=t@t", "-c", "user.name=t"]
 DVC = [sys.executable, "-m", "dvc"]
-COMPARE = [sys.executable, "-m", "stages.compare", "--no-progress"]
+COMPARE = [sys.executable, "-m", "tools.compare", "--no-progress"]
 
 PARAMS = """\
 data: {lesions: 150, first: 0}
@@ -53,7 +53,7 @@ MAKE_DATA = """\
 import yaml
 from pathlib import Path
 
-from stages.common import CLASSES
+from skinlesion.core.schema import CLASSES
 
 p = yaml.safe_load(open("params.yaml"))["data"]
 rows = ["lesion_id,image_id,dx,dx_type,age,sex,localization"]
@@ -72,9 +72,9 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from stages.common import CLASSES
-from stages.metrics import expected_calibration_error, malignant_score
-from stages.paired import served_statistics
+from skinlesion.core.schema import CLASSES
+from skinlesion.measure.metrics import expected_calibration_error, malignant_score
+from skinlesion.measure.paired import served_statistics
 
 p = yaml.safe_load(open("params.yaml"))["served"]
 meta = pd.read_csv("data/raw/metadata.csv", dtype=str, keep_default_na=False)

@@ -29,7 +29,7 @@ import yaml
 
 from flows.dvcops import set_params
 from flows.promote import FAILPOINT_ENV as PROMOTE_FAILPOINT
-from stages.common import ATOMIC_FAILPOINT_ENV as ATOMIC_FAILPOINT
+from skinlesion.core.outputs import ATOMIC_FAILPOINT_ENV as ATOMIC_FAILPOINT
 from tests.conftest import run_cmd
 from tests.e2e.conftest import (
     PREFECT,
@@ -156,7 +156,7 @@ def _sigkill(bg: Background) -> None:
 
 def _being_written(bg: Background, module: str, folder: Path, name: str) -> Callable[[], bool]:
     """``stages.<module>`` runs and writes ``folder/name``: its temp output
-    (``stages.common.atomic_dir``) holds a file, or (a writer that is not atomic) the final
+    (``skinlesion.core.outputs.atomic_dir``) holds a file, or (a writer that is not atomic) the final
     folder does, which DVC deleted before the stage started."""
 
     def holds_a_file(p: Path) -> bool:
@@ -179,7 +179,7 @@ def _leftovers(work: Path) -> list[str]:
 
 
 def _load_bundle(folder: Path) -> None:
-    from stages.bundle import Bundle
+    from skinlesion.model.bundle import Bundle
 
     Bundle.load(folder)
 
@@ -370,7 +370,7 @@ def test_disk_full_while_writing_a_model_keeps_the_previous_one(tiny_built, tmp_
         assert os.listdir(disk) == ["custom_cnn"], f"temp output left on the full disk: {os.listdir(disk)}"
         import keras
 
-        import stages.models  # noqa: F401  (registers the model's custom layers)
+        import skinlesion.model.networks  # noqa: F401  (registers the model's custom layers)
 
         keras.models.load_model(out / "model.keras", compile=False)
         assert not (tmp_path / "train.json").exists()
@@ -382,7 +382,7 @@ def test_disk_full_while_writing_a_model_keeps_the_previous_one(tiny_built, tmp_
 
 # The promotion (flows.retrain.promote_candidate: flows.promote.promote_bundle's copy into a temp
 # folder, the record, the swap; `dvc add`; git commit and tag) runs in a child process that its
-# failpoints (flows.promote.FAILPOINT_ENV, stages.common.ATOMIC_FAILPOINT_ENV) SIGKILL at one step.
+# failpoints (flows.promote.FAILPOINT_ENV, skinlesion.core.outputs.ATOMIC_FAILPOINT_ENV) SIGKILL at one step.
 PROMOTE_CHILD = r"""
 import json, os, sys
 
@@ -406,8 +406,8 @@ from pathlib import Path
 
 import keras
 
-import stages.models  # noqa: F401  (registers the bundle's custom layers)
-from stages.bundle import file_md5
+import skinlesion.model.networks  # noqa: F401  (registers the bundle's custom layers)
+from skinlesion.model.bundle import file_md5
 
 bundle = Path(sys.argv[1])
 meta = json.loads((bundle / "bundle.json").read_text())

@@ -103,7 +103,7 @@ def _draw_batch(repo: Path, name: str, *, seed: int, n: int, profile: str | None
     """A HAM10000-layout batch drawn by the synthetic source at the TINY pipeline's image size."""
     out = repo / INBOX / name
     args = [
-        "python", "-m", "stages.synthetic", "--out", str(out), "--n-images", str(n), "--seed", str(seed),
+        "python", "-m", "skinlesion.sources.synthetic", "--out", str(out), "--n-images", str(n), "--seed", str(seed),
         "--width", str(TINY["download.synthetic.width"]), "--height", str(TINY["download.synthetic.height"]),
         *(["--profile", profile] if profile else []),
     ]  # fmt: skip

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from stages.common import CLASSES
+from skinlesion.core.schema import CLASSES
 
 TOLERANCE = 1e-6  # the served files keep 9 significant digits; measured differences ~5e-10
 PROBS = [f"prob_{c}" for c in CLASSES]

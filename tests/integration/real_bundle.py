@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from stages.common import HAM_COLUMNS
+from skinlesion.core.schema import HAM_COLUMNS
 
 PARAMS = {
     "prepare": {"image_size": 32},

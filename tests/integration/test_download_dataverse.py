@@ -14,9 +14,10 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from stages.common import HAM_COLUMNS, StageError
+from skinlesion.core.errors import StageError
+from skinlesion.core.schema import HAM_COLUMNS
+from skinlesion.params.download import DataverseParams, DownloadParams
 from stages.download import run
-from stages.params import DataverseParams, DownloadParams
 from tests.conftest import make_jpeg, write_raw
 
 PART_1, PART_2 = "HAM10000_images_part_1.zip", "HAM10000_images_part_2.zip"

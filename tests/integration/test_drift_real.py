@@ -19,9 +19,9 @@ import pandas as pd
 import pytest
 from PIL import Image, ImageEnhance, ImageFilter
 
+from skinlesion.measure.imagefeatures import jpeg_quality
+from skinlesion.params.load import parse_params
 from stages import drift
-from stages.imagefeatures import jpeg_quality
-from stages.params import parse_params
 from tests.integration.real_bundle import build
 from tests.unit.test_drift import huge_header_jpeg, truncated_jpeg
 

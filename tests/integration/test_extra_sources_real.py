@@ -10,9 +10,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from skinlesion.core.schema import HAM_COLUMNS
+from skinlesion.params.load import parse_params
 from stages import download, split
-from stages.common import HAM_COLUMNS
-from stages.params import parse_params
 
 pytestmark = [pytest.mark.realdata, pytest.mark.slow]
 

@@ -157,8 +157,8 @@ def test_the_gpu_lock_installs_in_a_scratch_venv_and_the_refusal_names_the_cuda_
     assert check.returncode == 0, check.stdout
     probe = textwrap.dedent("""
         import tensorflow as tf
-        from stages.common import StageError
-        from stages.distribute import visible_gpus
+        from skinlesion.core.errors import StageError
+        from skinlesion.model.distribute import visible_gpus
         assert tf.test.is_built_with_cuda()
         try:
             visible_gpus("gpu")

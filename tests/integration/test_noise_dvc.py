@@ -1,4 +1,4 @@
-"""``python -m stages.noise`` against the real ``dvc exp run --temp`` on a toy repository whose
+"""``python -m tools.noise`` against the real ``dvc exp run --temp`` on a toy repository whose
 stages take milliseconds: the seeds run as experiments, the noise file holds their spread, the
 workspace is left exactly as it was, and a failing seed is named with dvc's last lines."""
 
@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from stages.noise import noise_bands, read_noise
+from tools.noise import noise_bands, read_noise
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -130,7 +130,7 @@ def toy(tmp_path_factory) -> Path:
 
 
 def _noise(root: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
-    return _run([sys.executable, "-m", "stages.noise", *args], root, env={**os.environ, **env})
+    return _run([sys.executable, "-m", "tools.noise", *args], root, env={**os.environ, **env})
 
 
 def _workspace(root: Path) -> tuple[str, str, str]:
@@ -228,7 +228,7 @@ def test_the_reproduction_verdict_judges_by_the_committed_noise_band(tmp_path):
     toy = make_toy(tmp_path / "repo")
 
     def verdict() -> str:
-        r = _run([sys.executable, "-m", "stages.summary", "--metrics", "metrics", "--diff", "HEAD"], toy)
+        r = _run([sys.executable, "-m", "tools.summary", "--metrics", "metrics", "--diff", "HEAD"], toy)
         assert r.returncode == 0, r.stderr
         return r.stdout[r.stdout.index("reproduction:") :]
 

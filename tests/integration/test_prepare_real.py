@@ -10,8 +10,8 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from stages.common import CLASSES
-from stages.params import parse_params
+from skinlesion.core.schema import CLASSES
+from skinlesion.params.load import parse_params
 from stages.prepare import run
 
 
@@ -33,7 +33,7 @@ def _raw_from_originals(shared: Path, root: Path) -> tuple[Path, Path, pd.DataFr
 
 
 def test_prepare_the_124_real_originals(shared_ham, tmp_path):
-    from stages.tfdata import load_manifest, read_split_numpy
+    from skinlesion.model.tfdata import load_manifest, read_split_numpy
 
     raw, split_csv, split = _raw_from_originals(shared_ham, tmp_path)
     assert len(split) == 124

@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from flows.retrain import plan, retrain
-from stages.common import CLASSES
+from skinlesion.core.schema import CLASSES
 from tests.integration.toy_pipeline import make_toy_repo
 
 pytestmark = pytest.mark.slow
@@ -305,8 +305,8 @@ def test_the_gate_scores_production_on_the_same_images(toy, prefect_api, tmp_pat
     seen (task score-production) and decides on the paired CI. The stored toy metrics are equal
     for both runs: only the paired comparison can tell the candidates apart."""
     from flows.promote import score_requests
-    from stages.predictions import write_predictions
-    from stages.scoring import IMAGE_ONLY
+    from skinlesion.measure.predictions import write_predictions
+    from skinlesion.measure.scoring import IMAGE_ONLY
     from tests.conftest import make_jpeg
     from tests.unit.test_gate_paired import served, with_probs
     from tests.unit.test_serve import make_bundle

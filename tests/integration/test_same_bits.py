@@ -41,7 +41,7 @@ def _train(root: Path, prepared: Path, backbone: str, seed_offset: int) -> tuple
     ]  # fmt: skip
     r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
     assert r.returncode == 0, r.stderr[-3000:]
-    from stages.models import load_model
+    from skinlesion.model.networks import load_model
 
     weights = load_model(root / "model" / "model.keras").get_weights()
     metrics = json.loads((root / "metrics.json").read_text())

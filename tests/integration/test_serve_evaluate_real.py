@@ -15,8 +15,8 @@ import pandas as pd
 import pytest
 
 from serve.evaluate import main
-from stages.common import MALIGNANT
-from stages.predictions import complete_metadata
+from skinlesion.core.schema import MALIGNANT
+from skinlesion.measure.predictions import complete_metadata
 from tests.unit.test_serve_evaluate import make_bundle
 
 pytestmark = [pytest.mark.realdata]

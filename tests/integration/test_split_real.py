@@ -9,8 +9,8 @@ import json
 import pandas as pd
 import pytest
 
+from skinlesion.params.load import parse_params
 from stages.download import import_folder
-from stages.params import parse_params
 from stages.split import run
 
 pytestmark = [pytest.mark.slow, pytest.mark.realdata]

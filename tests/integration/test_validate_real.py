@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from stages.params import parse_params
+from skinlesion.params.load import parse_params
 from stages.validate import SPLITS, ValidationFailed, run
 
 LONG_NAMES = {

@@ -1,6 +1,6 @@
 """Loading a bundle: safe mode refuses code inside a model file; damaged members are named; the
 bundle.json format (1: one operating point; 2: one per input mode) is checked on read; scoring
-follows the mode rule of stages.scoring with each mode's own operating point."""
+follows the mode rule of skinlesion.measure.scoring with each mode's own operating point."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from stages.bundle import BUNDLE_FORMAT_VERSION, Bundle, file_md5, read_bundle_json
-from stages.common import CLASSES, LOCALIZATIONS, SEXES, StageError
-from stages.scoring import (
+from skinlesion.core.errors import StageError
+from skinlesion.core.schema import CLASSES, LOCALIZATIONS, SEXES
+from skinlesion.measure.scoring import (
     IMAGE_ONLY,
     METADATA,
     UNKNOWN_LOCALIZATION,
@@ -23,6 +23,7 @@ from stages.scoring import (
     malignant_flags,
     model_inputs,
 )
+from skinlesion.model.bundle import BUNDLE_FORMAT_VERSION, Bundle, file_md5, read_bundle_json
 from tests.unit.test_scoring import tiny_model
 
 SIZE = 8
@@ -486,7 +487,7 @@ def test_a_member_symlink_resolving_outside_the_bundle_folder_is_refused(tmp_pat
 
 
 def test_the_drift_reference_reader_refuses_the_same_bundle(good_bundle, tmp_path):
-    from stages.bundle import read_drift_reference
+    from skinlesion.model.bundle import read_drift_reference
 
     root = edited(good_bundle, tmp_path / "b", (*OP, "threshold"), "NaN")
     with pytest.raises(
@@ -507,7 +508,7 @@ SYNTHETIC = {
 
 
 def test_what_a_bundle_was_trained_on_is_read_back_and_said_first(tmp_path):
-    from stages.bundle import SYNTHETIC_WARNING, TrainingData, read_training_data, trained_on
+    from skinlesion.model.bundle import SYNTHETIC_WARNING, TrainingData, read_training_data, trained_on
 
     root = write_bundle(tmp_path / "demo", fusion=False, training_data=SYNTHETIC)
     meta = read_bundle_json(root)
@@ -525,7 +526,7 @@ def test_what_a_bundle_was_trained_on_is_read_back_and_said_first(tmp_path):
 
 
 def test_an_older_bundle_says_its_params_source_or_unknown(tmp_path):
-    from stages.bundle import UNKNOWN_TRAINING_DATA, read_training_data, trained_on
+    from skinlesion.model.bundle import UNKNOWN_TRAINING_DATA, read_training_data, trained_on
 
     # before the record, every calibrate wrote the params snapshot: its download.source still warns
     params = {"prepare": {"draft_gap": 2.0}, "download": {"source": "synthetic"}}

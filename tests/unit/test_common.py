@@ -11,14 +11,14 @@ from pathlib import Path
 
 import pytest
 
-from stages.common import atomic_dir, atomic_file, write_json
+from skinlesion.core.outputs import atomic_dir, atomic_file, write_json
 
 REPO = Path(__file__).resolve().parents[2]
 
 KILLED_WRITER = """
 import os, signal, sys
 from pathlib import Path
-from stages.common import atomic_dir
+from skinlesion.core.outputs import atomic_dir
 with atomic_dir(Path(sys.argv[1])) as tmp:
     (tmp / "half.bin").write_bytes(b"x" * 1000)
     os.kill(os.getpid(), signal.SIGKILL)   # killed mid-write, as by the OOM killer or kill -9
@@ -62,7 +62,7 @@ def test_git_ignores_temp_outputs():
 
 
 def test_atomic_dir_swaps_in_one_exchange_and_repairs_a_kill_between_two_renames(tmp_path):
-    from stages.common import atomic_dir, exchange, remove_stale_temps
+    from skinlesion.core.outputs import atomic_dir, exchange, remove_stale_temps
 
     target = tmp_path / "bundle"
     with atomic_dir(target) as d:
@@ -88,7 +88,8 @@ def test_atomic_dir_swaps_in_one_exchange_and_repairs_a_kill_between_two_renames
 def test_a_full_disk_is_one_line_naming_the_output(tmp_path, capsys):
     import errno
 
-    from stages.common import atomic_dir, run_main
+    from skinlesion.core.cli import run_main
+    from skinlesion.core.outputs import atomic_dir
 
     target = tmp_path / "model"
 
@@ -110,7 +111,7 @@ def test_a_full_disk_is_one_line_naming_the_output(tmp_path, capsys):
 )
 def test_failpoint_kills_at_its_point_and_count_only(spec, killed_at):
     code = (
-        "import sys\nfrom stages.common import failpoint\n"
+        "import sys\nfrom skinlesion.core.outputs import failpoint\n"
         "for n in range(1, 6):\n"
         "    print(n, flush=True)\n"
         "    failpoint('SKINLESION_TEST_FAILPOINT', 'shard_open', n)\n"
@@ -127,7 +128,7 @@ def test_failpoint_kills_at_its_point_and_count_only(spec, killed_at):
 
 def test_failpoint_pause_holds_the_process_until_it_is_killed():
     code = (
-        "from stages.common import failpoint\n"
+        "from skinlesion.core.outputs import failpoint\n"
         "failpoint('SKINLESION_TEST_FAILPOINT', 'p', 2)\n"
         "print('passed', flush=True)\n"
     )

@@ -1,4 +1,4 @@
-"""``stages.compare``: the verdict of a paired comparison, on seeded synthetic served frames.
+"""``tools.compare``: the verdict of a paired comparison, on seeded synthetic served frames.
 
 A served frame is what the calibrate stage writes to data/served/test.csv; these are drawn
 with a known signal, so an identical copy, a degraded copy and a copy within the noise band each
@@ -14,9 +14,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from stages.bundle import Seen
-from stages.common import CLASSES, StageError
-from stages.compare import (
+from skinlesion.core.errors import StageError
+from skinlesion.core.schema import CLASSES
+from skinlesion.measure.metrics import malignant_score
+from skinlesion.measure.paired import PAIRED_KEYS, PairedDiff, pair
+from skinlesion.model.bundle import Seen
+from tools.compare import (
     ECE_KEY,
     ModeResult,
     Settings,
@@ -29,8 +32,6 @@ from stages.compare import (
     params_diff,
     verdict,
 )
-from stages.metrics import malignant_score
-from stages.paired import PAIRED_KEYS, PairedDiff, pair
 
 N_SAMPLES = 300
 
@@ -261,9 +262,9 @@ def test_settings_come_from_b_params_unless_given():
 
 
 def test_what_a_bundle_has_seen_is_its_seen_json_else_its_split_train_and_val_rows(tmp_path):
-    from stages.bundle import SEEN_FILE, seen_record
-    from stages.common import write_json
-    from stages.compare import Layout, Run, RunData, RunFiles, seen_of_a
+    from skinlesion.core.outputs import write_json
+    from skinlesion.model.bundle import SEEN_FILE, seen_record
+    from tools.compare import Layout, Run, RunData, RunFiles, seen_of_a
 
     layout = Layout()
     bundle = tmp_path / layout.bundle
@@ -296,8 +297,8 @@ def test_a_fusion_run_is_compared_mode_by_mode_each_with_its_own_band(tmp_path):
     answers know nothing, its metadata answers are A's."""
     import json
 
-    from stages.compare import Layout, Run, RunFiles, compare_frames, load_run
-    from stages.paired import headline, served_statistics
+    from skinlesion.measure.paired import headline, served_statistics
+    from tools.compare import Layout, Run, RunFiles, compare_frames, load_run
 
     def write_run(root, frames):
         served = root / "data" / "served"

@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from stages.common import StageError
-from stages.dataverse import content_range_start, fetch_dataverse, parse_listing
-from stages.params import DataverseParams
+from skinlesion.core.errors import StageError
+from skinlesion.params.download import DataverseParams
+from skinlesion.sources.dataverse import content_range_start, fetch_dataverse, parse_listing
 from tests.range_server import RangeServer, parse_range, to_tab
 
 CSV = b"lesion_id,image_id,dx,dx_type,age,sex,localization\r\nHAM_1,ISIC_0000001,nv,histo,50.0,male,back\r\n"
@@ -61,7 +61,7 @@ def test_fresh_download_of_zip_and_ingested_table(range_server, tmp_path):
 def test_broken_transfer_resumes_within_one_call(range_server, tmp_path, caplog):
     data = _serve(range_server, "a.zip", _blob(10_000))
     range_server.cut_after, range_server.cut_first = 3000, 1
-    caplog.set_level(logging.INFO, logger="stages.dataverse")
+    caplog.set_level(logging.INFO, logger="skinlesion.sources.dataverse")
 
     got = fetch_dataverse(_params(range_server, ("a.zip",), retries=2), tmp_path / "cache")
 
@@ -97,7 +97,7 @@ def test_server_ignoring_range_still_gives_the_right_bytes(range_server, tmp_pat
     data = _serve(range_server, "a.zip", _blob(8000, seed=2))
     range_server.cut_after, range_server.cut_first = 2500, 1
     range_server.ignore_range = True
-    caplog.set_level(logging.INFO, logger="stages.dataverse")
+    caplog.set_level(logging.INFO, logger="skinlesion.sources.dataverse")
 
     got = fetch_dataverse(_params(range_server, ("a.zip",), retries=1), tmp_path / "cache")
 

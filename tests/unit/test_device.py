@@ -12,10 +12,11 @@ from pathlib import Path
 
 import pytest
 import yaml
-from tests.conftest import write_raw
 
-from stages.common import CLASSES, StageError
-from stages.params import ParamsError, load_params, parse_params
+from skinlesion.core.errors import ParamsError, StageError
+from skinlesion.core.schema import CLASSES
+from skinlesion.params.load import load_params, parse_params
+from tests.conftest import write_raw
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -65,7 +66,7 @@ def test_an_unknown_device_names_the_key():
 
 
 def test_auto_and_cpu_train_without_a_gpu():
-    from stages.distribute import visible_gpus
+    from skinlesion.model.distribute import visible_gpus
 
     assert visible_gpus("cpu") == []
     if not visible_gpus("auto"):  # a CPU machine: gpu must refuse, in one line

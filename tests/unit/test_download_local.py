@@ -8,9 +8,10 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from stages.common import HAM_COLUMNS, StageError
+from skinlesion.core.errors import ParamsError, StageError
+from skinlesion.core.schema import HAM_COLUMNS
+from skinlesion.params.load import parse_params
 from stages.download import main, run, safe_extract_zip
-from stages.params import ParamsError, parse_params
 from tests.conftest import make_jpeg, write_raw
 
 ROWS = [
@@ -342,7 +343,7 @@ def test_bad_extra_sources_params_name_the_key(extra, message):
 def test_real_labelled_batch_merges_into_a_synthetic_base(tmp_path, shared_ham):
     import shutil
 
-    from stages.synthetic import plan_dataset
+    from skinlesion.sources.synthetic import plan_dataset
 
     synthetic = {"n_images": 60, "width": 64, "height": 48}
     base_ids = {

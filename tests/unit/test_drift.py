@@ -12,10 +12,11 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFilter
 
-from stages import drift
-from stages.bundle import REFERENCE_KEY, write_drift_reference
-from stages.common import CLASSES, SEXES
-from stages.imagefeatures import (
+from skinlesion.core.errors import ParamsError
+from skinlesion.core.images import ImageRejected, list_images, load_image, open_checked
+from skinlesion.core.schema import CLASSES, SEXES
+from skinlesion.core.tables import read_rows
+from skinlesion.measure.imagefeatures import (
     FeatureSpec,
     features_chunk,
     image_features,
@@ -23,10 +24,10 @@ from stages.imagefeatures import (
     list_batch,
     pixel_features,
 )
-from stages.images import ImageRejected, list_images, load_image, open_checked
-from stages.metadata import read_rows
-from stages.params import ParamsError, parse_params
-from stages.scoring import IMAGE_ONLY
+from skinlesion.measure.scoring import IMAGE_ONLY
+from skinlesion.model.bundle import REFERENCE_KEY, write_drift_reference
+from skinlesion.params.load import parse_params
+from stages import drift
 from tests.conftest import make_jpeg, write_raw
 from tests.unit.test_bundle import POINTS, write_bundle
 

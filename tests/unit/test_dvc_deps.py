@@ -1,7 +1,7 @@
 """DVC must see every change: each stage's deps list every project module its command imports.
 
 The imports are read from the source (``ast``), transitively, including imports inside
-functions (a stage that imports ``stages.models`` lazily still runs it). A stage whose deps miss
+functions (a stage that imports ``skinlesion.model.networks`` lazily still runs it). A stage whose deps miss
 one would not rerun when that module changes, and ``dvc.lock`` would claim a result the code no
 longer produces.
 """
@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[2]
-PACKAGES = ("stages", "flows", "serve")
+PACKAGES = ("stages", "flows", "serve", "skinlesion", "tools")
 
 
 def project_imports(module: str, seen: set[str] | None = None) -> set[str]:
@@ -52,10 +52,17 @@ def stage_commands() -> dict[str, tuple[str, list[str]]]:
 
 def test_the_import_walker_sees_lazy_and_transitive_imports():
     mods = project_imports("stages.drift")
-    assert {"stages.bundle", "stages.imagefeatures", "stages.images", "stages.parallel"} <= mods
-    # stages.bundle imports stages.models inside Bundle.load(), not at module level
-    assert "stages.models" in project_imports("stages.bundle")
-    assert "stages.models" in mods and "stages.losses" in mods  # ... and models imports losses lazily
+    assert {
+        "skinlesion.model.bundle",
+        "skinlesion.measure.imagefeatures",
+        "skinlesion.core.images",
+        "skinlesion.core.parallel",
+    } <= mods
+    # skinlesion.model.bundle imports skinlesion.model.networks inside Bundle.load(), not at module level
+    assert "skinlesion.model.networks" in project_imports("skinlesion.model.bundle")
+    assert (
+        "skinlesion.model.networks" in mods and "skinlesion.model.losses" in mods
+    )  # ... and models imports losses lazily
 
 
 @pytest.mark.parametrize("stage", sorted(stage_commands()))

@@ -22,11 +22,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from stages import calibrate, ensemble
-from stages.common import CLASSES, HAM_COLUMNS, LOCALIZATIONS, MALIGNANT, SEXES, StageError
-from stages.metrics import log_loss, malignant_score, operating_point
-from stages.params import parse_params
-from stages.predictions import (
+from skinlesion.core.errors import StageError
+from skinlesion.core.schema import CLASSES, HAM_COLUMNS, LOCALIZATIONS, MALIGNANT, SEXES
+from skinlesion.measure.metrics import log_loss, malignant_score, operating_point
+from skinlesion.measure.predictions import (
     complete_metadata,
     labels,
     logit_columns,
@@ -35,7 +34,9 @@ from stages.predictions import (
     read_predictions,
     write_predictions,
 )
-from stages.scoring import IMAGE_ONLY, METADATA, MODE_RULE, MODES
+from skinlesion.measure.scoring import IMAGE_ONLY, METADATA, MODE_RULE, MODES
+from skinlesion.params.load import parse_params
+from stages import calibrate, ensemble
 from tests.conftest import make_jpeg
 
 MAL_IDX = [CLASSES.index(c) for c in MALIGNANT]
@@ -97,7 +98,7 @@ def _colour_model(path: Path, *, over: float, channels: int = 3, fusion: bool = 
     the metadata come in through ``MetadataEncoding`` and shift the logits when the age is known."""
     import keras
 
-    from stages.models import MetadataEncoding
+    from skinlesion.model.networks import MetadataEncoding
 
     mu = MEANS[:, :channels]
     kernel = np.zeros((3, len(CLASSES)))
@@ -132,9 +133,9 @@ class World:
 
 def _evaluate_members(models_dir: Path, prepared: Path, out: Path) -> Path:
     """Each member's prediction files as the evaluate stage writes them (its own functions)."""
+    from skinlesion.model.networks import load_model
+    from skinlesion.model.tfdata import read_split_numpy
     from stages.evaluate import member_modes, predict, predictions_name
-    from stages.models import load_model
-    from stages.tfdata import read_split_numpy
 
     for name in ("mobilenetv2", "custom_cnn"):
         model = load_model(models_dir / name / "model.keras")
@@ -242,7 +243,7 @@ def _point(bundle: dict, mode: str = IMAGE_ONLY) -> dict:
 
 
 def test_ensemble_fitted_weights_on_simplex_and_not_worse_than_equal(members, tmp_path):
-    from stages.scoring import mix
+    from skinlesion.measure.scoring import mix
 
     out = tmp_path / "out"
     res = _run_ensemble(members, out)
@@ -600,7 +601,7 @@ def test_a_real_source_and_the_raw_data_version_are_recorded_and_open_the_card(
             str(out / "bundle"), "--metrics", str(out / "cal.json"), "--plots", str(out / "plots"),
             "--card", str(out / "card.md")]  # fmt: skip
     assert calibrate.main(args) == 0
-    from stages.bundle import read_bundle_json, trained_on
+    from skinlesion.model.bundle import read_bundle_json, trained_on
 
     bundle = read_bundle_json(out / "bundle")  # read back through the checks
     assert bundle["training_data"] == {
@@ -642,9 +643,9 @@ def _same_point(got: dict, want: dict) -> None:
 def test_fusion_members_give_two_operating_points_each_fitted_on_its_own_rows(
     world, fusion_members, tmp_path
 ):
-    from stages.bundle import Bundle
-    from stages.scoring import MetaArrays
-    from stages.tfdata import read_split_numpy
+    from skinlesion.measure.scoring import MetaArrays
+    from skinlesion.model.bundle import Bundle
+    from skinlesion.model.tfdata import read_split_numpy
 
     out = tmp_path / "out"
     _run_ensemble(fusion_members, out)

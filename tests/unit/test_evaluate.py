@@ -11,8 +11,10 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from skinlesion.core.errors import StageError
+from skinlesion.core.schema import CLASSES, LOCALIZATIONS, SEXES
+from skinlesion.params.load import parse_params
 from stages import evaluate
-from stages.common import CLASSES, LOCALIZATIONS, SEXES, StageError
 from stages.evaluate import (
     age_band,
     confidence_picks,
@@ -21,7 +23,6 @@ from stages.evaluate import (
     subgroup_table,
     worst_subgroup,
 )
-from stages.params import parse_params
 from tests.conftest import write_raw
 
 SIZE = 16
@@ -79,7 +80,7 @@ def _tiny_model(path: Path, *, fusion: bool = False) -> Path:
         age = keras.Input((), dtype="float32", name="age")
         sex = keras.Input((), dtype="int32", name="sex")
         loc = keras.Input((), dtype="int32", name="localization")
-        from stages.models import MetadataEncoding  # the project's layer: NaN age = unknown
+        from skinlesion.model.networks import MetadataEncoding  # the project's layer: NaN age = unknown
 
         meta = MetadataEncoding()([age, sex, loc])
         x = keras.layers.Concatenate()([x, meta])
@@ -105,8 +106,8 @@ def _run(prepared: Path, tmp: Path, model_dir: Path, **evaluate_params) -> evalu
 
 
 def test_evaluate_writes_predictions_metrics_and_plots(prepared, tmp_path):
-    from stages.models import load_model
-    from stages.tfdata import read_split_numpy
+    from skinlesion.model.networks import load_model
+    from skinlesion.model.tfdata import read_split_numpy
 
     model_dir = _tiny_model(tmp_path / "model")
     res = _run(prepared, tmp_path, model_dir)
@@ -174,8 +175,8 @@ def test_evaluate_writes_predictions_metrics_and_plots(prepared, tmp_path):
 
 
 def test_tta_averages_the_four_flips(prepared, tmp_path):
-    from stages.models import load_model
-    from stages.tfdata import read_split_numpy
+    from skinlesion.model.networks import load_model
+    from skinlesion.model.tfdata import read_split_numpy
 
     model_dir = _tiny_model(tmp_path / "model")
     _run(prepared, tmp_path, model_dir, tta=True, bootstrap_samples=0)
@@ -189,10 +190,10 @@ def test_tta_averages_the_four_flips(prepared, tmp_path):
 
 
 def test_fusion_model_gets_the_metadata(prepared, tmp_path):
-    from stages.models import load_model
-    from stages.predictions import complete_metadata
-    from stages.scoring import MetaArrays, model_inputs
-    from stages.tfdata import read_split_numpy
+    from skinlesion.measure.predictions import complete_metadata
+    from skinlesion.measure.scoring import MetaArrays, model_inputs
+    from skinlesion.model.networks import load_model
+    from skinlesion.model.tfdata import read_split_numpy
 
     model_dir = _tiny_model(tmp_path / "model", fusion=True)
     res = _run(prepared, tmp_path, model_dir, bootstrap_samples=0)
@@ -226,9 +227,9 @@ def test_fusion_model_gets_the_metadata(prepared, tmp_path):
 
 
 def test_predict_says_which_mode_each_row_used(prepared, tmp_path):
-    from stages.models import load_model
-    from stages.scoring import IMAGE_ONLY, METADATA
-    from stages.tfdata import read_split_numpy
+    from skinlesion.measure.scoring import IMAGE_ONLY, METADATA
+    from skinlesion.model.networks import load_model
+    from skinlesion.model.tfdata import read_split_numpy
 
     arr = read_split_numpy(prepared, "test")
     complete = np.isfinite(arr.age)  # sex and site are always known in this set
@@ -374,7 +375,7 @@ def test_read_predictions_names_file_row_and_column(tmp_path):
 
 
 def test_lesion_level_aggregation_averages_a_lesions_images():
-    from stages.predictions import lesion_metrics, lesion_probabilities
+    from skinlesion.measure.predictions import lesion_metrics, lesion_probabilities
 
     # lesion A: two images, one confidently wrong (class 1), one mildly right (class 0);
     # the mean still says class 1 (0.45 vs 0.55). Lesion B: a single image, right.

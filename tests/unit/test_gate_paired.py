@@ -24,10 +24,10 @@ from flows.promote import (
 )
 from flows.report import RunReport
 from flows.retrain import _score_production, gate_markdown, render
-from stages.bundle import Seen
-from stages.common import CLASSES, MALIGNANT
-from stages.predictions import write_predictions
-from stages.scoring import IMAGE_ONLY, METADATA
+from skinlesion.core.schema import CLASSES, MALIGNANT
+from skinlesion.measure.predictions import write_predictions
+from skinlesion.measure.scoring import IMAGE_ONLY, METADATA
+from skinlesion.model.bundle import Seen
 
 # What the calibrate stage stored for each bundle: production's stored AUCs far above the
 # candidate's, so a decision that passes can only have come from the paired comparison.

@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 
 from bench.holdout import main, run
-from stages.common import HAM_COLUMNS
+from skinlesion.core.schema import HAM_COLUMNS
 from tests.conftest import make_jpeg
 
 FRACTION = 0.25

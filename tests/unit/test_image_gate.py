@@ -1,9 +1,9 @@
-"""The one image gate (stages/images.py): incomplete data is refused, high bit depths are scaled.
+"""The one image gate (skinlesion/core/images.py): incomplete data is refused, high bit depths are scaled.
 
 Every crafted file is made here at test time (Pillow, numpy, bytes). Each refusal is checked
 through the callers that decode through the gate: ``load_image`` (prepare), ``serve.decode``
 (the prediction CLI's worker and the web app, which pass a path or the upload's bytes) and
-``stages.imagefeatures`` (drift), with the one line a user sees.
+``skinlesion.measure.imagefeatures`` (drift), with the one line a user sees.
 """
 
 from __future__ import annotations
@@ -19,8 +19,7 @@ import pytest
 from PIL import Image, ImageFile
 
 from serve.decode import DecodeSpec, decode, decode_chunk, describe_error
-from stages.imagefeatures import FeatureSpec, features_chunk
-from stages.images import (
+from skinlesion.core.images import (
     MAX_FILL_SHARE,
     ImageIncomplete,
     ImageRejected,
@@ -31,6 +30,7 @@ from stages.images import (
     load_image,
     to_square,
 )
+from skinlesion.measure.imagefeatures import FeatureSpec, features_chunk
 
 FILL = re.compile(
     r"^JPEG data ends after (\d+)% of the image \(the other (\d+)% would be the decoder's grey padding\): "

@@ -9,7 +9,7 @@ import pytest
 
 keras = pytest.importorskip("keras")
 
-from stages.losses import (  # noqa: E402
+from skinlesion.model.losses import (  # noqa: E402
     CategoricalFocalLoss,
     WeightedCrossEntropy,
     class_weights,

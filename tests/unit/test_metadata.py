@@ -1,4 +1,4 @@
-"""The one metadata reader (stages.metadata): what every stage sees of a table, and what it refuses."""
+"""The one metadata reader (skinlesion.core.tables): what every stage sees of a table, and what it refuses."""
 
 from __future__ import annotations
 
@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from stages.common import HAM_COLUMNS, StageError
-from stages.metadata import read_rows, read_table
+from skinlesion.core.errors import StageError
+from skinlesion.core.schema import HAM_COLUMNS
+from skinlesion.core.tables import read_rows, read_table
 
 HEADER = ",".join(HAM_COLUMNS)
 

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from sklearn.metrics import balanced_accuracy_score, roc_auc_score
 
-from stages.common import CLASSES
-from stages.metrics import (
+from skinlesion.core.schema import CLASSES
+from skinlesion.measure.metrics import (
     apply_calibration,
     balanced_accuracy,
     balanced_decision,

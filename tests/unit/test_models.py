@@ -15,9 +15,10 @@ import pytest
 
 keras = pytest.importorskip("keras")
 
-from stages.common import CLASSES, LOCALIZATIONS, SEXES, StageError  # noqa: E402
-from stages.losses import class_weights, make_loss  # noqa: E402
-from stages.models import (  # noqa: E402
+from skinlesion.core.errors import StageError  # noqa: E402
+from skinlesion.core.schema import CLASSES, LOCALIZATIONS, SEXES  # noqa: E402
+from skinlesion.model.losses import class_weights, make_loss  # noqa: E402
+from skinlesion.model.networks import (  # noqa: E402
     BACKBONE_FAMILIES,
     FeatureGate,
     MetadataEncoding,
@@ -30,7 +31,7 @@ from stages.models import (  # noqa: E402
     recalibrate_batchnorm,
     set_trainable,
 )
-from stages.params import BACKBONES  # noqa: E402
+from skinlesion.params.train import BACKBONES  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 SIZE = 32
@@ -204,9 +205,9 @@ def test_save_and_load_with_safe_mode(tmp_path):
     model.save(path)
     x, _ = _batch(meta=True)
     np.testing.assert_allclose(load_model(path).predict(x, verbose=0), model.predict(x, verbose=0), rtol=1e-6)
-    # a fresh interpreter that only imports stages.models loads it in safe mode too
+    # a fresh interpreter that only imports skinlesion.model.networks loads it in safe mode too
     code = textwrap.dedent(f"""
-        import keras, stages.models
+        import keras, skinlesion.model.networks
         m = keras.saving.load_model({str(path)!r}, safe_mode=True, compile=False)
         print(float(m.get_layer("meta_gate").scale.numpy()))
     """)
@@ -289,8 +290,9 @@ def test_imagenet_offline_fallback_message_for_real(tmp_path):
         pytest.skip("online: the ImageNet download would succeed, the offline path cannot be exercised")
     code = textwrap.dedent("""
         import json, sys
-        from stages.common import StageError, setup_logging
-        from stages.models import build_backbone
+        from skinlesion.core.cli import setup_logging
+        from skinlesion.core.errors import StageError
+        from skinlesion.model.networks import build_backbone
         setup_logging()
         _, used = build_backbone("mobilenetv2", 32, "imagenet", fallback="scratch")
         try:

@@ -51,7 +51,7 @@ from flows.monitor import (
     slug,
 )
 from flows.retrain import RetrainFailed, _overrides, merge_extra_sources, parse_extra_sources
-from stages.params import load_params
+from skinlesion.params.load import load_params
 from tests.conftest import REPO, make_jpeg
 
 METRICS = {

@@ -1,4 +1,4 @@
-"""The noise file (stages/noise.py): bands, its format, what a noise run checks before it starts."""
+"""The noise file (tools/noise.py): bands, its format, what a noise run checks before it starts."""
 
 from __future__ import annotations
 
@@ -8,7 +8,9 @@ import subprocess
 
 import pytest
 
-from stages.noise import (
+from skinlesion.core.errors import ParamsError
+from skinlesion.params.load import parse_params
+from tools.noise import (
     NOISE_FORMAT_VERSION,
     NoiseFileError,
     band,
@@ -23,7 +25,6 @@ from stages.noise import (
     spread,
     tail,
 )
-from stages.params import ParamsError, parse_params
 
 
 def test_band_is_the_range_or_two_sd_of_a_difference_whichever_is_larger():
@@ -124,8 +125,14 @@ def test_untracked_code_would_be_missing_from_a_temp_run():
     }
     code = code_paths(dvc_yaml)
     assert code == {"stages/prepare.py", "stages/train.py", "stages/download.py"}
-    untracked = ["stages/paired.py", "notes.txt", "tests/unit/test_x.py", "params.yaml", "stages/data.csv"]
-    assert missing_from_runs(untracked, code) == ["stages/paired.py", "params.yaml"]
+    untracked = [
+        "skinlesion/measure/paired.py",
+        "notes.txt",
+        "tests/unit/test_x.py",
+        "params.yaml",
+        "stages/data.csv",
+    ]
+    assert missing_from_runs(untracked, code) == ["skinlesion/measure/paired.py", "params.yaml"]
 
 
 def test_tail_keeps_the_last_lines_without_progress_bar_redraws():
@@ -136,7 +143,7 @@ def test_tail_keeps_the_last_lines_without_progress_bar_redraws():
 def test_the_cli_refuses_bad_seeds_and_sets_naming_them(tmp_path):
     def cli(*args):
         return subprocess.run(
-            ["python", "-m", "stages.noise", *args], capture_output=True, text=True, cwd=tmp_path
+            ["python", "-m", "tools.noise", *args], capture_output=True, text=True, cwd=tmp_path
         )
 
     (tmp_path / "params.yaml").write_text("train:\n  common: {epochs: 2}\n")

@@ -1,4 +1,4 @@
-"""The paired comparison of two runs (stages/paired.py) and the bundle's record of what it saw."""
+"""The paired comparison of two runs (skinlesion/measure/paired.py) and the bundle's record of what it saw."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from stages.bundle import SEEN_FILE, read_seen, seen_record
-from stages.common import CLASSES, StageError
-from stages.metrics import malignant_score
-from stages.paired import (
+from skinlesion.core.errors import StageError
+from skinlesion.core.schema import CLASSES
+from skinlesion.measure.metrics import malignant_score
+from skinlesion.measure.paired import (
     HEADLINE_KEYS,
     PAIRED_KEYS,
     headline,
@@ -19,8 +19,9 @@ from stages.paired import (
     paired_bootstrap,
     served_statistics,
 )
-from stages.params import EvaluateParams
-from stages.predictions import Served, served_report
+from skinlesion.measure.predictions import Served, served_report
+from skinlesion.model.bundle import SEEN_FILE, read_seen, seen_record
+from skinlesion.params.evaluate import EvaluateParams
 
 K = len(CLASSES)
 

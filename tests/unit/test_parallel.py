@@ -1,11 +1,11 @@
-"""The project's process pool (stages.parallel): ordered results, bounded look-ahead, one pool
+"""The project's process pool (skinlesion.core.parallel): ordered results, bounded look-ahead, one pool
 shared by several passes."""
 
 from __future__ import annotations
 
 import os
 
-from stages.parallel import in_order, in_order_on, process_pool
+from skinlesion.core.parallel import in_order, in_order_on, process_pool
 
 
 def _square_and_pid(x: int) -> tuple[int, int]:

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from stages.params import Params, ParamsError, load_params, parse_params
+from skinlesion.core.errors import ParamsError
+from skinlesion.params.load import Params, load_params, parse_params
 
 REPO = Path(__file__).resolve().parents[2]
 

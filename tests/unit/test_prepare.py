@@ -1,4 +1,4 @@
-"""The prepare stage: decode + resize once into TFRecord shards, read back by stages.tfdata."""
+"""The prepare stage: decode + resize once into TFRecord shards, read back by skinlesion.model.tfdata."""
 
 from __future__ import annotations
 
@@ -11,8 +11,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from stages.common import CLASSES, LOCALIZATIONS, SEXES, StageError
-from stages.params import PrepareParams, parse_params
+from skinlesion.core.errors import StageError
+from skinlesion.core.schema import CLASSES, LOCALIZATIONS, SEXES
+from skinlesion.params.load import parse_params
+from skinlesion.params.prepare import PrepareParams
 from stages.prepare import PAD_COLOR, draft_request, load_image, main, run, shard_bounds
 from tests.conftest import make_jpeg, write_raw
 
@@ -163,7 +165,7 @@ def test_exif_orientation_is_applied(tmp_path):
 
 
 def test_round_trip_pixels_labels_ids_and_meta_in_csv_order(tmp_path):
-    from stages.tfdata import load_manifest, read_split, read_split_numpy
+    from skinlesion.model.tfdata import load_manifest, read_split, read_split_numpy
 
     rows = _rows(14)
     raw, split = _setup(tmp_path, rows, size=(72, 54))
@@ -214,7 +216,7 @@ def test_round_trip_pixels_labels_ids_and_meta_in_csv_order(tmp_path):
 
 
 def test_pad_stage_output_has_grey_borders(tmp_path):
-    from stages.tfdata import read_split_numpy
+    from skinlesion.model.tfdata import read_split_numpy
 
     raw, split = _setup(tmp_path, _rows(4), size=(80, 40))
     run(_params(aspect="pad", workers=1), raw_dir=raw, split_csv=split, out_dir=tmp_path / "p")
@@ -237,7 +239,7 @@ def test_dropped_rows_are_skipped(tmp_path):
 
 
 def test_shard_size_splits_into_several_shards_read_back_in_order(tmp_path):
-    from stages.tfdata import read_split
+    from skinlesion.model.tfdata import read_split
 
     rows = _rows(13, splits=("train",) * 10 + ("val", "test", "val"))
     raw, split = _setup(tmp_path, rows)
@@ -357,7 +359,7 @@ def test_cli_success_and_one_line_error(tmp_path, capsys):
 
 
 def test_params_bounds_for_prepare():
-    from stages.params import ParamsError
+    from skinlesion.core.errors import ParamsError
 
     with pytest.raises(ParamsError, match=r"prepare.aspect: 'stretch' is not one of \['pad', 'crop'\]"):
         parse_params({"prepare": {"aspect": "stretch"}})

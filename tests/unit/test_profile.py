@@ -1,4 +1,4 @@
-"""Committed params profiles (stages.profile) and the leakage audit's split helpers."""
+"""Committed params profiles (tools.profile) and the leakage audit's split helpers."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import pytest
 import yaml
 
 from bench.leakage_audit import image_level_split, sibling_share
-from stages.common import StageError
-from stages.params import parse_params
-from stages.profile import build_overrides, flatten, main, merge, read_profile
+from skinlesion.core.errors import StageError
+from skinlesion.params.load import parse_params
+from tools.profile import build_overrides, flatten, main, merge, read_profile
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -83,7 +83,7 @@ def test_run_timed_passes_output_through_and_times_each_stage(tmp_path, capfd, m
     import json
     import sys
 
-    from stages.profile import run_timed, write_record
+    from tools.profile import run_timed, write_record
 
     script = (
         "import sys, time\n"
@@ -117,7 +117,7 @@ def test_the_record_keeps_only_the_metrics_of_this_runs_stages(tmp_path, monkeyp
     evaluate@mobilenetv2 after a real run without it): the current stage list decides."""
     import json
 
-    from stages.profile import lock_outputs, write_record
+    from tools.profile import lock_outputs, write_record
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "metrics" / "eval").mkdir(parents=True)
@@ -140,9 +140,9 @@ def test_the_record_keeps_only_the_metrics_of_this_runs_stages(tmp_path, monkeyp
         "metrics/eval/b.json",
         "metrics/split.json",
     }
-    import stages.profile
+    import tools.profile
 
-    monkeypatch.setattr(stages.profile, "current_stages", lambda: ["evaluate@a", "split"])
+    monkeypatch.setattr(tools.profile, "current_stages", lambda: ["evaluate@a", "split"])
     write_record(tmp_path / "r.json", command="c", profile=Path("p.yaml"), seconds={}, total=1.0)
     assert set(json.loads((tmp_path / "r.json").read_text())["metrics"]) == {
         "metrics/eval/a.json",
@@ -172,8 +172,8 @@ def test_the_record_keeps_only_the_members_its_params_trained(tmp_path, monkeypa
     and metrics/train/mobilenetv2.json are still on disk; the params of the run say they are not its."""
     import json
 
-    import stages.profile
-    from stages.profile import write_record
+    import tools.profile
+    from tools.profile import write_record
 
     monkeypatch.chdir(tmp_path)
     for bb in ("mobilenetv2", "custom_cnn", "resnet_small"):
@@ -186,7 +186,7 @@ def test_the_record_keeps_only_the_members_its_params_trained(tmp_path, monkeypa
     (tmp_path / "params.yaml").write_text("train:\n  backbones: [resnet_small, custom_cnn]\n")
     # a lock that lists every stage (DVC keeps stale foreach entries) and no stage list from DVC
     (tmp_path / "dvc.lock").write_text("schema: '2.0'\n")
-    monkeypatch.setattr(stages.profile, "current_stages", lambda: None)
+    monkeypatch.setattr(tools.profile, "current_stages", lambda: None)
     write_record(tmp_path / "r.json", command="c", profile=Path("p.yaml"), seconds={}, total=1.0)
     assert set(json.loads((tmp_path / "r.json").read_text())["metrics"]) == {
         "metrics/ensemble.json",
@@ -200,7 +200,7 @@ def test_the_record_keeps_only_the_members_its_params_trained(tmp_path, monkeypa
 def test_a_gpu_profile_without_a_gpu_stops_before_any_stage_runs(capsys):
     """profiles/gpu.yaml asks train.device: gpu: on tensorflow-cpu the runner refuses at once, with
     the train stage's line, instead of after the data stages have run for minutes."""
-    from stages.distribute import visible_gpus
+    from skinlesion.model.distribute import visible_gpus
 
     try:
         visible_gpus("gpu")

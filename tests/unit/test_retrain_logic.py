@@ -35,7 +35,8 @@ from flows.retrain import (
     resolve_gate,
     retry_if_transient,
 )
-from stages.params import ParamsError, load_params
+from skinlesion.core.errors import ParamsError
+from skinlesion.params.load import load_params
 
 CANDIDATE = {"test_malignant_recall": 0.96, "malignant_auc": 0.90, "macro_auc": 0.85}
 PRODUCTION = {"test_malignant_recall": 0.95, "malignant_auc": 0.91, "macro_auc": 0.86}

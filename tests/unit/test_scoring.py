@@ -1,4 +1,4 @@
-"""The one scoring path (stages/scoring.py): metadata parsing, the mode rule, operating points,
+"""The one scoring path (skinlesion/measure/scoring.py): metadata parsing, the mode rule, operating points,
 and a member's probabilities over batches and TTA views.
 
 The model-backed tests use real tiny Keras models saved to and loaded from ``tmp_path`` (with
@@ -13,8 +13,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from stages.common import CLASSES, LOCALIZATIONS, SEXES, StageError
-from stages.scoring import (
+from skinlesion.core.errors import StageError
+from skinlesion.core.schema import CLASSES, LOCALIZATIONS, SEXES
+from skinlesion.measure.scoring import (
     IMAGE_ONLY,
     META_FIELDS,
     METADATA,
@@ -53,7 +54,7 @@ def tiny_model(path: Path, size: int = 8, *, fusion: bool = False, seed: int = 0
     """
     import keras
 
-    from stages.models import MetadataEncoding
+    from skinlesion.model.networks import MetadataEncoding
 
     keras.utils.set_random_seed(seed)
     image = keras.Input((size, size, 3), dtype="uint8", name="image")
@@ -329,7 +330,7 @@ def test_mix_is_the_weighted_sum_of_the_members():
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     """``(image-only graph, image-only keras, fusion graph, fusion keras)``, saved and loaded back."""
-    from stages.models import as_graph, load_model
+    from skinlesion.model.networks import as_graph, load_model
 
     root = tmp_path_factory.mktemp("scoring_models")
     plain = load_model(tiny_model(root / "plain" / "model.keras"))

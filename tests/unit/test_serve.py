@@ -23,8 +23,16 @@ import pytest
 
 from serve.predict import collect, main, run
 from serve.predictor import DECISION_NOTES, DEFAULT_RISK, RISK_NOTE, Predictor, RiskLevels, default_bundle
-from stages.common import CLASSES, LOCALIZATIONS, SEXES, StageError
-from stages.scoring import IMAGE_ONLY, METADATA, MODE_RULE, UNKNOWN_LOCALIZATION, UNKNOWN_SEX, MetaArrays
+from skinlesion.core.errors import StageError
+from skinlesion.core.schema import CLASSES, LOCALIZATIONS, SEXES
+from skinlesion.measure.scoring import (
+    IMAGE_ONLY,
+    METADATA,
+    MODE_RULE,
+    UNKNOWN_LOCALIZATION,
+    UNKNOWN_SEX,
+    MetaArrays,
+)
 from tests.conftest import make_jpeg
 from tests.unit.test_bundle import write_bundle
 
@@ -39,8 +47,8 @@ def make_bundle(root: Path, *, seed: int = 0, threshold: float = 0.3, temperatur
     """A bundle folder as ``calibrate`` writes it, with one untrained custom-CNN member."""
     import keras
 
-    from stages.bundle import file_md5
-    from stages.models import ModelSpec, build_backbone, build_model, output_bias_from_counts
+    from skinlesion.model.bundle import file_md5
+    from skinlesion.model.networks import ModelSpec, build_backbone, build_model, output_bias_from_counts
 
     keras.utils.set_random_seed(seed)
     bb, _ = build_backbone("custom_cnn", SIZE, "none")
@@ -152,24 +160,24 @@ class FakeBundle:
         return {IMAGE_ONLY: 0.4}[mode]
 
     def decide(self, probs, modes=None):
-        from stages.metrics import balanced_decision
+        from skinlesion.measure.metrics import balanced_decision
 
         return balanced_decision(probs, self.prior)
 
     def row_modes(self, n, meta):
-        from stages.scoring import row_modes
+        from skinlesion.measure.scoring import row_modes
 
         return row_modes(meta, n, self.modes)
 
     def score(self, images, meta=None):
-        from stages.bundle import Scored
+        from skinlesion.model.bundle import Scored
 
         self.calls.append(len(images))
         probs = np.array([self.table[int(im[0, 0, 0])] for im in images])
         return Scored(probs, self.row_modes(len(images), meta), np.zeros((len(images), 2)))
 
     def malignant_score(self, probs):
-        from stages.metrics import malignant_score
+        from skinlesion.measure.metrics import malignant_score
 
         return malignant_score(probs, self.classes)
 
@@ -379,7 +387,7 @@ def test_collect_folders_csv_and_missing_paths(tmp_path):
 
 
 def test_probabilities_are_the_bundles_and_sum_to_one(predictor, tmp_path):
-    from stages.images import load_image
+    from skinlesion.core.images import load_image
 
     paths = [make_jpeg(tmp_path / f"{i}.jpg", size=(90, 60), seed=i) for i in range(5)]
     pixels = np.stack([load_image(p, SIZE, "crop") for p in paths])
@@ -817,7 +825,7 @@ def _known_model():
     import keras
     from keras import layers
 
-    from stages.models import Preprocess
+    from skinlesion.model.networks import Preprocess
 
     inp = keras.Input((SIZE, SIZE, 3), name="backbone_input")
     backbone = keras.Model(inp, layers.AveragePooling2D(8)(inp), name="backbone")
@@ -852,8 +860,8 @@ def test_gradcam_lights_up_the_region_that_raises_the_class():
 @pytest.mark.parametrize(("backbone", "fusion"), [("custom_cnn", True), ("mobilenetv2", False)])
 def test_gradcam_finds_the_feature_map_of_each_layout(backbone, fusion):
     from serve.gradcam import GradCam, feature_map_tensor
-    from stages.bundle import Bundle, Member
-    from stages.models import ModelSpec, build_backbone, build_model
+    from skinlesion.model.bundle import Bundle, Member
+    from skinlesion.model.networks import ModelSpec, build_backbone, build_model
 
     bb, _ = build_backbone(backbone, SIZE, "none")
     model = build_model(ModelSpec(backbone=backbone, image_size=SIZE, fusion=fusion), bb, pretrained=False)

@@ -21,8 +21,8 @@ import pytest
 
 from serve import predict
 from serve.evaluate import check_rows, main, report_params, run
-from stages.common import CLASSES, HAM_COLUMNS
-from stages.predictions import Served, served_report
+from skinlesion.core.schema import CLASSES, HAM_COLUMNS
+from skinlesion.measure.predictions import Served, served_report
 from tests.conftest import make_jpeg
 
 SIZE = 32
@@ -56,8 +56,8 @@ def make_bundle(root: Path, *, fusion: bool, synthetic: bool = False, seed: int 
     (the image-only one with the balanced decision); otherwise format 1 (image-only)."""
     import keras
 
-    from stages.bundle import file_md5
-    from stages.models import ModelSpec, build_backbone, build_model, output_bias_from_counts
+    from skinlesion.model.bundle import file_md5
+    from skinlesion.model.networks import ModelSpec, build_backbone, build_model, output_bias_from_counts
 
     keras.utils.set_random_seed(seed)
     bb, _ = build_backbone("custom_cnn", SIZE, "none")

@@ -36,8 +36,9 @@ from PIL import Image
 
 from serve.predictor import Predictor
 from serve.web import Budget, Busy, WebSettings, create_app, load_predictor, main, name_problem, pixel_cap
-from stages.common import CLASSES, LOCALIZATIONS, SEXES, StageError
-from stages.scoring import parse_metadata
+from skinlesion.core.errors import StageError
+from skinlesion.core.schema import CLASSES, LOCALIZATIONS, SEXES
+from skinlesion.measure.scoring import parse_metadata
 from tests.unit.test_serve import SIZE, make_bomb, make_bundle, make_truncated
 
 REPO = Path(__file__).resolve().parents[2]
@@ -373,8 +374,8 @@ def make_fusion_bundle(root: Path) -> Path:
     """A format-2 bundle with one untrained custom CNN that fuses metadata, and two operating points."""
     import keras
 
-    from stages.bundle import file_md5
-    from stages.models import ModelSpec, build_backbone, build_model, output_bias_from_counts
+    from skinlesion.model.bundle import file_md5
+    from skinlesion.model.networks import ModelSpec, build_backbone, build_model, output_bias_from_counts
 
     keras.utils.set_random_seed(1)
     bb, _ = build_backbone("custom_cnn", SIZE, "none")
@@ -722,7 +723,7 @@ def test_the_pixel_cap_is_the_stricter_of_validate_and_drift_and_can_only_be_low
         pixel_cap({"validate": {"max_pixels": 30_000_000}, "drift": {"max_pixels": 40_000_000}}) == 30_000_000
     )
     assert pixel_cap({"validate": {"max_pixels": 100_000_000}}) == 100_000_000
-    assert pixel_cap({}) == pixel_cap(None) == 100_000_000  # stages.images' default
+    assert pixel_cap({}) == pixel_cap(None) == 100_000_000  # skinlesion.core.images' default
     assert pixel_cap(both, 10_000_000) == 10_000_000
     with pytest.raises(
         StageError, match=r"--max-pixels 50,000,000 is above the bundle's cap of 40,000,000 .*can only lower"

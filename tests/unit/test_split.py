@@ -11,8 +11,8 @@ import pytest
 from PIL import Image
 from scipy.ndimage import gaussian_filter
 
-from stages.common import StageError
-from stages.params import parse_params
+from skinlesion.core.errors import StageError
+from skinlesion.params.load import parse_params
 from stages.split import (
     _plan,
     assign_splits,

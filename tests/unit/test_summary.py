@@ -2,7 +2,7 @@
 
 import json
 
-from stages.summary import summarize
+from tools.summary import summarize
 
 
 def test_summary_shows_headline_numbers_with_cis(tmp_path):
@@ -54,7 +54,7 @@ def test_summary_ends_with_the_drift_verdict_and_report(tmp_path):
 
 
 def test_reproduction_verdict_identical_and_moved_without_a_noise_band():
-    from stages.summary import reproduction_verdict
+    from tools.summary import reproduction_verdict
 
     same = {"metrics/ensemble.json": {"macro_auc": {"old": 0.91, "new": 0.91, "diff": 0},
                                       "train_seconds": {"old": 10, "new": 99, "diff": 89}}}  # fmt: skip
@@ -120,7 +120,7 @@ HEAD = {
 
 
 def test_within_noise_when_every_headline_metric_is_inside_its_band():
-    from stages.summary import reproduction_verdict
+    from tools.summary import reproduction_verdict
 
     bands = {"macro_auc": 0.03, "ece_after": 0.01, "referrals_per_100": 5.0}
     text = reproduction_verdict(HEAD, bands=bands, old_lock=_lock(), new_lock=_lock(raw="b"), rev="HEAD")
@@ -144,7 +144,7 @@ def test_within_noise_when_every_headline_metric_is_inside_its_band():
 
 
 def test_differs_names_the_first_artifact_in_dag_order_and_why():
-    from stages.summary import first_difference, report_outputs, reproduction_verdict
+    from tools.summary import first_difference, report_outputs, reproduction_verdict
 
     old = _lock()
     # the synthetic data/raw itself: same code, params and command -> the generator (issue 20)
@@ -205,7 +205,7 @@ def test_differs_names_the_first_artifact_in_dag_order_and_why():
 def test_the_summary_shows_only_the_runs_members_from_its_params(tmp_path, capsys):
     """A member file another run left (the demo's mobilenetv2 after a real run without it) is not
     this run's: the params say which backbones the run trained (issue 22)."""
-    from stages.summary import main
+    from tools.summary import main
 
     (tmp_path / "eval").mkdir()
     for bb, auc in (("mobilenetv2", 0.61), ("custom_cnn", 0.83), ("resnet_small", 0.85)):

@@ -13,9 +13,11 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from stages.common import CLASSES, DX_TYPES, HAM_COLUMNS, LOCALIZATIONS, SEXES, StageError
-from stages.params import SyntheticParams, parse_params
-from stages.synthetic import (
+from skinlesion.core.errors import StageError
+from skinlesion.core.schema import CLASSES, DX_TYPES, HAM_COLUMNS, LOCALIZATIONS, SEXES
+from skinlesion.params.download import SyntheticParams
+from skinlesion.params.load import parse_params
+from skinlesion.sources.synthetic import (
     CLASS_SHARE,
     FIRST_IMAGE_NUMBER,
     ID_BLOCK,
@@ -361,7 +363,7 @@ def other_clinic(request, tmp_path_factory) -> tuple[str, Path]:
 def same_lesions() -> dict[str, np.ndarray]:
     """Every shot of the module's default catalogue, rendered by each profile's device: the same
     lesions and poses, (n, H, W, 3) float arrays."""
-    from stages.synthetic import render_lesion
+    from skinlesion.sources.synthetic import render_lesion
 
     plans = _plan(_params())
     return {

@@ -20,8 +20,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from stages.params import parse_params
-from stages.synthetic import generate
+from skinlesion.params.load import parse_params
+from skinlesion.sources.synthetic import generate
 from tests.conftest import REPO, run_cmd
 
 X86 = platform.machine().lower() in {"x86_64", "amd64"}
@@ -112,7 +112,7 @@ def test_generated_bytes_match_the_committed_md5(drawn, profile):
     got = tree_md5(drawn[profile])
     assert got == GOLDEN[profile], (
         f"synthetic set ({profile}, {SET}, seed {SEED}) has md5 {got}, committed {GOLDEN[profile]}. "
-        "If you changed stages/synthetic.py (or its pinned libraries) on purpose, set GOLDEN here "
+        "If you changed skinlesion/sources/synthetic.py (or its pinned libraries) on purpose, set GOLDEN here "
         "to the new value (and expect data/raw's md5 in dvc.lock to change). If not, this CPU "
         "draws other bits than the one that committed it: find the op whose result depends on the "
         "CPU (test_another_cpu_draws_the_same_bytes narrows it down on an x86 machine)."
@@ -126,7 +126,7 @@ def test_another_cpu_draws_the_same_bytes(drawn, kernels, tmp_path, cpu):
     for profile in PROFILES:
         out = tmp_path / profile
         run_cmd(
-            [sys.executable, "-m", "stages.synthetic", "--out", str(out), "--n-images", str(SET["n_images"]),
+            [sys.executable, "-m", "skinlesion.sources.synthetic", "--out", str(out), "--n-images", str(SET["n_images"]),
              "--width", str(SET["width"]), "--height", str(SET["height"]), "--seed", str(SEED),
              "--profile", profile, "--workers", "1"],
             REPO, env=env, timeout=300,
@@ -135,7 +135,7 @@ def test_another_cpu_draws_the_same_bytes(drawn, kernels, tmp_path, cpu):
         assert not differ, (
             f"{cpu} ({env}, numpy kernels {kernels.get(cpu, 'as this CPU')} vs {kernels.get('this CPU')}): "
             f"the {profile} set drew {len(differ)} file(s) differently, e.g. {differ[:5]}. An op in "
-            "stages/synthetic.py depends on the CPU: a numpy transcendental (sin, exp, power, arctan2, "
+            "skinlesion/sources/synthetic.py depends on the CPU: a numpy transcendental (sin, exp, power, arctan2, "
             "hypot), a float ** or math.* call, a BLAS product. Use the exact functions there "
             "(see 'platform-exact maths')."
         )
@@ -184,7 +184,7 @@ def test_split_and_prepare_give_the_same_bytes_on_another_cpu(raw, pipeline_here
     differ = _differing(pipeline_here, out)
     assert not differ, (
         f"{cpu} ({env}): split/prepare wrote {differ} differently from the same data; find the op "
-        "in stages/split.py, stages/prepare.py or stages/images.py whose last bits depend on the CPU"
+        "in stages/split.py, stages/prepare.py or skinlesion/core/images.py whose last bits depend on the CPU"
     )
 
 
@@ -219,7 +219,7 @@ def test_duplicate_scores_are_the_same_bits_without_fma(raw, kernels):
 
 def test_exact_functions_are_accurate():
     """They replace numpy's: the look must not change, only the bits become CPU-independent."""
-    from stages.synthetic import _atan2, _diamond, _exp, _log, _pow, _sc, _sincos
+    from skinlesion.sources.synthetic import _atan2, _diamond, _exp, _log, _pow, _sc, _sincos
 
     rng = np.random.default_rng(0)
     x = rng.uniform(-100, 100, 20_000)
@@ -269,4 +269,6 @@ def test_the_generator_calls_no_cpu_dependent_function():
             int_base = isinstance(node.left, ast.Constant) and type(node.left.value) is int
             if not int_base:  # 2 ** k is integer arithmetic; anything else may be libm's pow
                 found.append(f"line {node.lineno}: {ast.unparse(node)}")
-    assert not found, f"stages/synthetic.py: CPU-dependent maths, use the exact functions: {found}"
+    assert not found, (
+        f"skinlesion/sources/synthetic.py: CPU-dependent maths, use the exact functions: {found}"
+    )

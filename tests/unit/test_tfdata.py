@@ -8,8 +8,8 @@ import math
 import numpy as np
 import pytest
 
-from stages.common import StageError
-from stages.tfdata import (
+from skinlesion.core.errors import StageError
+from skinlesion.model.tfdata import (
     FEATURES,
     crc32c,
     crc32c_many,

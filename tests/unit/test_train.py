@@ -22,8 +22,10 @@ import pytest
 import yaml
 from PIL import Image
 
-from stages.common import CLASSES, HAM_COLUMNS, LOCALIZATIONS, SEXES, StageError
-from stages.params import BACKBONES, ParamsError, load_params, parse_params
+from skinlesion.core.errors import ParamsError, StageError
+from skinlesion.core.schema import CLASSES, HAM_COLUMNS, LOCALIZATIONS, SEXES
+from skinlesion.params.load import load_params, parse_params
+from skinlesion.params.train import BACKBONES
 from stages.train import (
     Phase,
     WorkerPaths,
@@ -105,7 +107,7 @@ def _paths(root: Path) -> dict:
 
 
 def _weights(path: Path) -> list[np.ndarray]:
-    from stages.models import load_model
+    from skinlesion.model.networks import load_model
 
     return load_model(path).get_weights()
 
@@ -214,8 +216,8 @@ def test_dvc_stage_lists_params_per_backbone():
 
 
 def test_run_writes_model_metrics_history_and_plots(trained, prepared):
-    from stages.models import load_model
-    from stages.tfdata import read_split_numpy
+    from skinlesion.model.networks import load_model
+    from skinlesion.model.tfdata import read_split_numpy
 
     root, res = trained
     m = json.loads((root / "metrics.json").read_text())
@@ -276,7 +278,7 @@ def test_pretrained_weights_file_trains_in_phases_with_bn_frozen(prepared, tmp_p
     """A local weights file makes the backbone 'pretrained': head phase, then two unfreeze phases."""
     import keras
 
-    from stages.models import build_backbone
+    from skinlesion.model.networks import build_backbone
 
     keras.utils.set_random_seed(11)
     src, _ = build_backbone("custom_cnn", 32, "none")
@@ -289,7 +291,7 @@ def test_pretrained_weights_file_trains_in_phases_with_bn_frozen(prepared, tmp_p
     assert [r["phase"] for r in res.history] == [0, 1, 2]
     cfg = json.loads((tmp_path / "model" / "config.json").read_text())
     assert [p["name"] for p in cfg["phases"]] == ["head", "finetune1", "finetune2"]
-    from stages.models import load_model
+    from skinlesion.model.networks import load_model
 
     bb = load_model(tmp_path / "model" / "model.keras").get_layer("backbone")
     for layer in bb.layers:
@@ -304,8 +306,8 @@ def test_pretrained_weights_file_trains_in_phases_with_bn_frozen(prepared, tmp_p
 
 @pytest.mark.slow
 def test_without_precise_bn_the_model_is_the_best_epoch_as_trained(prepared, tmp_path):
-    from stages.models import load_model
-    from stages.tfdata import read_split_numpy
+    from skinlesion.model.networks import load_model
+    from skinlesion.model.tfdata import read_split_numpy
 
     params = _params(common={"epochs": 2, "recalibrate_bn": False})
     res = run(params, backbone="custom_cnn", prepared=prepared, seed=3, **_paths(tmp_path))
@@ -403,8 +405,8 @@ def test_mirrored_strategy_on_two_logical_cpus(prepared, tmp_path):
         import tensorflow as tf
         cpu = tf.config.list_physical_devices("CPU")[0]
         tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
-        from stages.common import setup_logging
-        from stages.params import parse_params
+        from skinlesion.core.cli import setup_logging
+        from skinlesion.params.load import parse_params
         from stages.train import run
         setup_logging()
         params = parse_params({json.dumps(_raw_params(strategy="mirrored", common={"epochs": 1}))}).train
@@ -518,7 +520,7 @@ def test_each_concurrent_stage_sees_only_its_own_gpu():
 
     probe = textwrap.dedent("""
         import json
-        from stages.distribute import configure_runtime
+        from skinlesion.model.distribute import configure_runtime
         rt = configure_runtime("auto", "off", "off")
         from tensorflow.python.client import device_lib
         buses = [d.physical_device_desc.split("pci bus id: ")[1].split(",")[0]

@@ -9,8 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from stages.common import LOCALIZATIONS, SEXES
-from stages.params import ParamsError, parse_params
+from skinlesion.core.errors import ParamsError
+from skinlesion.core.schema import LOCALIZATIONS, SEXES
+from skinlesion.params.load import parse_params
 from stages.train import metadata_dropout
 from tests.unit.test_train import make_prepared
 
@@ -121,9 +122,9 @@ def test_training_batches_lose_metadata_anew_each_epoch_deterministically_val_ne
     import keras
     import tensorflow as tf
 
-    from stages.tfdata import read_split_numpy
+    from skinlesion.model.tfdata import read_split_numpy
 
-    # as train.common.deterministic: true does (stages.distribute.configure_runtime)
+    # as train.common.deterministic: true does (skinlesion.model.distribute.configure_runtime)
     keras.utils.set_random_seed(3)
     tf.config.experimental.enable_op_determinism()
     truth = read_split_numpy(prepared, "train")

@@ -30,7 +30,7 @@ def prepared(tmp_path_factory) -> Path:
 
 
 def _val_auc(model, prepared: Path, weights: list[np.ndarray]) -> float:
-    from stages.tfdata import read_split_numpy
+    from skinlesion.model.tfdata import read_split_numpy
 
     val = read_split_numpy(prepared, "val")
     model.set_weights(weights)
@@ -86,7 +86,7 @@ def test_kill_between_best_weights_and_state_resumes_consistently(prepared, tmp_
     res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     assert f"resuming custom_cnn after epoch {k - 1} of {epochs}" in res.stderr
-    from stages.models import load_model
+    from skinlesion.model.networks import load_model
 
     model = load_model(tmp_path / "model" / "model.keras")
 
@@ -118,7 +118,7 @@ def test_kill_between_best_weights_and_state_resumes_consistently(prepared, tmp_
 
 
 def _weights_of(root: Path) -> list[np.ndarray]:
-    from stages.models import load_model
+    from skinlesion.model.networks import load_model
 
     return load_model(root / "model" / "model.keras").get_weights()
 

@@ -12,8 +12,9 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from stages.common import CLASSES
-from stages.params import ParamsError, parse_params
+from skinlesion.core.errors import ParamsError
+from skinlesion.core.schema import CLASSES
+from skinlesion.params.load import parse_params
 from stages.validate import (
     Failure,
     ValidationFailed,

@@ -9,13 +9,22 @@ from __future__ import annotations
 
 import contextlib
 import multiprocessing
+import os
 import sys
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Executor, Future, ProcessPoolExecutor
 from typing import Any
 
-from stages.common import n_workers
+
+def n_workers(requested: int = 0) -> int:
+    """Worker processes to use: ``requested``, or every core this process may run on when 0."""
+    if requested > 0:
+        return requested
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
 
 
 def mp_context(preload: Sequence[str] = ()) -> multiprocessing.context.BaseContext:

@@ -16,11 +16,11 @@ feature       kind       value
 image         bytes      raw uint8 pixels, row-major ``[S, S, 3]`` RGB
                          (``tf.io.decode_raw(x, tf.uint8)`` then reshape; S = manifest
                          ``image_size``)
-label         int64      index into ``manifest["classes"]`` (:data:`stages.common.CLASSES`)
+label         int64      index into ``manifest["classes"]`` (:data:`skinlesion.core.schema.CLASSES`)
 image_id      bytes      UTF-8, e.g. ``ISIC_0024306``
 lesion_id     bytes      UTF-8, e.g. ``HAM_0000118``
 age           float      years; NaN when unknown
-sex           int64      index into ``manifest["sexes"]`` (:data:`stages.common.SEXES`)
+sex           int64      index into ``manifest["sexes"]`` (:data:`skinlesion.core.schema.SEXES`)
 localization  int64      index into ``manifest["localizations"]``
 ============  =========  ===========================================================
 
@@ -44,7 +44,7 @@ from typing import Any
 
 import numpy as np
 
-from stages.common import StageError
+from skinlesion.core.errors import StageError
 
 __all__ = [
     "FEATURES",

@@ -3,7 +3,7 @@
 Every number the project reports about a model and every answer it serves come from these
 functions: ``evaluate`` scores a member with :func:`member_probabilities`, ``ensemble`` mixes
 members with :func:`mix`, ``calibrate`` fits an :class:`OperatingPoint` per input mode, and
-:class:`stages.bundle.Bundle` (used by ``serve.predict``, the web app, ``serve.evaluate`` and
+:class:`skinlesion.model.bundle.Bundle` (used by ``serve.predict``, the web app, ``serve.evaluate`` and
 drift) chains the same three. A parity test holds ``serve.predict`` on the test split's files
 to the probabilities ``calibrate`` reports.
 
@@ -27,8 +27,9 @@ from typing import Any
 
 import numpy as np
 
-from stages.common import LOCALIZATIONS, SEXES, StageError
-from stages.metrics import apply_calibration, balanced_decision, malignant_score
+from skinlesion.core.errors import StageError
+from skinlesion.core.schema import LOCALIZATIONS, SEXES
+from skinlesion.measure.metrics import apply_calibration, balanced_decision, malignant_score
 
 METADATA = "metadata"
 IMAGE_ONLY = "image_only"

@@ -5,8 +5,8 @@ validated against the full params schema (an unknown key or a bad value fails be
 runs), flattened into ``dvc exp run -S key=value`` arguments and handed to DVC, so DVC stays
 the record: the experiment's params, ``dvc.lock`` and metrics are in ``dvc exp show``.
 
-    python -m stages.profile profiles/real-cpu.yaml --set download.source=local:../shared/data/ham10000
-    python -m stages.profile profiles/real-cpu.yaml --print     # the dvc command, not run
+    python -m tools.profile profiles/real-cpu.yaml --set download.source=local:../shared/data/ham10000
+    python -m tools.profile profiles/real-cpu.yaml --print     # the dvc command, not run
 """
 
 from __future__ import annotations
@@ -27,8 +27,10 @@ from typing import Any
 
 import yaml
 
-from stages.common import StageError, run_main, write_json
-from stages.params import ParamsError, parse_params
+from skinlesion.core.cli import run_main
+from skinlesion.core.errors import ParamsError, StageError
+from skinlesion.core.outputs import write_json
+from skinlesion.params.load import parse_params
 
 
 def read_profile(path: Path) -> dict[str, Any]:
@@ -189,7 +191,7 @@ def current_stages() -> list[str] | None:
 def other_backbones(params: Path) -> frozenset[str]:
     """The backbones the run with ``params`` did not train (every known one but its
     ``train.backbones``); empty when the file cannot say."""
-    from stages.params import BACKBONES
+    from skinlesion.params.train import BACKBONES
 
     try:
         trained = (yaml.safe_load(params.read_text(encoding="utf-8")) or {})["train"]["backbones"]
@@ -243,7 +245,7 @@ def write_record(
 
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
-        prog="python -m stages.profile",
+        prog="python -m tools.profile",
         description="Run `dvc exp run` with a committed params profile (profiles/*.yaml).",
     )
     ap.add_argument("profile", type=Path, help="a partial params.yaml, e.g. profiles/real-cpu.yaml")
@@ -272,7 +274,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if merged.get("train", {}).get("device") == "gpu":
             # Refuse now, not after download, split, validate and prepare have run (the train
             # stage would refuse the same way, with the same line).
-            from stages.distribute import visible_gpus
+            from skinlesion.model.distribute import visible_gpus
 
             visible_gpus("gpu")
         t0 = time.perf_counter()

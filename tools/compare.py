@@ -1,4 +1,4 @@
-"""Paired comparison of two runs: ``python -m stages.compare A [B]`` (``make compare A=.. B=..``).
+"""Paired comparison of two runs: ``python -m tools.compare A [B]`` (``make compare A=.. B=..``).
 
 A run is a git revision (``HEAD~1``, a tag, a sha), a DVC experiment name (``dvc exp run -n NAME``,
 ``dvc exp list``) or ``workspace`` (B's default). Each run's files are read as it holds them: git
@@ -6,8 +6,8 @@ files from git, DVC outputs from the DVC cache (``dvc.api.DVCFileSystem``), the 
 
 Both runs' served test predictions (the calibrate stage's ``data/served/test*.csv``: the bundle's
 own answers, one file per input mode) are paired image by image, and for each headline metric
-(:data:`stages.paired.HEADLINE_KEYS`) this prints A, B, B - A and the lesion-bootstrap CI of B - A
-(:func:`stages.paired.paired_bootstrap`: each replicate draws lesions and measures both runs on
+(:data:`skinlesion.measure.paired.HEADLINE_KEYS`) this prints A, B, B - A and the lesion-bootstrap CI of B - A
+(:func:`skinlesion.measure.paired.paired_bootstrap`: each replicate draws lesions and measures both runs on
 the draw, so the test images' own variation cancels out). A difference is *significant* only
 when its CI excludes 0 and it is larger than the run-to-run noise band of training
 (``metrics/noise.json`` of B, else of A, written by ``make noise``); without a band the CI alone
@@ -39,8 +39,11 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from stages.common import CLASSES, StageError, atomic_file, run_main, setup_logging
-from stages.paired import (
+from skinlesion.core.cli import run_main, setup_logging
+from skinlesion.core.errors import StageError
+from skinlesion.core.outputs import atomic_file
+from skinlesion.core.schema import CLASSES
+from skinlesion.measure.paired import (
     HEADLINE_KEYS,
     LOWER_IS_BETTER,
     PAIRED_KEYS,
@@ -51,7 +54,7 @@ from stages.paired import (
     paired_bootstrap,
     served_statistics,
 )
-from stages.scoring import IMAGE_ONLY, IMAGE_ONLY_SUFFIX, METADATA
+from skinlesion.measure.scoring import IMAGE_ONLY, IMAGE_ONLY_SUFFIX, METADATA
 
 log = logging.getLogger(__name__)
 
@@ -205,7 +208,7 @@ def differing_test_sets(pairing: Pairing, name_a: str = "A", name_b: str = "B") 
 
 def ece(frame: pd.DataFrame, n_bins: int, classes: Sequence[str] = CLASSES) -> float:
     """The calibration error of a served frame's probabilities, as the calibrate stage measures it."""
-    from stages.metrics import expected_calibration_error
+    from skinlesion.measure.metrics import expected_calibration_error
 
     y = frame["dx"].map({c: i for i, c in enumerate(classes)}).to_numpy(np.int64)
     probs = frame[[f"prob_{c}" for c in classes]].to_numpy(np.float64)
@@ -374,7 +377,7 @@ def served_files(served_dir: Path) -> dict[str, Path]:
 
 def read_served(path: Path, shown: str) -> pd.DataFrame:
     """A served predictions file, checked (its errors name ``shown``)."""
-    from stages.predictions import read_predictions
+    from skinlesion.measure.predictions import read_predictions
 
     if not path.is_file():
         raise StageError(f"{shown}: not found; {HOW['served']}")
@@ -459,7 +462,7 @@ def _read_json(path: Path, shown: str) -> dict[str, Any]:
 def read_bands(runs: Sequence[RunData], layout: Layout) -> tuple[dict[str, float], str | None]:
     """The headline noise bands of the first run that has a noise file (B, then A), else the
     workspace's."""
-    from stages.noise import NoiseFileError, noise_bands
+    from tools.noise import NoiseFileError, noise_bands
 
     for data in runs:
         path = data.files.get(layout.noise, required=False)
@@ -499,10 +502,10 @@ class Rescore:
 
 
 def seen_of_a(a: RunData, bundle_dir: Path, layout: Layout) -> tuple[Any, str]:
-    """What A's bundle has seen (:class:`stages.bundle.Seen`) and where that was read: its
+    """What A's bundle has seen (:class:`skinlesion.model.bundle.Seen`) and where that was read: its
     seen.json, else, for a bundle older than the file, A's split's train + val rows."""
-    from stages.bundle import SEEN_FILE, SEEN_SPLITS, Seen, read_seen
-    from stages.metadata import read_table
+    from skinlesion.core.tables import read_table
+    from skinlesion.model.bundle import SEEN_FILE, SEEN_SPLITS, Seen, read_seen
 
     seen = read_seen(bundle_dir)
     if seen is not None:
@@ -527,8 +530,8 @@ def rescore(
     path, leaving out the images A has seen."""
     from serve.evaluate import read_labelled, score_labelled
     from serve.predictor import Predictor
+    from skinlesion.measure.scoring import mode_suffix
     from stages.download import read_metadata_table, write_metadata_csv
-    from stages.scoring import mode_suffix
 
     bundle_dir = a.files.get(layout.bundle, how=HOW["bundle"])
     assert bundle_dir is not None
@@ -927,7 +930,7 @@ def _run_json(data: RunData) -> dict[str, Any]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
-        prog="python -m stages.compare",
+        prog="python -m tools.compare",
         description=(
             "Compare two runs on the same test images: per headline metric A, B, B-A, the paired "
             "lesion-bootstrap CI of B-A and a verdict (significant only when the CI excludes 0 and "

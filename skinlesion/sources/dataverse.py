@@ -29,8 +29,9 @@ import requests
 import urllib3
 from tqdm import tqdm
 
-from stages.common import StageError, atomic_file
-from stages.params import DataverseParams
+from skinlesion.core.errors import StageError
+from skinlesion.core.outputs import atomic_file
+from skinlesion.params.download import DataverseParams
 
 __all__ = ["RemoteFile", "fetch_dataverse", "parse_listing", "file_digest"]
 

@@ -18,8 +18,9 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from stages.common import CLASSES, StageError
-from stages.metrics import (
+from skinlesion.core.errors import StageError
+from skinlesion.core.schema import CLASSES
+from skinlesion.measure.metrics import (
     balanced_accuracy,
     bootstrap_ci,
     classification_metrics,
@@ -30,7 +31,7 @@ from stages.metrics import (
     operating_point,
     roc_curve,
 )
-from stages.params import EvaluateParams
+from skinlesion.params.evaluate import EvaluateParams
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +102,7 @@ def read_predictions(
 
 def complete_metadata(df: pd.DataFrame) -> np.ndarray:
     """Rows whose age, sex and localization are all known (the rows a fusion bundle scores with
-    its metadata operating point; see stages.scoring)."""
+    its metadata operating point; see skinlesion.measure.scoring)."""
     age = pd.to_numeric(df["age"].astype(str).str.strip().replace("", "nan"), errors="coerce")
     sex = df["sex"].astype(str).str.strip().str.lower()
     loc = df["localization"].astype(str).str.strip().str.lower()
@@ -353,7 +354,7 @@ class Served:
     """A bundle's answers for labelled images (as ``serve`` gives them), one row per image."""
 
     probs: np.ndarray  # calibrated [N, K]
-    modes: np.ndarray  # the input mode each row was scored in (stages.scoring)
+    modes: np.ndarray  # the input mode each row was scored in (skinlesion.measure.scoring)
     score: np.ndarray  # P(mel) + P(bcc) + P(akiec)
     threshold: np.ndarray  # the malignant threshold of the row's mode
     decisions: np.ndarray  # predicted class index (the row's mode's decision)

@@ -4,7 +4,7 @@ A bundle is ``bundle.json`` (members, weights, one operating point per input mod
 class bias, decision prior and malignant threshold; classes, input size, params) plus one
 ``members/<name>/model.keras`` per member. This module owns that format (``format_version``
 checked on read). :class:`Bundle` loads it once (each member with ``safe_mode=True``, its md5
-checked against ``bundle.json``) and applies the recipe of :mod:`stages.scoring`:
+checked against ``bundle.json``) and applies the recipe of :mod:`skinlesion.measure.scoring`:
 ``p = sum_m w_m model_m(x, metadata of the row's mode)``; ``calibrated = softmax(log p / T + b)``
 with the row's mode's operating point; ``malignant = P(mel) + P(bcc) + P(akiec) >= threshold``
 of that mode. It also gives the *embedding* of the
@@ -29,11 +29,13 @@ from typing import Any
 
 import numpy as np
 
-from stages.common import CLASSES, StageError, n_workers
-from stages.images import DEFAULT_MAX_PIXELS
-from stages.metadata import read_table
-from stages.metrics import malignant_score
-from stages.scoring import (
+from skinlesion.core.errors import StageError
+from skinlesion.core.images import DEFAULT_MAX_PIXELS
+from skinlesion.core.parallel import n_workers
+from skinlesion.core.schema import CLASSES
+from skinlesion.core.tables import read_table
+from skinlesion.measure.metrics import malignant_score
+from skinlesion.measure.scoring import (
     IMAGE_ONLY,
     METADATA,
     MODES,
@@ -63,6 +65,9 @@ REFERENCE_KEY = "drift_reference"
 SEEN_FILE = "seen.json"
 SEEN_FORMAT_VERSION = 1
 SEEN_SPLITS = ("train", "val")
+# The promotion record beside a promoted bundle (models/production/production.json): written by
+# flows/promote.py, read by serve (the web page's "promoted at") and the gate.
+PRODUCTION_RECORD = "production.json"
 
 
 @dataclass(frozen=True)
@@ -113,6 +118,17 @@ def read_seen(bundle_dir: str | Path) -> Seen | None:
             raise StageError(f"{path}: {key} must be a list of strings")
     return Seen(frozenset(ids["lesion_ids"]), frozenset(ids["image_ids"]))
 
+
+
+def is_bundle(folder: str | Path) -> bool:
+    """Whether ``folder`` holds a bundle (its ``bundle.json``); not a check of its content."""
+    return (Path(folder) / BUNDLE_JSON).is_file()
+
+
+def choose_bundle(production: str | Path, candidate: str | Path) -> Path:
+    """The bundle to serve by default: ``production`` once a promotion made one, else the last
+    candidate (which may not exist yet: the caller's reader says so, naming it)."""
+    return Path(production) if is_bundle(production) else Path(candidate)
 
 def read_bundle_json(bundle_dir: str | Path) -> dict[str, Any]:
     """``bundle.json`` of a bundle folder, checked; a clear error when it is missing or unusable.
@@ -394,7 +410,7 @@ def _check_training_data(meta: dict[str, Any], path: Path) -> None:
 def pixel_cap(params: Any, limit: int | None = None, where: str = "bundle.json") -> int:
     """The project's one pixel cap for a bundle: the stricter of its ``params.validate.max_pixels``
     (what the pipeline accepted) and ``params.drift.max_pixels`` (what drift reads), lowered by
-    ``limit`` (``--max-pixels``), which may not raise it. Neither given: stages.images' default."""
+    ``limit`` (``--max-pixels``), which may not raise it. Neither given: skinlesion.core.images' default."""
     params = params if isinstance(params, dict) else {}
     found = []
     for section in ("validate", "drift"):
@@ -435,7 +451,9 @@ class Member:
     weight: float
     model: Any  # keras.Model (Grad-CAM needs its layers)
     takes_meta: bool
-    call: Any = None  # the same model as a graph: inputs -> probabilities (stages.models.as_graph)
+    call: Any = (
+        None  # the same model as a graph: inputs -> probabilities (skinlesion.model.networks.as_graph)
+    )
 
 
 @dataclass
@@ -443,7 +461,7 @@ class Scored:
     """What the bundle says about a batch: one row per image."""
 
     probs: np.ndarray  # calibrated probabilities [N, K], float64
-    modes: np.ndarray  # the input mode each row was scored in (stages.scoring.MODES)
+    modes: np.ndarray  # the input mode each row was scored in (skinlesion.measure.scoring.MODES)
     # float32 [N, D]: the best member's penultimate features of the first view, as fed (drift
     # scores image-only, so its reference and its batches are compared like with like)
     embeddings: np.ndarray
@@ -497,7 +515,7 @@ class Bundle:
         """Load every member once (``safe_mode=True``); md5 mismatches are refused by name."""
         root = Path(bundle_dir)
         meta = read_bundle_json(root)
-        from stages.models import as_graph, load_model  # TensorFlow from here on
+        from skinlesion.model.networks import as_graph, load_model  # TensorFlow from here on
 
         members: list[Member] = []
         for m in meta["members"]:
@@ -545,7 +563,7 @@ class Bundle:
     def score(self, images: np.ndarray, meta: MetaArrays | None = None) -> Scored:
         """The bundle's answer for uint8 images and (optionally) their metadata.
 
-        The recipe in :mod:`stages.scoring`: each row's mode by the rule; each member scored
+        The recipe in :mod:`skinlesion.measure.scoring`: each row's mode by the rule; each member scored
         with what that mode feeds it; mixed with the weights; calibrated with the row's mode's
         operating point.
         """
@@ -629,13 +647,13 @@ def write_drift_reference(
 
     ``bundle``: the folder's bundle when the caller has it loaded already (else it is loaded).
 
-    The table is what a drift check computes for new images (:mod:`stages.imagefeatures`), for a
+    The table is what a drift check computes for new images (:mod:`skinlesion.measure.imagefeatures`), for a
     seeded sample of the ``split`` images, with this bundle's own members: a later check needs
     only the bundle and the new images, never the training data.
     """
     import pandas as pd
 
-    from stages.imagefeatures import FeatureSpec, build_table
+    from skinlesion.measure.imagefeatures import FeatureSpec, build_table
 
     try:
         rows = pd.read_csv(split_csv, dtype=str, keep_default_na=False)

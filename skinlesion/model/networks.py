@@ -4,7 +4,7 @@ A built model takes raw uint8 RGB images (``[B, S, S, 3]``, plus ``age``/``sex``
 when metadata fusion is on) and returns float32 class probabilities. Augmentation and the
 preprocessing each backbone family was trained with live *inside* the model, so training,
 evaluation and serving cannot disagree about them, and a saved ``model.keras`` is all a
-consumer needs. The project's own layers are registered serializable: ``import stages.models``
+consumer needs. The project's own layers are registered serializable: ``import skinlesion.model.networks``
 (or :func:`load_model`) and the file loads with ``safe_mode=True``.
 
 This module imports Keras (and so TensorFlow) at import time; the train stage imports it only
@@ -26,7 +26,8 @@ import keras
 import numpy as np
 from keras import layers, ops
 
-from stages.common import CLASSES, LOCALIZATIONS, SEXES, StageError
+from skinlesion.core.errors import StageError
+from skinlesion.core.schema import CLASSES, LOCALIZATIONS, SEXES
 
 log = logging.getLogger(__name__)
 
@@ -513,13 +514,13 @@ def recalibrate_batchnorm(model: keras.Model, batches: Iterable[Any]) -> int:
 
 def load_model(path: str | Path) -> keras.Model:
     """Load a saved ``model.keras`` (safe mode; this module's layers are registered on import)."""
-    import stages.losses  # noqa: F401  (registers the losses named in a compile config)
+    import skinlesion.model.losses  # noqa: F401  (registers the losses named in a compile config)
 
     return keras.saving.load_model(str(path), compile=False, safe_mode=True)
 
 
 def output_bias_from_counts(counts: Sequence[int]) -> tuple[float, ...]:
-    from stages.losses import log_priors
+    from skinlesion.model.losses import log_priors
 
     return tuple(float(v) for v in np.asarray(log_priors(counts)))
 

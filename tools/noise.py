@@ -1,4 +1,4 @@
-"""The run-to-run noise of training: ``python -m stages.noise --seeds K`` (``make noise SEEDS=K``).
+"""The run-to-run noise of training: ``python -m tools.noise --seeds K`` (``make noise SEEDS=K``).
 
 Re-runs train -> calibrate K times on the current data and params, each with another
 ``train.seed_offset`` (1..K; the data, split and every other param stay as they are), and writes
@@ -6,7 +6,7 @@ the spread of the headline metrics (ensemble) and of each member's eval metrics 
 ``metrics/noise.json``. A metric's *band* is the largest difference two runs of the same data and
 params are expected to show from training randomness alone: ``max(max - min, 2*sqrt(2)*sd)``
 (the observed range, or about two standard deviations of a difference of two runs, whichever is
-larger). ``stages.summary``, ``make compare`` and the promotion gate read the bands through
+larger). ``tools.summary``, ``make compare`` and the promotion gate read the bands through
 :func:`noise_bands`. This module owns the file's format.
 """
 
@@ -29,7 +29,9 @@ from typing import Any
 
 import yaml
 
-from stages.common import StageError, run_main, setup_logging, write_json
+from skinlesion.core.cli import run_main, setup_logging
+from skinlesion.core.errors import StageError
+from skinlesion.core.outputs import write_json
 
 log = logging.getLogger(__name__)
 
@@ -241,7 +243,7 @@ TAIL_LINES = 15
 
 
 def dvc_command() -> list[str]:
-    """The venv's dvc beside this interpreter when it is there (``python -m stages.noise`` run
+    """The venv's dvc beside this interpreter when it is there (``python -m tools.noise`` run
     without the venv on PATH), else whatever dvc is on PATH."""
     beside = Path(sys.executable).with_name("dvc")
     return [str(beside) if beside.is_file() else "dvc"]
@@ -370,8 +372,8 @@ def run_seed(repo: Repo, name: str, seed: int, sets: Sequence[str], log_path: Pa
 
 def collect(repo: Repo, ref: str, seed: int, metrics_dir: str) -> tuple[dict[str, Any], tuple]:
     """(the run's params, its :func:`run_values`) read from the experiment commit ``ref``."""
-    from stages.paired import headline
-    from stages.scoring import IMAGE_ONLY_SUFFIX
+    from skinlesion.measure.paired import headline
+    from skinlesion.measure.scoring import IMAGE_ONLY_SUFFIX
 
     def load(path: str) -> dict[str, Any] | None:
         text = repo.show(ref, path)
@@ -583,7 +585,7 @@ def _bands_text(bands: Mapping[str, float]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
-        prog="python -m stages.noise",
+        prog="python -m tools.noise",
         description="Measure the run-to-run noise of training: train -> calibrate once per seed offset "
         "as DVC experiments (the workspace is not touched), then write the spread of every headline "
         "metric to a metrics file.",
@@ -627,7 +629,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise StageError(f"--seeds {args.seeds}: give at least 1 (2 or more for a band)")
         if args.seeds < 2:
             log.warning("--seeds 1: one run has no spread; the file will hold no band")
-        from stages.profile import build_overrides
+        from tools.profile import build_overrides
 
         if any(s.partition("=")[0].strip() == SEED_KEY for s in args.set):
             raise StageError(f"--set {SEED_KEY}: the noise runs set it themselves ({args.first}..)")

@@ -3,7 +3,7 @@
 Arrays in, numbers out; no I/O, no TensorFlow, randomness only through a ``Generator`` passed in.
 Conventions:
 
-* ``y`` holds class indices into :data:`stages.common.CLASSES`; ``probs`` is ``(n, n_classes)``.
+* ``y`` holds class indices into :data:`skinlesion.core.schema.CLASSES`; ``probs`` is ``(n, n_classes)``.
 * A value that is undefined on the data (the AUC of a class with no cases, the precision of a
   class that is neither present nor predicted) is ``nan``; macro averages skip those classes.
 * "malignant" is mel + bcc + akiec, scored by the sum of their three probabilities.
@@ -20,7 +20,7 @@ from scipy import optimize
 from scipy.special import log_softmax, logsumexp, softmax
 from scipy.stats import rankdata
 
-from stages.common import CLASSES, MALIGNANT
+from skinlesion.core.schema import CLASSES, MALIGNANT
 
 __all__ = [
     "apply_calibration",

@@ -19,8 +19,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from stages.common import CLASSES
-from stages.metrics import (
+from skinlesion.core.schema import CLASSES
+from skinlesion.measure.metrics import (
     balanced_accuracy,
     binary_auc,
     lesion_bootstrap_indices,

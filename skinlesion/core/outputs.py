@@ -1,7 +1,5 @@
-"""Helpers every stage shares: the HAM10000 schema, atomic outputs, logging, CLI plumbing.
-
-Look here before writing a helper of your own.
-"""
+"""Outputs that are whole or absent: atomic folder and file writes, JSON, and the failpoint hook
+the fault-injection tests use to kill a process between two writes."""
 
 from __future__ import annotations
 
@@ -13,24 +11,11 @@ import logging
 import os
 import shutil
 import signal
-import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-
-# The exact HAM10000 metadata columns, in the original order.
-HAM_COLUMNS: tuple[str, ...] = ("lesion_id", "image_id", "dx", "dx_type", "age", "sex", "localization")
-# The seven HAM10000 diagnoses; "malignant" is mel + bcc + akiec.
-CLASSES: tuple[str, ...] = ("akiec", "bcc", "bkl", "df", "mel", "nv", "vasc")
-MALIGNANT: tuple[str, ...] = ("akiec", "bcc", "mel")
-DX_TYPES: tuple[str, ...] = ("histo", "follow_up", "consensus", "confocal")
-SEXES: tuple[str, ...] = ("male", "female", "unknown")
-LOCALIZATIONS: tuple[str, ...] = (
-    "abdomen", "acral", "back", "chest", "ear", "face", "foot", "genital", "hand",
-    "lower extremity", "neck", "scalp", "trunk", "unknown", "upper extremity",
-)  # fmt: skip
 
 log = logging.getLogger(__name__)
 
@@ -62,20 +47,6 @@ def failpoint(env: str, point: str, count: int) -> None:
             time.sleep(3600)
     log.warning("%s=%s: killing this process at %s, count %d", env, spec, point, count)
     os.kill(os.getpid(), signal.SIGKILL)
-
-
-class StageError(RuntimeError):
-    """An expected failure with a message meant for the user (no traceback is shown)."""
-
-
-def n_workers(requested: int = 0) -> int:
-    """Worker processes to use: ``requested``, or every core this process may run on when 0."""
-    if requested > 0:
-        return requested
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not Linux
-        return max(1, os.cpu_count() or 1)
 
 
 def _umask() -> int:
@@ -194,50 +165,3 @@ def write_json(path: str | Path, data: Any) -> None:
     with atomic_file(path, "w", encoding="utf-8") as fh:
         json.dump(data, fh, indent=2, sort_keys=True, allow_nan=False)
         fh.write("\n")
-
-
-class _StderrHandler(logging.StreamHandler):
-    """Writes to whatever ``sys.stderr`` is *now* (pytest and Prefect swap it between calls)."""
-
-    @property  # type: ignore[override]
-    def stream(self):  # noqa: D401
-        return sys.stderr
-
-    @stream.setter
-    def stream(self, _value) -> None:
-        pass
-
-
-def setup_logging(verbose: bool = False) -> None:
-    """Configure the root logger for a stage's command line; called only from ``main()``."""
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-        handlers=[_StderrHandler()],
-        force=True,
-    )
-
-
-def run_main(fn: Callable[[], int | None]) -> int:
-    """Run a stage's ``main`` body: expected failures print one line and exit 1, no traceback."""
-    from stages.params import ParamsError
-
-    try:
-        return int(fn() or 0)
-    except (StageError, ParamsError) as e:
-        # One line, no traceback: these are the user's to fix, and the message names what.
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except OSError as e:
-        if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
-            raise  # anything else is a bug worth its traceback
-        # The machine's to fix (disk full, quota, read-only): name the file. Every output is
-        # written beside its target and swapped in at the end, so the previous one is intact.
-        where = e.filename or "an output"
-        print(f"error: {where}: {e.strerror} (nothing was replaced: the previous output is intact; "
-              "free space and rerun)", file=sys.stderr)  # fmt: skip
-        return 1
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130

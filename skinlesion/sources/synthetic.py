@@ -50,8 +50,14 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 from tqdm import tqdm
 
-from stages.common import CLASSES, HAM_COLUMNS, StageError, atomic_dir, n_workers, run_main, setup_logging
-from stages.params import SyntheticParams, load_params, parse_params
+from skinlesion.core.cli import run_main, setup_logging
+from skinlesion.core.errors import StageError
+from skinlesion.core.outputs import atomic_dir
+from skinlesion.core.parallel import n_workers
+from skinlesion.core.schema import CLASSES, HAM_COLUMNS
+from skinlesion.params.base import BaseParams
+from skinlesion.params.download import DownloadParams, SyntheticParams
+from skinlesion.params.schema import Sections, build_section, load_sections
 
 log = logging.getLogger(__name__)
 
@@ -1080,7 +1086,7 @@ def _looks_like_ours(folder: Path) -> bool:
 
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
-        prog="python -m stages.synthetic",
+        prog="python -m skinlesion.sources.synthetic",
         description="Draw a synthetic HAM10000-layout folder (metadata.csv + images/<image_id>.jpg), "
         "e.g. to try download.source=local:PATH. The pipeline's download stage calls the same code "
         "with params.yaml's download.synthetic section and base.seed.",
@@ -1110,7 +1116,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     setup_logging(args.verbose)
 
     def body() -> int:
-        params = load_params(args.params) if args.params else parse_params({})
+        params = (
+            load_sections(args.params, base=BaseParams, download=DownloadParams)
+            if args.params
+            else Sections(base=BaseParams(), download=DownloadParams())
+        )
         overrides = {
             "n_images": args.n_images,
             "width": args.width,
@@ -1119,7 +1129,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         }
         raw = {k: getattr(params.download.synthetic, k) for k in SyntheticParams.__dataclass_fields__}
         raw.update({k: v for k, v in overrides.items() if v is not None})
-        synthetic = parse_params({"download": {"synthetic": raw}}).download.synthetic
+        synthetic = build_section(SyntheticParams, raw, "download.synthetic.")
         seed = params.base.seed if args.seed is None else args.seed
         if args.out.exists() and not (args.out.is_dir() and _looks_like_ours(args.out)):
             raise StageError(f"{args.out}: exists and is not a synthetic data set; choose a new folder")

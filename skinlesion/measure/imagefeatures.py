@@ -4,7 +4,7 @@ What a clinic changes when it changes device, lighting or workflow shows up in a
 image: its size and compression, its brightness, contrast and colour (RGB and CIE Lab), its
 saturation, its sharpness (variance of the Laplacian) and how much of its corners the
 dermatoscope's dark ring covers. :func:`image_features` computes them from one decode through
-the project's decode path (:mod:`stages.images`: header pixel cap, JPEG draft mode) and, from the
+the project's decode path (:mod:`skinlesion.core.images`: header pixel cap, JPEG draft mode) and, from the
 same decoded image, the square model input. :func:`build_table` streams a list of files through
 a process pool (all cores, a bounded window, a progress bar: memory is flat in the number of
 images but for the per-image rows and embeddings) and runs the model bundle on the pixels as
@@ -35,7 +35,7 @@ import pandas as pd
 from PIL import Image
 from tqdm import tqdm
 
-from stages.images import (
+from skinlesion.core.images import (
     DEFAULT_MAX_PIXELS,
     IMAGE_SUFFIXES,
     decode_rgb,
@@ -44,7 +44,7 @@ from stages.images import (
     open_checked,
     to_square,
 )
-from stages.parallel import in_order
+from skinlesion.core.parallel import in_order
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ DARK_LUMA = 50.0
 
 
 class Predictor(Protocol):
-    """What :func:`build_table` needs of a model bundle (``stages.bundle.Bundle`` is one)."""
+    """What :func:`build_table` needs of a model bundle (``skinlesion.model.bundle.Bundle`` is one)."""
 
     classes: Sequence[str]
 
@@ -164,7 +164,7 @@ class FeatureSpec:
 def image_features(path: str | Path, spec: FeatureSpec) -> tuple[dict[str, float], np.ndarray]:
     """Features of one image file and its model input (uint8 ``[S, S, 3]``), from one decode.
 
-    Raises :class:`stages.images.ImageRejected` or a decoder error for a bad file.
+    Raises :class:`skinlesion.core.images.ImageRejected` or a decoder error for a bad file.
     """
     path = Path(path)
     size_kb = os.stat(path).st_size / 1024.0
@@ -234,7 +234,7 @@ def _why_unusable(path: Path) -> str | None:
 
 
 def list_batch(folder: str | Path) -> tuple[list[Path], list[tuple[str, str]]]:
-    """A batch folder's image files (:func:`stages.images.list_images`) and what it cannot use.
+    """A batch folder's image files (:func:`skinlesion.core.images.list_images`) and what it cannot use.
 
     The second list names, relative to ``folder``, every entry left out that a user may have
     meant as an image, with why: a symbolic link that loops, or (named like an image) leads

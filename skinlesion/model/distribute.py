@@ -44,7 +44,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from stages.common import StageError
+from skinlesion.core.errors import StageError
 
 log = logging.getLogger(__name__)
 

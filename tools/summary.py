@@ -19,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from stages.scoring import IMAGE_ONLY_SUFFIX
+from skinlesion.measure.scoring import IMAGE_ONLY_SUFFIX
 
 HEADLINE = ("macro_auc", "balanced_accuracy", "malignant_auc", "mel_recall")
 OPERATING = ("threshold", "test_malignant_recall", "test_specificity", "test_ppv", "referrals_per_100")
@@ -199,8 +199,8 @@ def compare_metrics(diff: Mapping[str, Any]) -> tuple[int, list[Moved]]:
 def headline_moves(moved: Sequence[Moved], diff: Mapping[str, Any]) -> dict[str, Moved]:
     """The headline metrics among ``moved`` by headline key: metrics/headline.json, or the same keys
     in metrics/calibration.json when the committed run has no headline file."""
-    from stages.paired import HEADLINE_KEYS
-    from stages.scoring import IMAGE_ONLY_SUFFIX
+    from skinlesion.measure.paired import HEADLINE_KEYS
+    from skinlesion.measure.scoring import IMAGE_ONLY_SUFFIX
 
     if HEADLINE_FILE in diff:
         return {m.key: m for m in moved if m.path == HEADLINE_FILE}
@@ -318,7 +318,7 @@ def reproduction_verdict(
 
     REPRODUCED: every metric identical (machine timings aside). WITHIN NOISE: some differ, but
     every headline metric by at most its band from the committed noise file (``bands``,
-    :func:`stages.noise.noise_bands`). DIFFERS otherwise, with the first output in DAG order that
+    :func:`tools.noise.noise_bands`). DIFFERS otherwise, with the first output in DAG order that
     differs between REV's ``dvc.lock`` (``old_lock``) and this one (``new_lock``), and why."""
     where = f"the committed run ({rev})"
     compared, moved = compare_metrics(diff)
@@ -382,7 +382,7 @@ def _dvc_json(*args: str) -> dict:
     """``dvc ARGS --json`` parsed; {} when DVC cannot answer."""
     import subprocess
 
-    from stages.noise import dvc_command
+    from tools.noise import dvc_command
 
     try:
         r = subprocess.run([*dvc_command(), *args, "--json"], capture_output=True, text=True)
@@ -432,7 +432,7 @@ def committed_bands(
 ) -> tuple[dict[str, float], list[str]]:
     """The noise bands to judge by: REV's committed noise file, else the workspace's (said so);
     with notes when the file was measured on other data than this run's."""
-    from stages.noise import NoiseFileError, bands_of, parse_noise, read_noise
+    from tools.noise import NoiseFileError, bands_of, parse_noise, read_noise
 
     notes = []
     try:
@@ -457,7 +457,7 @@ def committed_bands(
 
 def verdict_against(rev: str, *, noise: Path, lock: Path = Path("dvc.lock"), raw: str = "data/raw") -> str:
     """:func:`reproduction_verdict` of the workspace against ``rev``, everything it needs gathered."""
-    from stages.noise import lock_out_md5
+    from tools.noise import lock_out_md5
 
     new_lock = _yaml(lock.read_text(encoding="utf-8")) if lock.is_file() else None
     dvc_yaml = lock.with_name("dvc.yaml")
@@ -471,7 +471,7 @@ def verdict_against(rev: str, *, noise: Path, lock: Path = Path("dvc.lock"), raw
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m stages.summary", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m tools.summary", description=__doc__.splitlines()[0])
     ap.add_argument(
         "--metrics", type=Path, default=Path("metrics"), help="metrics folder (default: %(default)s)"
     )

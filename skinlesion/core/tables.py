@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from stages.common import StageError
+from skinlesion.core.errors import StageError
 
 ROW = "row"  # index name: the line a record starts on
 FIELDS = "_fields"  # how many fields the record's line had (0 for a blank line)

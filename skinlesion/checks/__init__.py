@@ -1,0 +1,1 @@
+"""The data checks (Great Expectations suites) the validate stage runs."""

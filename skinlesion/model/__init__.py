@@ -1,0 +1,1 @@
+"""Everything that touches TensorFlow: tf.data, networks, losses, distribution, training, the bundle."""

@@ -1,0 +1,1 @@
+"""Where images come from: the synthetic generator, Harvard Dataverse, a local folder."""

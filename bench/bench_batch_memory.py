@@ -20,11 +20,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import platform
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from bench.common import machine_text
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results" / "batch_memory.md"
@@ -64,9 +65,10 @@ def _batch(n: int) -> Path:
 
 def _bundle() -> Path:
     from bench.bench_serve import demo_shaped_bundle
+    from skinlesion.model.bundle_json import is_bundle
 
     root = OUT / "bundle"
-    if not (root / "bundle.json").is_file():
+    if not is_bundle(root):
         demo_shaped_bundle(root)
     return root
 
@@ -152,8 +154,7 @@ def run_bench() -> int:
         "",
         "Reproduce: `python -m bench.bench_batch_memory` (or `python -m bench.run batch_memory`).",
         "",
-        f"Machine: {platform.processor() or platform.machine()}, {len(os.sched_getaffinity(0))} usable "
-        f"core(s); Python {platform.python_version()}; {platform.platform()}. Load average after: "
+        f"Machine: {machine_text()}. Load average after: "
         + " ".join(f"{x:.2f}" for x in os.getloadavg())
         + " (a shared machine: other jobs slow the times, not the memory).",
     ]

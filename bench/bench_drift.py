@@ -131,10 +131,11 @@ def _make_batch() -> Path:
 
 
 def _make_bundle() -> Path:
+    from skinlesion.model.bundle_json import is_bundle
     from tests.integration.real_bundle import build
 
     root = OUT / "bundle_build"
-    if (root / "bundle" / "bundle.json").is_file():
+    if is_bundle(root / "bundle"):
         return root / "bundle"
     import shutil
 
@@ -156,9 +157,9 @@ def run_bench(reps: int) -> None:
             if mode not in best or r["seconds"] < best[mode]["seconds"]:
                 best[mode] = r
     naive = best["naive"]["seconds"]
-    from bench.bench_prepare import _machine
+    from bench.common import machine, pillow_version
 
-    m = _machine()
+    m = machine(pillow=pillow_version(), numpy=np.__version__)
     rows = [
         ("features, naive (1 process, full decode)", best["naive"]),
         ("features, ours (draft mode, all cores)", best["features"]),

@@ -21,7 +21,6 @@ import argparse
 import hashlib
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -32,6 +31,8 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+
+from bench.common import machine, pillow_version
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results" / "prepare.md"
@@ -53,8 +54,9 @@ def _child(
     """One measured run (in its own process): returns seconds, n and CPU/RSS figures."""
     from PIL import Image
 
+    from skinlesion.core.splits import SPLITS
     from skinlesion.params.load import parse_params
-    from stages.prepare import SPLITS, run
+    from stages.prepare import run
 
     split = pd.read_csv(split_csv, dtype=str, keep_default_na=False)
     ids = split.loc[split["split"].isin(SPLITS), "image_id"].tolist()
@@ -132,25 +134,6 @@ def _warm(raw: Path) -> None:
         p.read_bytes()
 
 
-def _machine() -> dict[str, str]:
-    from PIL import __version__ as pil_version
-    from PIL import features
-
-    cpu = next(
-        (line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-         if line.startswith("model name")), platform.processor() or "?",
-    ) if Path("/proc/cpuinfo").exists() else platform.processor()  # fmt: skip
-    from skinlesion.core.parallel import n_workers
-
-    return {
-        "cpu": f"{cpu}, {n_workers()} usable core(s)",
-        "python": platform.python_version(),
-        "pillow": f"{pil_version} (libjpeg-turbo {features.version('libjpeg_turbo') or 'no'})",
-        "numpy": np.__version__,
-        "os": platform.platform(),
-    }
-
-
 def run_bench(*, size: int = 64, reps: int = 2, out_md: Path | None = RESULTS) -> dict[str, Any]:
     """Run the whole benchmark; write ``out_md`` (markdown) and return the figures."""
     if not (SHARED / "HAM10000_metadata.csv").is_file():
@@ -193,7 +176,8 @@ def run_bench(*, size: int = 64, reps: int = 2, out_md: Path | None = RESULTS) -
                     "tree_peak_rss_mb": r["tree_peak_rss_mb"], "main_maxrss_mb": r["main_maxrss_mb"],
                     "worker_maxrss_mb": r["worker_maxrss_mb"],
                 })  # fmt: skip
-    figures = {"size": size, "reps": reps, "rows": rows, "machine": _machine(),
+    host = machine(pillow=pillow_version(), numpy=np.__version__)
+    figures = {"size": size, "reps": reps, "rows": rows, "machine": host,
                "loadavg_before": load_before, "loadavg_after": os.getloadavg()}  # fmt: skip
     if out_md is not None:
         out_md.parent.mkdir(parents=True, exist_ok=True)

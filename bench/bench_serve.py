@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -74,7 +73,7 @@ def demo_shaped_bundle(root: Path, size: int = 64) -> Path:
 
     from skinlesion.core.schema import CLASSES
     from skinlesion.measure.scoring import IMAGE_ONLY, OperatingPoint
-    from skinlesion.model.bundle import BUNDLE_FORMAT_VERSION, file_md5
+    from skinlesion.model.bundle_json import file_md5, write_bundle_json
     from skinlesion.model.networks import ModelSpec, build_backbone, build_model
 
     keras.utils.set_random_seed(0)
@@ -89,12 +88,12 @@ def demo_shaped_bundle(root: Path, size: int = 64) -> Path:
             {"name": name, "weight": weight, "path": f"members/{name}/model.keras", "md5": file_md5(path)}
         )
     meta = {
-        "format_version": BUNDLE_FORMAT_VERSION, "created": "bench", "classes": list(CLASSES),
+        "created": "bench", "classes": list(CLASSES),
         "malignant": ["akiec", "bcc", "mel"], "image_size": size, "aspect": "crop", "members": members,
         "operating_points": {IMAGE_ONLY: OperatingPoint(1.2, 0.3).to_json()},
         "data_version": {"path": "bench", "md5": None}, "params": {"prepare": {"draft_gap": 2.0}},
     }  # fmt: skip
-    (root / "bundle.json").write_text(json.dumps(meta, indent=2))
+    write_bundle_json(root, meta)
     return root
 
 
@@ -103,10 +102,10 @@ def three_members(src: Path, dest: Path) -> Path:
     (``members/<name>`` -> ``members/<name>_copy<k>``), list them in bundle.json with equal weights
     and their md5. The copies have the same weights as their source, so the ensemble's output
     equals the source's; what changes is the work per image, which is what is measured."""
-    from skinlesion.model.bundle import file_md5
+    from skinlesion.model.bundle_json import file_md5, read_bundle_json, write_bundle_json
 
     shutil.copytree(src, dest)
-    meta = json.loads((dest / "bundle.json").read_text())
+    meta = read_bundle_json(dest)
     members = [m for m in meta["members"] if float(m["weight"]) > 0]
     k = 0
     while len(members) < 3:
@@ -119,7 +118,7 @@ def three_members(src: Path, dest: Path) -> Path:
     for m in members:
         m["weight"] = 1.0 / len(members)
     meta["members"] = members[:3] if len(members) > 3 else members
-    (dest / "bundle.json").write_text(json.dumps(meta, indent=2))
+    write_bundle_json(dest, meta)
     return dest
 
 
@@ -165,7 +164,7 @@ def _child_naive(bundle: Path, n: int) -> dict[str, Any]:
 
     from skinlesion.measure.metrics import apply_calibration
     from skinlesion.measure.scoring import IMAGE_ONLY, OperatingPoint, model_inputs
-    from skinlesion.model.bundle import read_bundle_json
+    from skinlesion.model.bundle_json import read_bundle_json
     from skinlesion.model.networks import load_model
 
     meta = read_bundle_json(bundle)  # format 1 or 2: its image-only operating point either way
@@ -218,29 +217,11 @@ def _cold_cli(bundle: Path, reps: int) -> list[float]:
 
 def _web(bundle: Path, n: int) -> dict[str, list[float]]:
     """Client-side latency of POST /api/predict against a real server process on 127.0.0.1."""
-    import socket
-
     import httpx
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
-    cmd = [sys.executable, "-m", "serve.web", "--bundle", str(bundle), "--metrics", "/nonexistent",
-           "--host", "127.0.0.1", "--port", str(port)]  # fmt: skip
-    server = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                if httpx.get(url + "/healthz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if server.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("the web app did not start")
-            time.sleep(0.3)
+    from bench.webapp import web_app
+
+    with web_app(bundle) as app:
         images = _images(2 * n + 2)
         out: dict[str, list[float]] = {"api": [], "api_gradcam": []}
         with httpx.Client(timeout=60) as client:
@@ -251,55 +232,40 @@ def _web(bundle: Path, n: int) -> dict[str, list[float]]:
                 for i, p in enumerate(part):
                     files = [("files", (p.name, p.read_bytes(), "image/jpeg"))]
                     s = time.perf_counter()
-                    r = client.post(f"{url}/api/predict{query}", files=files)
+                    r = client.post(f"{app.url}/api/predict{query}", files=files)
                     dt = time.perf_counter() - s
                     r.raise_for_status()
                     if i:
                         out[key].append(1000 * dt)
         return out
-    finally:
-        server.terminate()
-        try:
-            server.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            server.kill()
 
 
 def _machine() -> dict[str, str]:
     import keras
 
-    from skinlesion.core.parallel import n_workers
+    from bench.common import machine
 
-    cpu = platform.processor() or "?"
-    if Path("/proc/cpuinfo").exists():
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    return {"cpu": f"{cpu}, {n_workers()} usable core(s)", "python": platform.python_version(),
-            "keras": keras.__version__, "os": platform.platform()}  # fmt: skip
+    return machine(keras=keras.__version__)
 
 
 def run_bench(
     *, bundle: Path | None, n_single: int, n_batch: int, n_naive: int, n_web: int
 ) -> dict[str, Any]:
+    from skinlesion.model.bundle_json import choose_bundle, is_bundle, read_bundle_json
+
     if not (SHARED / "images_200x150").is_dir():
         raise SystemExit(f"error: real HAM10000 data not found at {SHARED}")
     load_before = os.getloadavg()
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench_serve_") as tmp:
         if bundle is None:
-            for rel in ("models/production", "models/ensemble"):
-                if (REPO / rel / "bundle.json").is_file():
-                    bundle = REPO / rel
-                    break
+            chosen = choose_bundle(REPO / "models" / "production", REPO / "models" / "ensemble")
+            bundle = chosen if is_bundle(chosen) else None
         origin = str(bundle.relative_to(REPO)) if bundle and bundle.is_relative_to(REPO) else str(bundle)
         if bundle is None:
             bundle = demo_shaped_bundle(Path(tmp) / "demo")
             origin = "demo-shaped, untrained (mobilenetv2 + custom_cnn, 64 px)"
-        n_members = sum(
-            float(m["weight"]) > 0 for m in json.loads((bundle / "bundle.json").read_text())["members"]
-        )
+        n_members = sum(float(m["weight"]) > 0 for m in read_bundle_json(bundle)["members"])
         bundles = {f"{n_members}-member": bundle}
         if n_members != 3:
             bundles["3-member"] = three_members(bundle, Path(tmp) / "three")
@@ -314,7 +280,7 @@ def run_bench(
             web = _web(b, n_web)
             print(f"   web: p50 {_pct(web['api'], 50):.1f} ms", flush=True)
             cold = _cold_cli(b, 3)
-            meta = json.loads((b / "bundle.json").read_text())
+            meta = read_bundle_json(b)
             rows.append({"label": label, "members": [m["name"] for m in meta["members"]],
                          "image_size": meta["image_size"], "ours": ours, "naive": naive, "web": web,
                          "cold_cli_s": cold})  # fmt: skip

@@ -7,10 +7,11 @@ Side by side in one run:
       then a Python loop over every pair (``h[i] - h[j] <= radius``). The pair loop is timed on
       the first ``--pair-sample`` images and extrapolated quadratically to all of them (the
       full loop is 42.7 M pairs); the figure says so.
-    * ``split, 1 worker`` / ``split, N workers``: :func:`stages.split.compute_features` (draft-mode
-      decode, pHash and the verification thumbnail) + :func:`stages.split.near_pairs`.
+    * ``split, 1 worker`` / ``split, N workers``: :func:`skinlesion.checks.duplicates.compute_features`
+      (draft-mode decode, pHash and the verification thumbnail) +
+      :func:`skinlesion.checks.duplicates.near_pairs`.
     * the whole stage once (:func:`stages.split.run`), with its hash / search / verify times.
-(b) :func:`stages.split.near_pairs` on 25k, 50k and 100k random 64-bit hashes at radius 4, 8
+(b) :func:`skinlesion.checks.duplicates.near_pairs` on 25k, 50k and 100k random 64-bit hashes at radius 4, 8
     (the default) and 10, with the growth from 25k to 100k (quadratic would be 16x), next to the
     blocked brute-force XOR-popcount (vectorised numpy, O(N^2)).
 (c) The verifier's threshold on the real data: every candidate and every same-lesion pair scored,
@@ -24,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -32,7 +32,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import PIL
+
+from bench.common import machine_text, pillow_version
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results" / "split.md"
@@ -65,7 +66,7 @@ def _threshold_table(data: Path, paths: list[Path], feats, candidates: np.ndarra
 
     import pandas as pd
 
-    from stages.split import score_candidates
+    from skinlesion.checks.duplicates import score_candidates
 
     meta = pd.read_csv(data / "HAM10000_metadata.csv", dtype=str).set_index("image_id")
     meta = meta.loc[[p.stem for p in paths]]
@@ -124,9 +125,10 @@ def run_bench(
     """Time everything; write ``out_md`` (markdown) and return the figures."""
     from concurrent.futures import ProcessPoolExecutor
 
+    from skinlesion.checks.duplicates import compute_features, near_pairs, near_pairs_bruteforce
     from skinlesion.core.parallel import n_workers
     from skinlesion.params.load import parse_params
-    from stages.split import compute_features, near_pairs, near_pairs_bruteforce, run
+    from stages.split import run
 
     images = data / "images_200x150"
     paths = sorted(images.glob("*.jpg"))
@@ -220,8 +222,7 @@ def run_bench(
         "random_search_s": search,
         "random_brute_s": brute,
         "load_average": [round(load_before, 1), round(os.getloadavg()[0], 1)],
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
-        f"Python {platform.python_version()}, numpy {np.__version__}, Pillow {PIL.__version__}",
+        "machine": machine_text(numpy=np.__version__, pillow=pillow_version()),
     }
     if out_md is not None:
         out_md.parent.mkdir(parents=True, exist_ok=True)

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -32,6 +31,8 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from bench.common import machine_text
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("HAM10000_DIR", REPO.parent / "shared" / "data" / "ham10000"))
@@ -103,14 +104,16 @@ class _StepTimer:
 def _model_and_loss(backbone: str, prepared: Path, seed: int) -> tuple[Any, Any, Any]:
     from skinlesion.model import losses
     from skinlesion.model import networks as models
+    from skinlesion.model.phases import plan_phases
     from skinlesion.model.tfdata import load_manifest
+    from skinlesion.model.traindata import class_counts
+    from skinlesion.model.training import make_optimizer
     from skinlesion.params.load import load_params
-    from stages.train import _class_counts, _optimizer, plan_phases
 
     params = load_params(REPO / "params.yaml").train
     common, bbp = params.common, params.for_backbone(backbone)
     manifest = load_manifest(prepared)
-    counts = _class_counts(manifest, "train")
+    counts = class_counts(manifest, "train")
     spec = models.ModelSpec(
         backbone=backbone,
         image_size=int(manifest["image_size"]),
@@ -129,7 +132,7 @@ def _model_and_loss(backbone: str, prepared: Path, seed: int) -> tuple[Any, Any,
     model = models.build_model(spec, bb, pretrained=False)
     phase = plan_phases(common.epochs, pretrained=False, head_epochs=0, unfreeze=[], learning_rate=1e-3,
                         finetune_learning_rate=1e-4)[0]  # fmt: skip
-    opt = _optimizer(phase, common, steps_per_epoch=200)
+    opt = make_optimizer(phase, common, steps_per_epoch=200)
     loss = losses.make_loss(common.loss, losses.class_weights(counts, power=common.class_weight_power))
     return model, opt, loss
 
@@ -142,7 +145,7 @@ def scenario(
     import numpy as np
 
     from skinlesion.model.tfdata import load_manifest, read_split
-    from stages.train import _datasets
+    from skinlesion.model.traindata import make_datasets
 
     keras.utils.set_random_seed(0)
     manifest = load_manifest(prepared)
@@ -150,7 +153,7 @@ def scenario(
     out: dict[str, Any] = {"kind": kind, "backbone": backbone, "batch": batch, "n_train": n_train}
 
     if kind == "pipeline":
-        ds, _ = _datasets(
+        ds, _ = make_datasets(
             prepared, n_train=n_train, with_meta=False, batch=batch, shuffle_buffer=4096, seed=0, cache=True
         )
         for epoch in ("cold", "warm"):
@@ -166,7 +169,7 @@ def scenario(
     timer = _StepTimer(warmup, steps)
     t_load = time.perf_counter()
     if kind == "project":
-        ds, _ = _datasets(
+        ds, _ = make_datasets(
             prepared, n_train=n_train, with_meta=False, batch=batch, shuffle_buffer=4096, seed=0, cache=True
         )
         out["load_seconds"] = 0.0  # streaming: nothing is loaded up front
@@ -217,7 +220,7 @@ def _report(rows: list[dict[str, Any]], args: argparse.Namespace, prep_s: float)
     lines = [
         "# Training throughput (CPU)",
         "",
-        f"Machine: {os.cpu_count()} CPU cores, {platform.processor() or platform.machine()}, no GPU. "
+        f"Machine: {machine_text()}, no GPU. "
         f"Data: the {by[('pipeline', BACKBONES[0])]['n_train']} training images of the shared HAM10000 copy, "
         f"prepared at {args.size} px by stages.prepare ({prep_s:.1f} s). Batch {args.batch}; training "
         f"images/s timed over {args.steps} steady-state steps after {args.warmup} warm-up steps. "

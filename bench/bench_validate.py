@@ -3,7 +3,7 @@
 On the 9,247 real thumbnails in ../shared/data/ham10000 (page cache warmed first), side by side:
 
 * ``plain loop``: ``for p in paths: Image.open(p).load()``, one process: what a notebook does;
-* ``check, 1 worker``: :func:`stages.validate.inspect_images` in-process: the same full decode
+* ``check, 1 worker``: :func:`skinlesion.checks.imagefacts.inspect_images` in-process: the same full decode
   plus what the stage adds per file (read the bytes once, sha256, header size check);
 * ``check, N workers``: the same over the stage's process pool (all cores), pool start included;
 * ``stage end to end``: :func:`stages.validate.run` once (decode + GX suites + Data Docs).
@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import resource
 import sys
 import tempfile
@@ -27,8 +26,9 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-import PIL
 from PIL import Image
+
+from bench.common import machine_text, pillow_version
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results" / "validate.md"
@@ -56,9 +56,10 @@ def _lesion_split(meta: pd.DataFrame) -> pd.DataFrame:
 
 def run_bench(*, data: Path = SHARED, reps: int = 3, workers: int = 0, out_md: Path | None = RESULTS) -> dict:
     """Time the modes on the real images; write ``out_md`` (markdown) and return the figures."""
+    from skinlesion.checks.imagefacts import inspect_images
     from skinlesion.core.parallel import n_workers
     from skinlesion.params.load import parse_params
-    from stages.validate import inspect_images, run
+    from stages.validate import run
 
     images = data / "images_200x150"
     paths = sorted(images.glob("*.jpg"))
@@ -119,8 +120,7 @@ def run_bench(*, data: Path = SHARED, reps: int = 3, workers: int = 0, out_md: P
         "stage_passed": res.passed,
         # other jobs on the machine take cores from the pool: the load average says how many
         "load_average": [round(load_before, 1), round(os.getloadavg()[0], 1)],
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
-        f"Python {platform.python_version()}, Pillow {PIL.__version__}",
+        "machine": machine_text(pillow=pillow_version()),
     }
     if out_md is not None:
         out_md.parent.mkdir(parents=True, exist_ok=True)

@@ -23,13 +23,12 @@ import argparse
 import json
 import math
 import os
-import platform
-import socket
-import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
+
+from bench.common import machine_text
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results" / "web_memory.md"
@@ -44,10 +43,10 @@ KINDS = {"rgba": "RGBA PNG", "grey16": "16-bit grey PNG"}
 
 
 def _cap(bundle: Path) -> int:
-    from serve.web import pixel_cap
-    from skinlesion.model.bundle import read_bundle_json
+    from serve.predictor import bundle_pixel_cap
+    from skinlesion.model.bundle_json import read_bundle_json
 
-    return pixel_cap(read_bundle_json(bundle).get("params"))
+    return bundle_pixel_cap(bundle, read_bundle_json(bundle).get("params"))
 
 
 def _worst_png(cap: int, kind: str) -> Path:
@@ -82,25 +81,10 @@ def _vm(pid: int, key: str) -> float:
 def _run(bundle: Path, png: bytes, name: str, opts: list[str]) -> dict:
     import httpx
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "serve.web", "--bundle", str(bundle), "--metrics", "/nonexistent",
-           "--port", str(port), *opts]  # fmt: skip
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
-    server = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(url + "/healthz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if server.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"the web app did not start: {server.stderr.read().decode()[-2000:]}")
-            time.sleep(0.3)
+    from bench.webapp import web_app
+
+    with web_app(bundle, *opts, start_timeout_s=120) as app:
+        url, server = app.url, app.process
         time.sleep(1.0)
         baseline = _vm(server.pid, "VmRSS")
         statuses: list[int] = []
@@ -121,12 +105,6 @@ def _run(bundle: Path, png: bytes, name: str, opts: list[str]) -> dict:
         seconds = time.perf_counter() - t0
         peak = _vm(server.pid, "VmHWM")
         limits = httpx.get(url + "/healthz", timeout=10).json()["limits"]
-    finally:
-        server.terminate()
-        try:
-            server.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            server.kill()
     print(
         f"{name}: baseline {baseline:.0f} MB, peak {peak:.0f} MB, {seconds:.1f} s, {sorted(statuses)}",
         flush=True,
@@ -136,7 +114,6 @@ def _run(bundle: Path, png: bytes, name: str, opts: list[str]) -> dict:
 
 
 def _write(runs: list[dict], cap: int, sizes_kb: dict[str, float], bundle: Path) -> None:
-    from skinlesion.core.parallel import n_workers
 
     side = math.isqrt(cap)
     rows = []
@@ -192,8 +169,9 @@ def _write(runs: list[dict], cap: int, sizes_kb: dict[str, float], bundle: Path)
         f"(a fresh process per run, bundle `{shown}`): a PNG of {side}x{side} = {side * side:,} pixels, "
         f"just under the project's pixel cap of {cap:,} (the stricter of the bundle's `validate.max_pixels` "
         "and `drift.max_pixels`), RGBA (the 8-bit mode that costs the most) or 16-bit grey (scaled to "
-        "8 bits by skinlesion.core.images). Peak = the server process's `VmHWM` after the answers; baseline = its "
-        'resident set before them (TensorFlow and the members loaded). "Pixels in decoding at once" is '
+        "8 bits by skinlesion.core.images). Peak = the server process's `VmHWM` after the answers; "
+        'baseline = its resident set before them (TensorFlow and the members loaded). "Pixels in decoding '
+        'at once" is '
         "the budget's own high-water mark (`/healthz`).",
         "\n".join([head, "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |", *rows]),
         "Peak over baseline without the budget / with it (defaults): " + "; ".join(ratios) + ". "
@@ -215,8 +193,7 @@ def _write(runs: list[dict], cap: int, sizes_kb: dict[str, float], bundle: Path)
         "(Starlette's thread pool, which decoded them before) from going at once.",
         "Reproduce: `python -m bench.bench_web_memory` (or `python -m bench.run web_memory`); the images "
         "are made once under bench/out/web_memory/.",
-        f"Machine: {platform.machine()}, {n_workers()} usable core(s); Python {platform.python_version()}; "
-        f"{platform.platform()}. Load average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())} "
+        f"Machine: {machine_text()}. Load average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())} "
         "(a shared machine: other jobs slow the times, not the memory).",
     ]
     RESULTS.write_text("\n\n".join(paragraphs) + "\n")
@@ -230,8 +207,10 @@ def main(argv: list[str] | None = None) -> int:
         "--bundle", type=Path, default=REPO / "models" / "ensemble", help="bundle (default models/ensemble)"
     )
     args = ap.parse_args(argv)
-    if not (args.bundle / "bundle.json").is_file():
-        print(f"error: {args.bundle}: no bundle.json (run the pipeline, or give --bundle)", file=sys.stderr)
+    from skinlesion.model.bundle_json import BUNDLE_JSON, is_bundle
+
+    if not is_bundle(args.bundle):
+        print(f"error: {args.bundle}: no {BUNDLE_JSON} (run the pipeline, or give --bundle)", file=sys.stderr)
         return 1
     cap = _cap(args.bundle)
     pngs = {kind: _worst_png(cap, kind) for kind in KINDS}

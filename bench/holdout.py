@@ -4,9 +4,9 @@ A model trained with ``make real DATA=OUT/pool`` has never seen a lesion of ``OU
 in its train, val or test split, not under another ``lesion_id`` (a near-duplicate picture of it).
 So ``OUT/external`` measures the model on new lesions, the way a clinic's next batch would.
 
-The grouping is the split stage's, called the same way (:mod:`stages.split`, the defaults of
+The grouping is the split stage's, called the same way (:mod:`skinlesion.checks.leakage`, the defaults of
 :class:`skinlesion.params.split.SplitParams`): the source is imported with the download stage's public
-reader (:func:`stages.download.import_folder`), every image gets its pHash and thumbnail, hash
+reader (:func:`skinlesion.sources.local.import_folder`), every image gets its pHash and thumbnail, hash
 candidates are verified, and union-find joins each ``lesion_id`` group with its verified
 near-duplicates. Whole groups are held out, stratified by the group's diagnosis (its majority
 dx, as the split stage stratifies): within each dx the groups are ordered by
@@ -45,6 +45,9 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
+from skinlesion.checks import duplicates
+from skinlesion.checks.duplicates import HASH_CHUNK, compute_features, near_pairs, score_candidates
+from skinlesion.checks.leakage import build_groups
 from skinlesion.core.cli import run_main, setup_logging
 from skinlesion.core.errors import StageError
 from skinlesion.core.outputs import atomic_dir, write_json
@@ -52,8 +55,7 @@ from skinlesion.core.parallel import n_workers, process_pool
 from skinlesion.core.schema import CLASSES, HAM_COLUMNS, MALIGNANT
 from skinlesion.core.tables import name_first, read_table
 from skinlesion.params.split import SplitParams
-from stages.download import import_folder, write_metadata_csv
-from stages.split import HASH_CHUNK, build_groups, compute_features, near_pairs, score_candidates
+from skinlesion.sources.local import import_folder, write_metadata_csv
 
 log = logging.getLogger(__name__)
 
@@ -220,7 +222,7 @@ def _group(rows: pd.DataFrame, images: Path, params: SplitParams, workers: int) 
     ``run`` does them (``rows`` sorted by image_id); returns the grouping and the feature errors."""
     paths = [images / f"{i}.jpg" for i in rows["image_id"]]
     n_proc = min(n_workers(workers), max(1, math.ceil(len(paths) / HASH_CHUNK)))
-    with process_pool(n_proc, ["stages.split"]) as pool:
+    with process_pool(n_proc, [duplicates.__name__]) as pool:
         feats = compute_features(paths, pool)
         for i, err in sorted(feats.errors.items()):
             log.warning("%s: %s (kept in its lesion group)", paths[i], err)

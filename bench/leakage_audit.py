@@ -202,7 +202,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from skinlesion.core.cli import setup_logging
     from skinlesion.params.load import parse_params
-    from stages.download import import_folder
+    from skinlesion.sources.local import import_folder
     from stages.split import run as split_run
     from tools.profile import merge, read_profile
 

@@ -1,7 +1,9 @@
 """What a retrain run tells its operator: the markdown summary and the metrics-diff table.
 
 Pure functions on plain values (no Prefect, no I/O), so they are tested on small dicts; the flow
-publishes their output as Prefect artifacts. Numbers are rounded here: ``dvc metrics diff
+publishes their output as Prefect artifacts. The helpers every flow's Markdown uses live here too
+(:func:`fmt`, :func:`mode_label`, :func:`table`, :func:`with_ci`); the gate's sections are
+:mod:`flows.gate_report`'s. Numbers are rounded here: ``dvc metrics diff
 --json`` prints them unrounded.
 
 A bundle fusing metadata reports every metric in two input modes (``skinlesion.measure.scoring``): the key
@@ -27,6 +29,8 @@ __all__ = [
     "metric_modes",
     "mode_label",
     "render_summary",
+    "table",
+    "with_ci",
 ]
 
 MODE_LABELS = {METADATA: "with metadata", IMAGE_ONLY: "image only"}
@@ -99,7 +103,9 @@ def _round(v: Any, digits: int = 4) -> Any:
     return v
 
 
-def _table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> list[str]:
+def table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> list[str]:
+    """A Markdown table (``|`` in a cell escaped, newlines made spaces), as lines."""
+
     def cell(x: Any) -> str:
         return str(x).replace("|", "\\|").replace("\n", " ")
 
@@ -154,7 +160,7 @@ def render_summary(r: RunReport, layout: Layout) -> str:
         ("params overrides (kept in params.yaml)",
          ", ".join(f"`{k}={v}`" for k, v in r.overrides.items()) or "none"),
     ]  # fmt: skip
-    lines += _table(["", ""], facts) + [""]
+    lines += table(["", ""], facts) + [""]
 
     if r.failed_stage:
         lines += [f"## Stage `{r.failed_stage}` failed", "", "```text", (r.failure or "").strip(), "```", ""]
@@ -171,7 +177,7 @@ def render_summary(r: RunReport, layout: Layout) -> str:
             status = {"ran": "ran", "skipped": "up to date"}.get(s["status"], s["status"])
             rows.append((f"`{stage}`", status, fmt(float(s["seconds"]), 1), s.get("device") or "—"))
     if rows:
-        lines += ["## Stages", ""] + _table(["stage", "result", "seconds", "device"], rows) + [""]
+        lines += ["## Stages", ""] + table(["stage", "result", "seconds", "device"], rows) + [""]
 
     m = r.metrics
     split = m.get(layout.split_metrics)
@@ -181,7 +187,7 @@ def render_summary(r: RunReport, layout: Layout) -> str:
     if validation:
         shown = [(k, fmt(validation[k])) for k in VALIDATION_KEYS if k in validation]
         shown += [(k, fmt(v)) for k, v in validation.items() if "_fail_" in k and v]
-        lines += ["## Validation", ""] + _table(["", "value"], shown) + [""]
+        lines += ["## Validation", ""] + table(["", "value"], shown) + [""]
 
     model_rows = [(p, mm) for p, mm in m.items() if p.startswith(layout.eval_metrics_dir.rstrip("/") + "/")]
     if layout.ensemble_metrics in m:
@@ -197,7 +203,7 @@ def render_summary(r: RunReport, layout: Layout) -> str:
                 shown = f"**{shown}**" if name == "ensemble" else shown
                 body.append([shown, *(with_ci(mm, k, sfx) for k in cols)])
         lines += ["## Models (test set; [95% CI] from the lesion bootstrap)", ""]
-        lines += _table(["model", *cols], body) + [""]
+        lines += table(["model", *cols], body) + [""]
         ens = m.get(layout.ensemble_metrics) or {}
         weights = {k.removeprefix("weight_"): v for k, v in ens.items() if k.startswith("weight_")}
         if weights:
@@ -218,15 +224,15 @@ def render_summary(r: RunReport, layout: Layout) -> str:
         lines += ["## Calibration (threshold tuned on val, reported on test)", ""]
         if len(modes) == 1:
             cols = [k for k in CALIBRATION_KEYS if k in cal]
-            lines += _table(cols, [[with_ci(cal, k) for k in cols]]) + [""]
+            lines += table(cols, [[with_ci(cal, k) for k in cols]]) + [""]
         else:  # one operating point per input mode, each tuned on val in that mode
             cols = [k for k in CALIBRATION_KEYS if any(k + sfx in cal for _, sfx in modes)]
             rows = [[label, *(with_ci(cal, k, sfx) for k in cols)] for label, sfx in modes]
-            lines += _table(["input mode", *cols], rows) + [""]
+            lines += table(["input mode", *cols], rows) + [""]
 
     if r.gate:
         lines += ["## Promotion gate", ""]
-        lines += _table(
+        lines += table(
             ["check", "result", "detail"],
             [(c["name"], "pass" if c["passed"] else "FAIL", c["detail"]) for c in r.gate.get("checks", [])],
         )
@@ -234,7 +240,7 @@ def render_summary(r: RunReport, layout: Layout) -> str:
     if r.promotion:
         p = r.promotion
         lines += ["## Promotion", ""]
-        lines += _table(["", ""], [(k, f"`{v}`" if isinstance(v, str) else fmt(v)) for k, v in p.items()])
+        lines += table(["", ""], [(k, f"`{v}`" if isinstance(v, str) else fmt(v)) for k, v in p.items()])
         lines += [""]
     if r.diff_against:
         lines += [f"Metrics diff against production: {r.diff_against} (table `retrain-metrics-diff`).", ""]
@@ -261,7 +267,7 @@ def split_section(split: Mapping[str, Any]) -> list[str]:
     """Images per split and class (``train_n``, ``train_n_mel``, ...), then the grouping facts."""
     splits = [s for s in ("train", "val", "test") if f"{s}_n" in split]
     if not splits:
-        return _table(["", "value"], [(k, fmt(v)) for k, v in split.items()])
+        return table(["", "value"], [(k, fmt(v)) for k, v in split.items()])
     classes: list[str] = []
     for key in split:
         for s in splits:
@@ -278,7 +284,7 @@ def split_section(split: Mapping[str, Any]) -> list[str]:
         for s in splits
     ]
     facts = [(k, fmt(split[k])) for k in SPLIT_FACTS if k in split]
-    return _table(header, rows) + ([""] + _table(["", "value"], facts) if facts else [])
+    return table(header, rows) + ([""] + table(["", "value"], facts) if facts else [])
 
 
 def diff_table(diff: Mapping[str, Mapping[str, Mapping[str, Any]]], *, with_ci: bool = False) -> list[dict]:

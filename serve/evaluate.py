@@ -58,7 +58,7 @@ from skinlesion.params.load import parse_params
 
 # The reader of ``download.source=local:PATH``, so that this command takes exactly the table and
 # the image files an import of the folder would take.
-from stages.download import find_metadata_table, index_images, read_metadata_table, safe_extract_zip
+from skinlesion.sources.local import find_metadata_table, index_images, read_metadata_table, safe_extract_zip
 
 log = logging.getLogger(__name__)
 

@@ -41,7 +41,15 @@ from skinlesion.measure.scoring import (
     MetaArrays,
     mode_inputs,
 )
-from skinlesion.model.bundle import pixel_cap, read_training_data, trained_on
+from skinlesion.model.bundle_json import (
+    BUNDLE_JSON,
+    PRODUCTION_RECORD,
+    choose_bundle,
+    pixel_cap,
+    read_bundle_json,
+    read_training_data,
+    trained_on,
+)
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +59,6 @@ DEFAULT_RISK = "mel=High,bcc=High,akiec=Moderate,*=Low"
 TOP_K = 3
 # Side of the display square the Grad-CAM overlay is drawn on (the model input can be 32 px).
 DISPLAY_SIZE = 256
-PRODUCTION_RECORD = "production.json"
 NOT_FINITE = "the model gave no valid probabilities for this image (NaN or inf): the bundle is damaged"
 # What :meth:`Predictor.predict_paths` takes per image: ``(name, path, known error or None)``,
 # optionally with the image's metadata ``(age, sex index, localization index)`` as a 4th element.
@@ -185,8 +192,13 @@ class Prediction:
 
 def default_bundle(root: Path) -> Path:
     """``models/production`` once a promotion made one, else the last candidate ``models/ensemble``."""
-    production = root / "models" / "production"
-    return production if (production / "bundle.json").is_file() else root / "models" / "ensemble"
+    return choose_bundle(root / "models" / "production", root / "models" / "ensemble")
+
+
+def bundle_pixel_cap(bundle_dir: str | Path, params: Any, limit: int | None = None) -> int:
+    """The project's one pixel cap for the bundle in ``bundle_dir`` (:func:`pixel_cap`: the
+    stricter of its validate and drift caps), lowered by ``limit`` (``--max-pixels``)."""
+    return pixel_cap(params, limit, str(Path(bundle_dir) / BUNDLE_JSON))
 
 
 class Predictor:
@@ -207,7 +219,7 @@ class Predictor:
         self.draft_gap = float(params.get("prepare", {}).get("draft_gap", 2.0))
         # The project's one pixel cap (the bomb guard): the stricter of the bundle's validate and
         # drift caps, the same as the web app's and drift's.
-        self.max_pixels = int(max_pixels or pixel_cap(params, where=str(Path(bundle.root) / "bundle.json")))
+        self.max_pixels = int(max_pixels or bundle_pixel_cap(bundle.root, params))
         self.cache_size = cache_size
         self._cache: OrderedDict[bytes, np.ndarray] = OrderedDict()
         self._gradcam: Any = None
@@ -217,10 +229,13 @@ class Predictor:
         self._lock = threading.Lock()  # one model call at a time: Keras layers keep call state
 
     @classmethod
-    def load(cls, bundle_dir: str | Path, **kwargs: Any) -> Predictor:
-        from skinlesion.model.bundle import Bundle  # TensorFlow from here on
+    def load(cls, bundle_dir: str | Path, *, max_pixels: int | None = None, **kwargs: Any) -> Predictor:
+        """Load the bundle once. ``max_pixels`` (``--max-pixels``) lowers its pixel cap, never raises
+        it: checked, with ``bundle.json``, before any member is loaded."""
+        cap = bundle_pixel_cap(bundle_dir, read_bundle_json(bundle_dir).get("params"), max_pixels)
+        from skinlesion.model.bundle import Bundle
 
-        return cls(Bundle.load(bundle_dir), **kwargs)
+        return cls(Bundle.load(bundle_dir), max_pixels=cap, **kwargs)
 
     # ------------------------------------------------------------------ facts about the bundle
 

@@ -35,9 +35,9 @@ from skinlesion.core.cli import run_main, setup_logging
 from skinlesion.core.errors import StageError
 from skinlesion.core.outputs import atomic_dir, write_json
 from skinlesion.core.schema import CLASSES
+from skinlesion.core.splits import EVAL_SPLITS
 from skinlesion.measure.metrics import classification_metrics, fit_simplex_weights, log_loss, paired_mean_ci
 from skinlesion.measure.predictions import (
-    SPLITS,
     json_value,
     labels,
     predictions_frame,
@@ -174,7 +174,7 @@ def run(
     modes = ensemble_modes(Path(predictions_dir), members)
     frames: dict[tuple[str, str], dict[str, pd.DataFrame]] = {}
     for mode in modes:
-        for split in SPLITS:
+        for split in EVAL_SPLITS:
             frames[split, mode] = {
                 m: read_predictions(
                     member_predictions(Path(predictions_dir) / m, split, mode, modes), classes

@@ -38,9 +38,9 @@ from skinlesion.core.cli import run_main, setup_logging
 from skinlesion.core.errors import StageError
 from skinlesion.core.outputs import atomic_dir, write_json
 from skinlesion.core.schema import CLASSES
+from skinlesion.core.splits import EVAL_SPLITS
 from skinlesion.measure.predictions import (  # noqa: F401 (re-exported: the report helpers live there)
     META_COLUMNS,
-    SPLITS,
     SUBGROUP_ATTRIBUTES,
     age_band,
     age_band_names,
@@ -182,7 +182,7 @@ def run(
     modes = member_modes(model)
     frames: dict[tuple[str, str], pd.DataFrame] = {}
     test_images = None
-    for split in SPLITS:
+    for split in EVAL_SPLITS:
         arr = read_split_numpy(prepared_dir, split)
         csv_path = Path(prepared_dir) / manifest["splits"][split]["csv"]
         meta = pd.read_csv(csv_path, dtype=str, keep_default_na=False)

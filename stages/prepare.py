@@ -42,10 +42,11 @@ from tqdm import tqdm
 
 from skinlesion.core.cli import run_main, setup_logging
 from skinlesion.core.errors import StageError
-from skinlesion.core.images import PAD_COLOR, draft_request, load_image, to_square  # noqa: F401 (re-exported)
+from skinlesion.core.images import PAD_COLOR, load_image
 from skinlesion.core.outputs import atomic_dir, failpoint, write_json
 from skinlesion.core.parallel import in_order, n_workers
 from skinlesion.core.schema import CLASSES, LOCALIZATIONS, SEXES
+from skinlesion.core.splits import SPLIT_CSV, SPLITS, read_split
 from skinlesion.core.tables import name_first, read_table
 from skinlesion.model import tfdata
 from skinlesion.params.prepare import PrepareParams
@@ -57,7 +58,6 @@ log = logging.getLogger(__name__)
 # Nth shard inside the temp folder (tests/e2e/test_faults.py kills dvc repro right there).
 FAILPOINT_ENV = "SKINLESION_PREPARE_FAILPOINT"
 
-SPLITS: tuple[str, ...] = ("train", "val", "test")
 CSV_COLUMNS: tuple[str, ...] = ("image_id", "lesion_id", "dx", "label", "age", "sex", "localization")
 # The columns prepare reads from split.csv and from the metadata.
 SPLIT_NEEDS: tuple[str, ...] = ("image_id", "lesion_id", "dx", "split")
@@ -69,7 +69,7 @@ CHUNK_IMAGES = 32
 # --------------------------------------------------------------------------- pure core
 
 
-def ordered_rows(split_df: pd.DataFrame, meta_df: pd.DataFrame, *, split_name: str = "split.csv",
+def ordered_rows(split_df: pd.DataFrame, meta_df: pd.DataFrame, *, split_name: str = SPLIT_CSV,
                  meta_name: str = "metadata.csv") -> pd.DataFrame:  # fmt: skip
     """Join the split rows with the metadata; check and encode; order rows for writing.
 
@@ -77,7 +77,7 @@ def ordered_rows(split_df: pd.DataFrame, meta_df: pd.DataFrame, *, split_name: s
     :data:`SPLIT_NEEDS` and :data:`META_NEEDS` there, no image_id twice.
     Returns one row per image in train/val/test with columns ``image_id, lesion_id, dx, label,
     age (float, NaN = unknown), sex, localization, sex_idx, loc_idx, split``, grouped by split
-    in :data:`SPLITS` order and, within a split, ordered by a hash of ``image_id``.
+    in :data:`skinlesion.core.splits.SPLITS` order and, within a split, ordered by a hash of ``image_id``.
     """
     rows = split_df.loc[split_df["split"].isin(SPLITS), list(SPLIT_NEEDS)]
     bad_dx = rows.loc[~rows["dx"].isin(CLASSES)]
@@ -192,7 +192,7 @@ def run(
     raw_dir, split_csv, out_dir = Path(raw_dir), Path(split_csv), Path(out_dir)
     t0 = time.perf_counter()
     df = ordered_rows(
-        read_table(split_csv, required=SPLIT_NEEDS, unique="image_id"),
+        read_split(split_csv, SPLIT_NEEDS, unique=True),
         read_table(raw_dir / "metadata.csv", required=META_NEEDS, unique="image_id"),
         split_name=str(split_csv),
         meta_name=str(raw_dir / "metadata.csv"),

@@ -2,7 +2,8 @@
 
 A run is a git revision (``HEAD~1``, a tag, a sha), a DVC experiment name (``dvc exp run -n NAME``,
 ``dvc exp list``) or ``workspace`` (B's default). Each run's files are read as it holds them: git
-files from git, DVC outputs from the DVC cache (``dvc.api.DVCFileSystem``), the workspace from disk.
+files from git, DVC outputs from the DVC cache (``dvc.api.DVCFileSystem``), the workspace from disk
+(:mod:`tools.runs` reads them; this module compares and prints).
 
 Both runs' served test predictions (the calibrate stage's ``data/served/test*.csv``: the bundle's
 own answers, one file per input mode) are paired image by image, and for each headline metric
@@ -17,7 +18,7 @@ that differ and each run's data version (data/raw's md5 in its dvc.lock).
 When the runs' test sets differ (another data version), the counts are given and the comparison
 uses the images both scored; ``--rescore`` instead scores A's bundle on B's test split through
 the serving path, leaving out every image whose lesion or image A trained, tuned or calibrated on
-(the bundle's ``seen.json``; for an older bundle, A's split train + val rows).
+(the bundle's ``seen.json``; for an older bundle, A's split train + val rows; :mod:`tools.rescore`).
 """
 
 from __future__ import annotations
@@ -31,13 +32,12 @@ import sys
 import tempfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
-import yaml
 
 from skinlesion.core.cli import run_main, setup_logging
 from skinlesion.core.errors import StageError
@@ -49,42 +49,19 @@ from skinlesion.measure.paired import (
     PAIRED_KEYS,
     PairedDiff,
     Pairing,
-    headline,
     pair,
     paired_bootstrap,
-    served_statistics,
 )
-from skinlesion.measure.scoring import IMAGE_ONLY, IMAGE_ONLY_SUFFIX, METADATA
+from tools.profile import flatten
+from tools.rescore import rescore
+from tools.runs import WORKSPACE, Layout, RunData, RunFiles, load_run, read_bands, resolve
 
 log = logging.getLogger(__name__)
 
-WORKSPACE = "workspace"
 ECE_KEY = HEADLINE_KEYS[-1]  # ece_after: shown unpaired
 DEFAULT_SAMPLES = 1000  # when B's params ask for no bootstrap (evaluate.bootstrap_samples: 0)
 COMPARE_FORMAT_VERSION = 1
 MAX_PARAMS_SHOWN = 12
-# How a file missing from a run is made: shown after the run and the path.
-HOW = {
-    "served": "run `dvc repro calibrate`",
-    "bundle": "run `dvc repro calibrate`",
-    "raw": "run `dvc repro download`",
-    "split": "run `dvc repro validate`",
-}
-
-
-@dataclass(frozen=True)
-class Layout:
-    """Where a run keeps what a comparison reads (as dvc.yaml names them)."""
-
-    served: str = "data/served"
-    headline: str = "metrics/headline.json"
-    calibration: str = "metrics/calibration.json"
-    split: str = "data/validated/split.csv"
-    bundle: str = "models/ensemble"
-    raw: str = "data/raw"
-    noise: str = "metrics/noise.json"
-    params: str = "params.yaml"
-    lock: str = "dvc.lock"
 
 
 # --------------------------------------------------------------------------- the verdict (pure)
@@ -156,7 +133,7 @@ def rows_of(diffs: Mapping[str, PairedDiff], bands: Mapping[str, float], suffix:
 
 def params_diff(a: Mapping[str, Any], b: Mapping[str, Any]) -> list[tuple[str, Any, Any]]:
     """``(dotted key, A's value, B's value)`` of every param that differs (None: absent)."""
-    fa, fb = _flatten(a), _flatten(b)
+    fa, fb = flatten(a), flatten(b)
     missing = object()
     out = []
     for key in sorted(set(fa) | set(fb)):
@@ -164,36 +141,6 @@ def params_diff(a: Mapping[str, Any], b: Mapping[str, Any]) -> list[tuple[str, A
         if va != vb:
             out.append((key, None if va is missing else va, None if vb is missing else vb))
     return out
-
-
-def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in (d or {}).items():
-        key = f"{prefix}{k}"
-        if isinstance(v, Mapping) and v:
-            out.update(_flatten(v, key + "."))
-        else:
-            out[key] = v
-    return out
-
-
-def lock_out_md5(lock: Mapping[str, Any] | None, path: str) -> str | None:
-    """The md5 that ``dvc.lock`` records for the output ``path`` (None when it records none)."""
-    for stage in ((lock or {}).get("stages") or {}).values():
-        for out in (stage or {}).get("outs") or []:
-            if isinstance(out, Mapping) and out.get("path") == path:
-                return out.get("md5")
-    return None
-
-
-def lock_tracks(lock: Mapping[str, Any] | None, path: str) -> str | None:
-    """The DVC output of ``dvc.lock`` that holds ``path`` (itself or a folder above it), if any."""
-    for stage in ((lock or {}).get("stages") or {}).values():
-        for out in (stage or {}).get("outs") or []:
-            p = out.get("path") if isinstance(out, Mapping) else None
-            if p and (path == p or path.startswith(p.rstrip("/") + "/")):
-                return str(p)
-    return None
 
 
 def differing_test_sets(pairing: Pairing, name_a: str = "A", name_b: str = "B") -> str | None:
@@ -224,404 +171,6 @@ def _float(v: Any) -> float:
 
 def _json_num(v: Any) -> Any:
     return None if isinstance(v, float) and not math.isfinite(v) else v
-
-
-# --------------------------------------------------------------------------- reading a run
-
-
-@dataclass(frozen=True)
-class Run:
-    """A run to compare: ``name`` as the user gave it, ``sha`` its commit (None: the workspace)."""
-
-    name: str
-    sha: str | None
-    experiment: bool = False
-
-    @property
-    def label(self) -> str:
-        if self.sha is None:
-            return WORKSPACE
-        kind = "experiment " if self.experiment else ""
-        return f"{self.name} ({kind}{self.sha[:7]})"
-
-
-def resolve(root: Path, name: str) -> Run:
-    """A git revision or a DVC experiment name, resolved to its commit as DVC resolves it
-    (``dvc exp diff`` and ``dvc.api`` take the same names), or ``workspace``."""
-    if name == WORKSPACE:
-        return Run(name, None)
-    from dvc.exceptions import DvcException
-    from dvc.repo import Repo
-    from dvc.scm import resolve_rev
-
-    try:
-        with Repo(str(root)) as repo:
-            sha = resolve_rev(repo.scm, name)
-            try:
-                is_exp = repo.scm.resolve_rev(name) != sha
-            except Exception:  # noqa: BLE001 - git alone does not know the name: an experiment
-                is_exp = True
-    except DvcException as e:
-        raise StageError(
-            f"{name}: not a git revision or a DVC experiment name in {root} ({e}); see git log, "
-            "dvc exp list, or use 'workspace'"
-        ) from None
-    return Run(name, sha, is_exp)
-
-
-class RunFiles:
-    """One run's files on disk: the workspace's own, or a revision's copied from git and the DVC
-    cache into ``scratch``. A missing file is one error naming the run, the path and the fix."""
-
-    def __init__(self, root: Path, run: Run, scratch: Path, lock: str = "dvc.lock") -> None:
-        self.root, self.run, self.scratch, self.lock_rel = root, run, scratch, lock
-        self._fs: Any = None
-        self._lock: dict[str, Any] | None = None
-        self._lock_read = False
-
-    def fs(self) -> Any:
-        """The revision's files as DVC sees them (git files and DVC outputs from the cache)."""
-        if self._fs is None:
-            from dvc.api import DVCFileSystem
-
-            self._fs = DVCFileSystem(str(self.root), rev=self.run.sha)
-        return self._fs
-
-    def __enter__(self) -> RunFiles:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self._fs is not None:
-            self._fs.close()
-
-    def shown(self, rel: str) -> str:
-        return rel if self.run.sha is None else f"{self.run.name}:{rel}"
-
-    def lock(self) -> dict[str, Any] | None:
-        """The run's ``dvc.lock``, parsed (None when it has none)."""
-        if not self._lock_read:
-            self._lock_read = True
-            path = self.get(self.lock_rel, required=False)
-            self._lock = _read_yaml(path, self.shown(self.lock_rel)) if path else None
-        return self._lock
-
-    def get(self, rel: str, *, required: bool = True, how: str = "make it") -> Path | None:
-        """``rel`` (a file or a folder) on disk, or None when the run has none and not ``required``."""
-        if self.run.sha is None:
-            path = self.root / rel
-            if path.exists():
-                return path
-            if required:
-                raise StageError(f"workspace: no {rel}: {how} (or dvc pull)")
-            return None
-        dest = self.scratch / rel
-        if dest.exists():
-            return dest
-        fs = self.fs()
-        error = None
-        try:
-            if fs.exists(rel):
-                dest.parent.mkdir(parents=True, exist_ok=True)
-                if fs.isdir(rel):
-                    fs.get(rel, str(dest), recursive=True)
-                else:
-                    fs.get_file(rel, str(dest))
-                return dest
-        except Exception as e:  # noqa: BLE001 - DVC's cache errors have no common base worth naming
-            error = e
-        # An output its dvc.lock records was made there: its data is missing from the cache. One
-        # that dvc.yaml declares but no lock records (or a file git never held) was never made.
-        if rel != self.lock_rel and lock_tracks(self.lock(), rel):
-            why = f" ({error})" if error is not None else ""
-            raise StageError(
-                f"{self.run.label}: {rel}: made at that revision but its data is not in the DVC cache{why}; "
-                f"{self.fetch_hint(rel)}"
-            )
-        if required:
-            raise StageError(
-                f"{self.run.label}: no {rel} at that revision: {how} there (git checkout {self.run.name}), "
-                "or compare with the workspace"
-            )
-        return None
-
-    def fetch_hint(self, rel: str) -> str:
-        if self.run.experiment:
-            return (
-                f"get it with `dvc exp pull <remote> {self.run.name}` (or `dvc pull` after `dvc exp apply`)"
-            )
-        return f"get it with `dvc fetch -A {rel}`, or `git checkout {self.run.name} && dvc pull`"
-
-
-@dataclass
-class RunData:
-    """What a comparison reads of one run."""
-
-    run: Run
-    frames: dict[str, pd.DataFrame]  # by headline suffix: "" (test.csv), "_image_only"
-    modes: dict[str, str]  # the input mode of each frame
-    headline: dict[str, Any] | None  # metrics/headline.json, else the calibration metrics' subset
-    params: dict[str, Any]
-    data_md5: str | None
-    files: RunFiles = field(repr=False)
-
-
-def served_files(served_dir: Path) -> dict[str, Path]:
-    """The served prediction files of a run by headline suffix: ``test.csv`` (the first mode)
-    and ``test_image_only.csv`` beside it for a bundle that fuses metadata."""
-    out = {"": served_dir / "test.csv"}
-    other = served_dir / f"test{IMAGE_ONLY_SUFFIX}.csv"
-    if other.is_file():
-        out[IMAGE_ONLY_SUFFIX] = other
-    return out
-
-
-def read_served(path: Path, shown: str) -> pd.DataFrame:
-    """A served predictions file, checked (its errors name ``shown``)."""
-    from skinlesion.measure.predictions import read_predictions
-
-    if not path.is_file():
-        raise StageError(f"{shown}: not found; {HOW['served']}")
-    try:
-        df = read_predictions(path, producer="calibrate")
-    except StageError as e:
-        raise StageError(str(e).replace(str(path), shown)) from None
-    missing = [c for c in ("refer", "predicted") if c not in df.columns]
-    if missing:
-        raise StageError(f"{shown}: no column(s) {missing}: written by an older calibrate; {HOW['served']}")
-    return df
-
-
-def load_run(files: RunFiles, layout: Layout) -> RunData:
-    """A run's served frames, headline, params and data version."""
-    served_dir = files.get(layout.served, how=HOW["served"])
-    assert served_dir is not None
-    paths = served_files(served_dir)
-    frames = {sfx: read_served(p, files.shown(f"{layout.served}/{p.name}")) for sfx, p in paths.items()}
-    modes = {"": METADATA if IMAGE_ONLY_SUFFIX in frames else IMAGE_ONLY}
-    if IMAGE_ONLY_SUFFIX in frames:
-        modes[IMAGE_ONLY_SUFFIX] = IMAGE_ONLY
-    head = None
-    path = files.get(layout.headline, required=False)
-    if path is not None:
-        head = _read_json(path, files.shown(layout.headline))
-    else:
-        path = files.get(layout.calibration, required=False)
-        if path is not None:
-            head = headline(_read_json(path, files.shown(layout.calibration)), tuple(frames))
-    params_path = files.get(layout.params, required=False)
-    params = _read_yaml(params_path, files.shown(layout.params)) if params_path else {}
-    data = RunData(
-        run=files.run,
-        frames=frames,
-        modes=modes,
-        headline=head,
-        params=params or {},
-        data_md5=lock_out_md5(files.lock(), layout.raw),
-        files=files,
-    )
-    check_in_step(data, layout)
-    return data
-
-
-def check_in_step(data: RunData, layout: Layout) -> None:
-    """Warn when a run's served file does not give the metrics its headline reports (outputs
-    out of step, e.g. a workspace where calibrate's outputs were edited or partly restored)."""
-    if not data.headline:
-        return
-    for sfx, frame in data.frames.items():
-        stats = served_statistics(frame)
-        for key in ("macro_auc", "test_malignant_recall"):
-            reported = data.headline.get(key + sfx)
-            if reported is not None and abs(stats[key] - float(reported)) > 1e-6:
-                log.warning(
-                    "%s: %s/test%s.csv gives %s %.6f, its headline %.6f: the outputs are out of step "
-                    "(dvc status; dvc repro calibrate)",
-                    data.run.label, layout.served, sfx, key, stats[key], float(reported),
-                )  # fmt: skip
-                return
-
-
-def _read_yaml(path: Path, shown: str) -> dict[str, Any]:
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as e:
-        raise StageError(f"{shown}: not YAML ({e})") from None
-    return data if isinstance(data, dict) else {}
-
-
-def _read_json(path: Path, shown: str) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except ValueError as e:
-        raise StageError(f"{shown}: not JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise StageError(f"{shown}: expected a JSON object")
-    return data
-
-
-def read_bands(runs: Sequence[RunData], layout: Layout) -> tuple[dict[str, float], str | None]:
-    """The headline noise bands of the first run that has a noise file (B, then A), else the
-    workspace's."""
-    from tools.noise import NoiseFileError, noise_bands
-
-    for data in runs:
-        path = data.files.get(layout.noise, required=False)
-        if path is None:
-            continue
-        shown = data.files.shown(layout.noise)
-        try:
-            return noise_bands(path), shown
-        except NoiseFileError as e:
-            raise StageError(str(e).replace(str(path), shown)) from None
-    # Runs made before the noise file (e.g. make noise's own experiments): the band committed
-    # now, said as such.
-    here = runs[0].files.root / layout.noise if runs else None
-    if here is not None and here.is_file():
-        try:
-            return noise_bands(here), f"{layout.noise} of the workspace (neither run has one)"
-        except NoiseFileError as e:
-            raise StageError(str(e)) from None
-    return {}, None
-
-
-# --------------------------------------------------------------------------- rescoring A on B's split
-
-
-@dataclass(frozen=True)
-class Rescore:
-    frames: dict[str, pd.DataFrame]  # A's bundle on B's unseen test images, by headline suffix
-    modes: dict[str, str]
-    n_test: int  # B's test images
-    n_left_out: int  # of them, images whose lesion or image A has seen
-    n_left_out_lesions: int
-    n_failed: int  # unseen images that could not be scored (named in the log)
-    seen_source: str
-
-    def as_json(self) -> dict[str, Any]:
-        return {k: v for k, v in self.__dict__.items() if k not in ("frames", "modes")}
-
-
-def seen_of_a(a: RunData, bundle_dir: Path, layout: Layout) -> tuple[Any, str]:
-    """What A's bundle has seen (:class:`skinlesion.model.bundle.Seen`) and where that was read: its
-    seen.json, else, for a bundle older than the file, A's split's train + val rows."""
-    from skinlesion.core.tables import read_table
-    from skinlesion.model.bundle import SEEN_FILE, SEEN_SPLITS, Seen, read_seen
-
-    seen = read_seen(bundle_dir)
-    if seen is not None:
-        return seen, a.files.shown(f"{layout.bundle}/{SEEN_FILE}")
-    path = a.files.get(layout.split, how=HOW["split"])
-    assert path is not None
-    shown = a.files.shown(layout.split)
-    try:
-        split = read_table(path, required=("image_id", "lesion_id", "split"))
-    except StageError as e:
-        raise StageError(str(e).replace(str(path), shown)) from None
-    rows = split[split["split"].isin(SEEN_SPLITS)]
-    source = f"{shown}, {' + '.join(SEEN_SPLITS)} rows: the bundle has no {SEEN_FILE}"
-    log.info("what A has seen: %s", source)
-    return Seen(frozenset(rows["lesion_id"].astype(str)), frozenset(rows["image_id"].astype(str))), source
-
-
-def rescore(
-    a: RunData, b: RunData, layout: Layout, *, scratch: Path, batch_size: int, workers: int, progress: bool
-) -> Rescore:
-    """Score A's bundle on B's test split (B's image files and metadata rows) through the serving
-    path, leaving out the images A has seen."""
-    from serve.evaluate import read_labelled, score_labelled
-    from serve.predictor import Predictor
-    from skinlesion.measure.scoring import mode_suffix
-    from stages.download import read_metadata_table, write_metadata_csv
-
-    bundle_dir = a.files.get(layout.bundle, how=HOW["bundle"])
-    assert bundle_dir is not None
-    seen, source = seen_of_a(a, bundle_dir, layout)
-    test = b.frames[""]
-    keep = seen.unseen_rows(test)
-    ids = test.loc[keep, "image_id"].astype(str).tolist()
-    left = test.loc[~keep]
-    log.info(
-        "B's test split: %d images; %d of them (%d lesions) left out: A trained, tuned or calibrated on "
-        "their lesion or image (%s)", len(test), len(left), left["lesion_id"].nunique(), source,
-    )  # fmt: skip
-    if not ids:
-        raise StageError(
-            f"every one of {b.run.label}'s {len(test)} test images is a lesion or image {a.run.label} has "
-            f"seen ({source}): nothing left to compare on"
-        )
-    # B's test images as a labelled folder in HAM10000 layout: B's own metadata rows and files.
-    folder = scratch / "rescore"
-    (folder / "images").mkdir(parents=True)
-    meta_path = b.files.get(f"{layout.raw}/metadata.csv", how=HOW["raw"])
-    assert meta_path is not None
-    meta = read_metadata_table(meta_path)
-    rows = meta[meta["image_id"].isin(set(ids))]
-    if len(set(rows["image_id"])) < len(ids):
-        missing = sorted(set(ids) - set(rows["image_id"]))
-        log.warning("%d of B's test images have no row in %s (e.g. %s): not scored", len(missing),
-                    b.files.shown(f"{layout.raw}/metadata.csv"), missing[0])  # fmt: skip
-    write_metadata_csv(rows, folder / "metadata.csv")
-    _gather_images(b, layout, ids, folder / "images", progress=progress)
-    shown = b.files.shown(layout.raw)
-    labelled = read_labelled(folder, shown=shown)
-    for s in labelled.skipped:
-        log.warning("%s", s.message())
-    predictor = Predictor.load(bundle_dir)
-    classes = list(predictor.classes)
-    if sorted(classes) != sorted(CLASSES):
-        raise StageError(
-            f"{a.files.shown(layout.bundle)}: classes {classes} are not HAM10000's {list(CLASSES)}"
-        )
-    scored = score_labelled(
-        predictor,
-        labelled,
-        root=folder,
-        shown=shown,
-        batch_size=batch_size,
-        workers=workers,
-        progress=progress,
-    )
-    if scored.rows.empty:
-        raise StageError(f"{shown}: none of B's {len(ids)} unseen test images could be scored (named above)")
-    modes = list(predictor.modes)
-    frames, mode_of = {}, {}
-    for mode in modes:
-        sfx = mode_suffix(mode, modes)
-        frames[sfx] = scored.served[mode].frame(scored.rows, classes)
-        mode_of[sfx] = mode
-    return Rescore(
-        frames=frames,
-        modes=mode_of,
-        n_test=len(test),
-        n_left_out=len(left),
-        n_left_out_lesions=int(left["lesion_id"].nunique()),
-        n_failed=len(ids) - len(scored.rows),
-        seen_source=source,
-    )
-
-
-def _gather_images(b: RunData, layout: Layout, ids: Sequence[str], dest: Path, *, progress: bool) -> None:
-    """B's image files of ``ids`` into ``dest`` (links to the workspace's, copies of a revision's)."""
-    from tqdm import tqdm
-
-    images = f"{layout.raw}/images"
-    if b.run.sha is None:
-        for image_id in ids:
-            src = b.files.root / images / f"{image_id}.jpg"
-            if src.is_file():
-                (dest / src.name).symlink_to(src.resolve())
-        return
-    fs = b.files.fs()
-    for image_id in tqdm(ids, desc=f"images of {b.run.name}", unit="img", disable=not progress):
-        rel = f"{images}/{image_id}.jpg"
-        try:
-            fs.get_file(rel, str(dest / f"{image_id}.jpg"))
-        except FileNotFoundError:
-            continue  # read_labelled names it: no image file
-        except Exception as e:  # noqa: BLE001
-            raise StageError(
-                f"{b.run.label}: {rel}: cannot read it ({e}); {b.files.fetch_hint(layout.raw)}"
-            ) from None
 
 
 # --------------------------------------------------------------------------- the comparison
@@ -849,7 +398,7 @@ def run(
     b_name: str = WORKSPACE,
     *,
     root: Path,
-    layout: Layout = Layout(),
+    layout: Layout = Layout(),  # noqa: B008 - frozen: one shared default is safe
     samples: int | None = None,
     seed: int = 0,
     do_rescore: bool = False,

@@ -31,6 +31,7 @@ from skinlesion.core.cli import run_main
 from skinlesion.core.errors import ParamsError, StageError
 from skinlesion.core.outputs import write_json
 from skinlesion.params.load import parse_params
+from tools.runs import dvc_command, run_members
 
 
 def read_profile(path: Path) -> dict[str, Any]:
@@ -179,10 +180,8 @@ def lock_outputs(lock: Path, stages: Sequence[str] | None = None) -> list[Path]:
 
 def current_stages() -> list[str] | None:
     """``dvc stage list --name-only`` (the DAG with today's params); None when DVC cannot say."""
-    beside = Path(sys.executable).with_name("dvc")
-    dvc = str(beside) if beside.is_file() else "dvc"
     try:
-        r = subprocess.run([dvc, "stage", "list", "--name-only"], capture_output=True, text=True)
+        r = subprocess.run([*dvc_command(), "stage", "list", "--name-only"], capture_output=True, text=True)
     except OSError:
         return None
     return r.stdout.split() if r.returncode == 0 else None
@@ -193,11 +192,8 @@ def other_backbones(params: Path) -> frozenset[str]:
     ``train.backbones``); empty when the file cannot say."""
     from skinlesion.params.train import BACKBONES
 
-    try:
-        trained = (yaml.safe_load(params.read_text(encoding="utf-8")) or {})["train"]["backbones"]
-    except (OSError, yaml.YAMLError, KeyError, TypeError):
-        return frozenset()
-    return frozenset(BACKBONES) - set(trained) if isinstance(trained, list) and trained else frozenset()
+    trained = run_members(params)
+    return frozenset(BACKBONES) - set(trained) if trained else frozenset()
 
 
 def write_record(

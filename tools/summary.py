@@ -20,6 +20,8 @@ from typing import Any
 import yaml
 
 from skinlesion.measure.scoring import IMAGE_ONLY_SUFFIX
+from tools.noisefile import NOISE_FILE
+from tools.runs import committed_bands, dvc_metrics_diff, dvc_params_diff, git_show, lock_out_md5, run_members
 
 HEADLINE = ("macro_auc", "balanced_accuracy", "malignant_auc", "mel_recall")
 OPERATING = ("threshold", "test_malignant_recall", "test_specificity", "test_ppv", "referrals_per_100")
@@ -60,20 +62,9 @@ def _fmt(m: dict, key: str) -> str:
     return f"{m[key]:.3f}{ci}"
 
 
-def run_members(params: Path) -> tuple[str, ...] | None:
-    """The backbones this run trained (``train.backbones`` of its params file); None when the
-    file cannot say (then the ensemble's weights decide, else every member file is shown)."""
-    try:
-        data = yaml.safe_load(params.read_text(encoding="utf-8"))
-        backbones = data["train"]["backbones"]
-    except (OSError, yaml.YAMLError, KeyError, TypeError):
-        return None
-    return tuple(str(b) for b in backbones) if isinstance(backbones, list) and backbones else None
-
-
 def summarize(metrics_dir: Path, members: Sequence[str] | None = None) -> str:
     """The summary of the run whose metrics are in ``metrics_dir``; ``members``: its backbones
-    (:func:`run_members`), so a member file another run left behind is not shown as this run's."""
+    (:func:`tools.runs.run_members`), so a member file another run left behind is not shown as this run's."""
     lines = []
     split = _load(metrics_dir / "split.json")
     if split:
@@ -145,8 +136,7 @@ def is_machine_key(key: str) -> bool:
     return key.endswith("_s") or any(t in key for t in _MACHINE_KEYS)
 
 
-# Metrics files that are not a run's output: the noise file is measured by make noise.
-NOISE_FILE = "metrics/noise.json"
+# Metrics files that are not a run's output: the noise file (NOISE_FILE) is measured by make noise.
 HEADLINE_FILE = "metrics/headline.json"
 CALIBRATION_FILE = "metrics/calibration.json"
 SYNTHETIC_PLATFORM_TEST = "tests/unit/test_synthetic_platform.py"
@@ -318,7 +308,7 @@ def reproduction_verdict(
 
     REPRODUCED: every metric identical (machine timings aside). WITHIN NOISE: some differ, but
     every headline metric by at most its band from the committed noise file (``bands``,
-    :func:`tools.noise.noise_bands`). DIFFERS otherwise, with the first output in DAG order that
+    :func:`tools.noisefile.noise_bands`). DIFFERS otherwise, with the first output in DAG order that
     differs between REV's ``dvc.lock`` (``old_lock``) and this one (``new_lock``), and why."""
     where = f"the committed run ({rev})"
     compared, moved = compare_metrics(diff)
@@ -378,45 +368,6 @@ def _few(items: Sequence[str], n: int = 8) -> str:
     return ", ".join(items[:n]) + (f" and {len(items) - n} more" if len(items) > n else "")
 
 
-def _dvc_json(*args: str) -> dict:
-    """``dvc ARGS --json`` parsed; {} when DVC cannot answer."""
-    import subprocess
-
-    from tools.noise import dvc_command
-
-    try:
-        r = subprocess.run([*dvc_command(), *args, "--json"], capture_output=True, text=True)
-    except OSError:
-        return {}
-    try:
-        out = json.loads(r.stdout) if r.returncode == 0 and r.stdout.strip() else {}
-    except ValueError:
-        return {}
-    return out if isinstance(out, dict) else {}
-
-
-def metrics_diff(rev: str) -> dict:
-    """``dvc metrics diff --json --all REV`` (REV against the workspace); {} when DVC cannot."""
-    return _dvc_json("metrics", "diff", "--all", rev)
-
-
-def params_diff(rev: str) -> dict:
-    """``dvc params diff --json REV``: {file: {key: {old, new}}} of the params that differ."""
-    return _dvc_json("params", "diff", rev)
-
-
-def _git_show(rev: str, path: str) -> str | None:
-    import subprocess
-
-    try:
-        r = subprocess.run(
-            ["git", "--no-optional-locks", "show", f"{rev}:{path}"], capture_output=True, text=True
-        )
-    except OSError:
-        return None
-    return r.stdout if r.returncode == 0 else None
-
-
 def _yaml(text: str | None) -> dict | None:
     if text is None:
         return None
@@ -427,45 +378,16 @@ def _yaml(text: str | None) -> dict | None:
     return data if isinstance(data, dict) else None
 
 
-def committed_bands(
-    rev: str, workspace_noise: Path, data_md5: str | None
-) -> tuple[dict[str, float], list[str]]:
-    """The noise bands to judge by: REV's committed noise file, else the workspace's (said so);
-    with notes when the file was measured on other data than this run's."""
-    from tools.noise import NoiseFileError, bands_of, parse_noise, read_noise
-
-    notes = []
-    try:
-        text = _git_show(rev, workspace_noise.as_posix())
-        if text is not None:
-            data = parse_noise(text, f"{rev}:{workspace_noise.as_posix()}")
-        else:
-            data = read_noise(workspace_noise)
-            if data is not None:
-                notes.append(f"noise band from the uncommitted {workspace_noise} (none committed at {rev})")
-    except NoiseFileError as e:
-        return {}, [f"noise file unreadable, not used: {e}"]
-    if data is None:
-        return {}, notes
-    if data_md5 and data.get("data") and data["data"] != data_md5:
-        notes.append(
-            f"the noise band was measured on other data ({str(data['data'])[:8]}, this run {data_md5[:8]}): "
-            "make noise on this data for a band that fits it"
-        )
-    return bands_of(data, str(workspace_noise)), notes
-
-
 def verdict_against(rev: str, *, noise: Path, lock: Path = Path("dvc.lock"), raw: str = "data/raw") -> str:
     """:func:`reproduction_verdict` of the workspace against ``rev``, everything it needs gathered."""
-    from tools.noise import lock_out_md5
-
     new_lock = _yaml(lock.read_text(encoding="utf-8")) if lock.is_file() else None
     dvc_yaml = lock.with_name("dvc.yaml")
     pipeline = _yaml(dvc_yaml.read_text(encoding="utf-8")) if dvc_yaml.is_file() else None
-    old_lock = _yaml(_git_show(rev, lock.as_posix()))
+    old_lock = _yaml(git_show(rev, lock.as_posix()))
     bands, notes = committed_bands(rev, noise, lock_out_md5(new_lock, raw) if new_lock else None)
     return reproduction_verdict(
-        metrics_diff(rev), bands=bands, old_lock=old_lock, new_lock=new_lock, params_diff=params_diff(rev),
+        dvc_metrics_diff(rev), bands=bands, old_lock=old_lock, new_lock=new_lock,
+        params_diff=dvc_params_diff(rev),
         is_report=report_outputs(pipeline or {}), rev=rev, notes=notes,
     )  # fmt: skip
 

@@ -45,6 +45,10 @@ RESAMPLE = Image.Resampling.BICUBIC
 # 100 MP: 10x a 12 MP dermatoscope's photograph; larger is a bomb or a scan, not a dermoscopy image.
 DEFAULT_MAX_PIXELS = 100_000_000
 IMAGE_SUFFIXES: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+# What the download stage takes from a source folder: HAM10000 ships JPEGs, and data/raw stores each
+# as ``images/<image_id>.jpg`` with its bytes unchanged (no re-encoding), so any other format would
+# land under a .jpg name. Drift checks and serving decode every suffix of IMAGE_SUFFIXES.
+JPEG_SUFFIXES: tuple[str, ...] = (".jpg", ".jpeg")
 # Refuse a JPEG when more than this share of its pixels is the decoder's fill (see fill_share). None
 # of the 9,371 real HAM10000 images (200x150 and 600x450) has a single fill pixel at its bottom-right
 # corner, where any fill would show; what is left to pass is a file that lacks its last few blocks.

@@ -70,8 +70,9 @@ _STD_LUMA = (
 DARK_LUMA = 50.0
 
 
-class Predictor(Protocol):
-    """What :func:`build_table` needs of a model bundle (``skinlesion.model.bundle.Bundle`` is one)."""
+class EmbeddingSource(Protocol):
+    """What :func:`build_table` needs of a model bundle (``skinlesion.model.bundle.Bundle`` is one):
+    embeddings and calibrated probabilities of model inputs, and the bundle's reading of them."""
 
     classes: Sequence[str]
 
@@ -308,7 +309,7 @@ def _chunks(items: Sequence[tuple[str, str]], n: int) -> Iterator[tuple[int, tup
 def build_table(
     items: Sequence[tuple[str, str | Path]],
     spec: FeatureSpec,
-    predictor: Predictor,
+    source: EmbeddingSource,
     *,
     workers: int = 1,
     batch_size: int = 128,
@@ -328,7 +329,7 @@ def build_table(
 
     def flush() -> None:
         if pending:
-            emb, probs = predictor.predict(np.stack(pending))
+            emb, probs = source.predict(np.stack(pending))
             emb_parts.append(np.asarray(emb, dtype=np.float32))
             prob_parts.append(np.asarray(probs, dtype=np.float64))
             pending.clear()
@@ -351,10 +352,10 @@ def build_table(
     if rows:
         probs = np.concatenate(prob_parts)
         embeddings = np.concatenate(emb_parts)
-        classes = list(predictor.classes)
-        frame[PRED_CLASS] = [classes[i] for i in predictor.decide(probs)]
+        classes = list(source.classes)
+        frame[PRED_CLASS] = [classes[i] for i in source.decide(probs)]
         frame["confidence"] = probs.max(axis=1)
-        frame["malignant_prob"] = predictor.malignant_score(probs)
+        frame["malignant_prob"] = source.malignant_score(probs)
     else:
         embeddings = np.zeros((0, 0), dtype=np.float32)
         frame[PRED_CLASS] = pd.Series(dtype=str)

@@ -37,6 +37,7 @@ __all__ = [
     "lesion_bootstrap_indices",
     "log_loss",
     "macro_auc",
+    "macro_f1",
     "malignant_score",
     "nll_with_calibration",
     "operating_point",
@@ -105,6 +106,29 @@ def macro_auc(y: np.ndarray, probs: np.ndarray) -> float:
     y = np.asarray(y)
     probs = np.asarray(probs, dtype=np.float64)
     return _nanmean(np.array([binary_auc(y == i, probs[:, i]) for i in range(probs.shape[1])]))
+
+
+def macro_f1(y: np.ndarray, pred: np.ndarray, labels: Sequence[int] | np.ndarray) -> float:
+    """Mean F1 of the class decision ``pred`` over the class indices ``labels`` (nan if none).
+
+    Per class, F1 = 2 TP / (actual + predicted), 0 for a class neither present nor predicted:
+    scikit-learn's ``f1_score(average="macro", labels=labels, zero_division=0)``, float for float.
+    The caller names the classes: training's per-epoch validation score passes those in ``y`` or
+    ``pred`` (a class predicted but absent scores 0). :func:`classification_metrics` reports the
+    mean of :func:`per_class_prf`'s F1 (2PR / (P + R)) over the classes present in ``y``: this
+    function with those labels up to the last bit of a float, kept so the reports stay
+    bit-identical.
+    """
+    labels = np.asarray(labels, dtype=np.int64)
+    if labels.size == 0:
+        return float("nan")
+    y, pred = np.asarray(y, dtype=np.int64), np.asarray(pred, dtype=np.int64)
+    n = int(max(labels.max(), y.max(initial=-1), pred.max(initial=-1))) + 1
+    cm = confusion_matrix(y, pred, n)
+    tp = np.diag(cm)[labels].astype(np.float64)
+    denom = (cm.sum(axis=1)[labels] + cm.sum(axis=0)[labels]).astype(np.float64)
+    f1 = np.where(denom > 0, 2.0 * tp / np.where(denom > 0, denom, 1.0), 0.0)
+    return float(np.mean(f1))
 
 
 def roc_curve(y: np.ndarray, score: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

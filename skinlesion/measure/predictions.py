@@ -36,7 +36,6 @@ from skinlesion.params.evaluate import EvaluateParams
 log = logging.getLogger(__name__)
 
 META_COLUMNS = ("image_id", "lesion_id", "dx", "age", "sex", "localization")
-SPLITS = ("val", "test")
 SUBGROUP_ATTRIBUTES = ("localization", "sex", "age_band")
 
 

@@ -9,7 +9,7 @@ from skinlesion.params.schema import bounded
 
 @dataclass(frozen=True)
 class PromoteParams:
-    """The retrain flow's promotion gate (flows/promote.py). No DVC stage reads this section, so
+    """The retrain flow's promotion gate (flows/gate.py). No DVC stage reads this section, so
     changing it reruns nothing."""
 
     # The candidate may lose at most this much malignant_auc and macro_auc against production;

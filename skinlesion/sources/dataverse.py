@@ -1,4 +1,5 @@
-"""The ``dataverse`` source of the download stage: list, fetch (resumable) and verify files.
+"""The ``dataverse`` source of the download stage: list, fetch (resumable) and verify files, then
+import them (:func:`import_dataverse_files`: the zips extracted safely, read as a ``local:PATH`` folder is).
 
 Harvard Dataverse's native API lists a dataset's files with their ids, sizes and checksums;
 the access API serves each file. The HAM10000 zips are 1.3 GB each, so a transfer that breaks
@@ -19,7 +20,10 @@ import json
 import logging
 import os
 import re
+import shutil
+import tempfile
 import time
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,8 +36,9 @@ from tqdm import tqdm
 from skinlesion.core.errors import StageError
 from skinlesion.core.outputs import atomic_file
 from skinlesion.params.download import DataverseParams
+from skinlesion.sources.local import DownloadResult, import_folder, safe_extract_zip
 
-__all__ = ["RemoteFile", "fetch_dataverse", "parse_listing", "file_digest"]
+__all__ = ["RemoteFile", "fetch_dataverse", "import_dataverse_files", "parse_listing", "file_digest"]
 
 log = logging.getLogger(__name__)
 
@@ -456,3 +461,22 @@ def fetch_dataverse(params: DataverseParams, cache_dir: Path) -> dict[str, Path]
             ", ".join(params.files),
         )
         return {rf.key: _fetch_one(session, base, rf, cache_dir, params) for rf in files}
+
+
+def import_dataverse_files(files: dict[str, Path], out_dir: Path, *, scratch: Path) -> DownloadResult:
+    """Turn the verified Dataverse files (zips + metadata table) into ``out_dir``."""
+    staging = Path(tempfile.mkdtemp(prefix="dataverse-", dir=scratch))
+    try:
+        for name, path in files.items():
+            if zipfile.is_zipfile(path):
+                safe_extract_zip(path, staging / Path(name).stem)
+            else:
+                shutil.copyfile(path, staging / path.name)
+        try:
+            return import_folder(staging, out_dir, move=True)
+        except StageError as e:  # name what was downloaded, not our scratch folder
+            raise StageError(
+                f"{str(e).replace(str(staging), 'the Dataverse files')} (downloaded: {sorted(files)})"
+            ) from None
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)

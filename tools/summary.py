@@ -139,7 +139,7 @@ def is_machine_key(key: str) -> bool:
 # Metrics files that are not a run's output: the noise file (NOISE_FILE) is measured by make noise.
 HEADLINE_FILE = "metrics/headline.json"
 CALIBRATION_FILE = "metrics/calibration.json"
-SYNTHETIC_PLATFORM_TEST = "tests/unit/test_synthetic_platform.py"
+SYNTHETIC_PLATFORM_TEST = "tests/unit/sources/test_synthetic_platform.py"
 
 
 @dataclass(frozen=True)

@@ -97,7 +97,7 @@ def resume_failpoint(point: str, epoch: int) -> None:
     """Test hook (``skinlesion.core.outputs.failpoint``): ``SKINLESION_TRAIN_FAILPOINT=<point>[@N]`` kills
     this process at ``point`` of the first epoch >= N. Points: ``after_best_weights`` (new best
     weights written, state not yet), ``after_checkpoint`` (epoch checkpoint written, state not
-    yet), ``after_commit``. tests/unit/test_train_resume.py kills a real run inside those windows.
+    yet), ``after_commit``. tests/unit/model/test_train_resume.py kills a real run inside those windows.
     """
     failpoint(FAILPOINT_ENV, point, epoch)
 

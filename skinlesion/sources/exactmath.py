@@ -13,7 +13,7 @@ into one FMA. Accuracy ~1e-15, far below what a pixel sees; exactness is the poi
 only decide rare rejections and tails, where a last-bit difference has odds ~1e-15 to matter.)
 
 The synthetic generator (:mod:`skinlesion.sources.synthetic_draw`) draws with these only;
-tests/unit/test_synthetic_platform.py checks its source and this one for any CPU-dependent call.
+tests/unit/sources/test_synthetic_platform.py checks its source and this one for any CPU-dependent call.
 """
 
 from __future__ import annotations

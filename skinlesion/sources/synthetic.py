@@ -28,7 +28,7 @@ Determinism: the catalogue comes from one RNG, and each physical lesion (and eac
 from its own ``SeedSequence(seed, spawn_key=...)``, so the bytes are identical for a seed
 whatever the number of worker processes; and whatever the CPU (with or without AVX-512, AVX2,
 FMA): the drawing uses no function whose last bits depend on it (:mod:`skinlesion.sources.exactmath`).
-tests/unit/test_synthetic_platform.py pins the bytes and re-draws them with numpy's SIMD
+tests/unit/sources/test_synthetic_platform.py pins the bytes and re-draws them with numpy's SIMD
 kernels and libjpeg-turbo's switched off.
 
 The jobs: the catalogue without pixels (:mod:`skinlesion.sources.synthetic_catalogue`: classes,

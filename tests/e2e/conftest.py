@@ -44,7 +44,7 @@ TINY = {
 }
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -87,7 +87,7 @@ class Background:
 def _prefect_server(tmp_path: Path, database_url: str | None, timeout: float, failure: str):
     """``prefect server start`` on a free port with its own home; SQLite in that home unless
     ``database_url`` says otherwise. Yields (the env that reaches it, the server process)."""
-    port = _free_port()
+    port = free_port()
     home = tmp_path / "prefect-home"
     home.mkdir()
     env = _server_env(home, port, database_url or f"sqlite+aiosqlite:///{home / 'prefect.db'}")
@@ -129,19 +129,19 @@ def wait_healthy(url: str, proc: Background, timeout: float, failure: str) -> No
         time.sleep(0.5)
 
 
-def _prefect(args: list[str], env: dict[str, str], cwd: Path, timeout: float = 180) -> str:
+def prefect_cli(args: list[str], env: dict[str, str], cwd: Path, timeout: float = 180) -> str:
     return run_cmd([PREFECT, *args], cwd, env=env, timeout=timeout).stdout
 
 
-def _inspect(run_id: str, env, cwd) -> dict:
-    return json.loads(_prefect(["flow-run", "inspect", run_id, "--output", "json"], env, cwd))
+def inspect_run(run_id: str, env, cwd) -> dict:
+    return json.loads(prefect_cli(["flow-run", "inspect", run_id, "--output", "json"], env, cwd))
 
 
-def _wait_run(run_id: str, env, cwd: Path, worker: Background, timeout: float = 900) -> dict:
+def wait_run(run_id: str, env, cwd: Path, worker: Background, timeout: float = 900) -> dict:
     """Poll a flow run until it reaches a terminal state; its ``flow-run inspect`` JSON."""
     deadline = time.monotonic() + timeout
     while True:
-        info = _inspect(run_id, env, cwd)
+        info = inspect_run(run_id, env, cwd)
         if info["state_type"] in TERMINAL:
             return info
         if time.monotonic() > deadline:
@@ -149,7 +149,7 @@ def _wait_run(run_id: str, env, cwd: Path, worker: Background, timeout: float = 
         time.sleep(5)
 
 
-def _run_deployment(
+def run_deployment(
     env,
     cwd: Path,
     worker: Background,
@@ -158,16 +158,18 @@ def _run_deployment(
     timeout: float = 900,
 ) -> dict:
     """``prefect deployment run DEPLOYMENT``, then wait for the run's end state."""
-    out = _prefect(["deployment", "run", deployment, *extra], env, cwd)
+    out = prefect_cli(["deployment", "run", deployment, *extra], env, cwd)
     run_id = re.search(r"UUID: ([0-9a-f-]{36})", out).group(1)
-    return _wait_run(run_id, env, cwd, worker, timeout)
+    return wait_run(run_id, env, cwd, worker, timeout)
 
 
-def _latest_artifact(key: str, env, cwd) -> dict:
-    return json.loads(_prefect(["artifact", "inspect", key, "--limit", "1", "--output", "json"], env, cwd))[0]
+def latest_artifact(key: str, env, cwd) -> dict:
+    return json.loads(
+        prefect_cli(["artifact", "inspect", key, "--limit", "1", "--output", "json"], env, cwd)
+    )[0]
 
 
-def _deployment(name: str, env: dict[str, str]) -> dict:
+def read_deployment(name: str, env: dict[str, str]) -> dict:
     """A deployment as the API returns it. (``prefect deployment inspect NAME --output json``
     crashes in Prefect 3.8.8 once the deployment owns an automation, such as a trigger:
     ``TypeError: Type is not JSON serializable: set``.)"""
@@ -245,7 +247,7 @@ def postgres(tmp_path):
         os.chown(base, entry.pw_uid, entry.pw_gid)
         os.chown(base / "pw", entry.pw_uid, entry.pw_gid)
         prefix = ["runuser", "-u", user, "--"]
-    port = _free_port()
+    port = free_port()
     log = tmp_path / "postgres.log"
 
     def pg(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:

@@ -31,14 +31,7 @@ from flows.dvcops import set_params
 from flows.promote import FAILPOINT_ENV as PROMOTE_FAILPOINT
 from skinlesion.core.outputs import ATOMIC_FAILPOINT_ENV as ATOMIC_FAILPOINT
 from tests.conftest import run_cmd
-from tests.e2e.conftest import (
-    PREFECT,
-    Background,
-    _prefect,
-    _run_deployment,
-    _wait_run,
-    copy_workspace,
-)
+from tests.e2e.conftest import PREFECT, Background, copy_workspace, prefect_cli, run_deployment, wait_run
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.heavy]
 
@@ -407,7 +400,7 @@ from pathlib import Path
 import keras
 
 import skinlesion.model.networks  # noqa: F401  (registers the bundle's custom layers)
-from skinlesion.model.bundle import file_md5
+from skinlesion.model.bundle_json import file_md5
 
 bundle = Path(sys.argv[1])
 meta = json.loads((bundle / "bundle.json").read_text())
@@ -523,9 +516,9 @@ def test_worker_killed_mid_run_crashes_the_run_and_the_next_run_completes(
     repo = toy_deployable
     timings: dict[str, float] = {}
     for pool in ("cpu-pool", "gpu-pool"):
-        _prefect(["work-pool", "create", pool, "--type", "process"], env, repo)
-    _prefect(["deploy", "--all"], env, repo)
-    _prefect(["automation", "create", "--from-file", str(ZOMBIE_AUTOMATION)], env, repo)
+        prefect_cli(["work-pool", "create", pool, "--type", "process"], env, repo)
+    prefect_cli(["deploy", "--all"], env, repo)
+    prefect_cli(["automation", "create", "--from-file", str(ZOMBIE_AUTOMATION)], env, repo)
     worker_env = {**env, "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": "30", "PREFECT_WORKER_QUERY_SECONDS": "2"}
 
     def start_worker(name: str) -> Background:
@@ -534,14 +527,14 @@ def test_worker_killed_mid_run_crashes_the_run_and_the_next_run_completes(
 
     worker = start_worker("worker-1")
     try:
-        first = _run_deployment(env, repo, worker)
+        first = run_deployment(env, repo, worker)
         assert first["state_name"] == "Completed", f"{first['state']}\n{worker.tail()}"
         prod = repo / "models" / "production"
         before = _hashes(prod)
 
         trained = worker.log.read_text(errors="replace").count("training ")  # the first run's
         # A run that retrains (a train.common change) and whose toy train stage takes 10 min.
-        out = _prefect(
+        out = prefect_cli(
             ["deployment", "run", "retrain/on-demand", "--params",
              json.dumps({"params_overrides": {"train.common.batch_size": 8}}),
              "--job-variable", 'env={"TOY_TRAIN_SECONDS": "600"}'],
@@ -556,14 +549,14 @@ def test_worker_killed_mid_run_crashes_the_run_and_the_next_run_completes(
         killed = _kill_tree(worker.proc.pid)  # the worker, its flow run, dvc and the stage
         worker.stop()
         assert len(killed) >= 3, f"only {killed} were running under the worker"
-        crashed = _wait_run(run_id, env, repo, worker, timeout=600)
+        crashed = wait_run(run_id, env, repo, worker, timeout=600)
         timings["killed -> Crashed"] = time.monotonic() - t0
         assert crashed["state_type"] == "CRASHED", crashed["state"]
         assert _hashes(prod) == before, "the crashed run changed production"
 
         worker = start_worker("worker-2")
         t0 = time.monotonic()
-        third = _run_deployment(env, repo, worker)
+        third = run_deployment(env, repo, worker)
         timings["next run"] = time.monotonic() - t0
         assert third["state_type"] == "COMPLETED", f"{third['state']}\n{worker.tail(120)}"
         candidate = repo / "models" / "ensemble" / "bundle.json"

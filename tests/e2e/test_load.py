@@ -3,8 +3,8 @@
 their memory stays flat: the resident set of the server's process tree, sampled after a warm-up
 and after the 200, grows by less than ``RSS_GROWTH_MB``.
 
-The bundle is the unit tests' small untrained one (tests/unit/test_serve.py): memory and errors
-under concurrency do not depend on what the weights are. Batch prediction over 10,000 images is a
+The bundle is the unit tests' small untrained one (tests/builders/bundles.make_bundle): memory and
+errors under concurrency do not depend on what the weights are. Batch prediction over 10,000 images is a
 benchmark, not a test (bench/bench_batch_memory.py).
 """
 
@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.e2e.conftest import Background, _free_port, wait_healthy
+from tests.e2e.conftest import Background, free_port, wait_healthy
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.heavy]
 
@@ -88,10 +88,10 @@ def _report(name: str, before: float, after: float, latencies: list[float], seco
 
 
 def test_web_app_takes_200_requests_from_20_clients_with_flat_memory(tmp_path):
-    from tests.unit.test_serve import make_bundle
+    from tests.builders.bundles import make_bundle
 
     bundle = make_bundle(tmp_path / "bundle")
-    port = _free_port()
+    port = free_port()
     app = Background(
         "web",
         [sys.executable, "-m", "serve.web", "--bundle", str(bundle), "--host", "127.0.0.1",

@@ -25,17 +25,18 @@ import pytest
 import yaml
 
 from flows.dvcops import set_params
-from flows.monitor import EVENT, slug
+from flows.monitor import EVENT
+from flows.monitor_report import slug
 from tests.conftest import run_cmd
 from tests.e2e.conftest import (
     PREFECT,
     TINY,
     Background,
-    _deployment,
-    _inspect,
-    _prefect,
-    _run_deployment,
-    _wait_run,
+    inspect_run,
+    prefect_cli,
+    read_deployment,
+    run_deployment,
+    wait_run,
 )
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -56,7 +57,7 @@ def _api(env: dict[str, str], path: str, body: dict | None = None) -> object:
 
 def _retrain_runs(env) -> dict[str, dict]:
     """Runs of ``retrain/on-demand`` (the scheduler adds future runs of ``retrain/weekly``)."""
-    deployment = _deployment("retrain/on-demand", env)["id"]
+    deployment = read_deployment("retrain/on-demand", env)["id"]
     runs = _api(env, "/flow_runs/filter", {"flow_runs": {"deployment_id": {"any_": [deployment]}}})
     return {r["id"]: r for r in runs}
 
@@ -103,7 +104,8 @@ def _draw_batch(repo: Path, name: str, *, seed: int, n: int, profile: str | None
     """A HAM10000-layout batch drawn by the synthetic source at the TINY pipeline's image size."""
     out = repo / INBOX / name
     args = [
-        "python", "-m", "skinlesion.sources.synthetic", "--out", str(out), "--n-images", str(n), "--seed", str(seed),
+        "python", "-m", "skinlesion.sources.synthetic", "--out", str(out), "--n-images", str(n),
+        "--seed", str(seed),
         "--width", str(TINY["download.synthetic.width"]), "--height", str(TINY["download.synthetic.height"]),
         *(["--profile", profile] if profile else []),
     ]  # fmt: skip
@@ -128,22 +130,22 @@ def test_a_drifted_batch_starts_one_retrain_through_the_trigger(repo_copy, prefe
     # ---- deploy: monitor/daily on its cron, and the retrain trigger as an automation
     t0 = time.monotonic()
     for pool in ("cpu-pool", "gpu-pool"):
-        _prefect(["work-pool", "create", pool, "--type", "process"], env, repo)
-    deployed = " ".join(_prefect(["deploy", "--all"], env, repo).split())
+        prefect_cli(["work-pool", "create", pool, "--type", "process"], env, repo)
+    deployed = " ".join(prefect_cli(["deploy", "--all"], env, repo).split())
     for name in ("monitor/daily", "retrain/on-demand", "retrain/weekly"):
         assert f"Deployment '{name}' successfully created" in deployed, deployed
-    daily = json.loads(_prefect(["deployment", "inspect", "monitor/daily", "--output", "json"], env, repo))
+    daily = json.loads(prefect_cli(["deployment", "inspect", "monitor/daily", "--output", "json"], env, repo))
     assert [s["schedule"] for s in daily["schedules"]] == [
         {"cron": "0 2 * * *", "timezone": "UTC", "day_or": True}
     ]
     assert daily["entrypoint"] == "flows/monitor.py:monitor" and daily["work_pool_name"] == "cpu-pool"
     assert (daily.get("global_concurrency_limit") or {}).get("limit") == 1, daily
-    on_demand = _deployment("retrain/on-demand", env)  # it owns an automation: see _deployment
+    on_demand = read_deployment("retrain/on-demand", env)  # it owns an automation: see deployment
 
-    listed = _prefect(["automation", "ls"], env, repo)
+    listed = prefect_cli(["automation", "ls"], env, repo)
     assert "retrain-on-drift" in listed, listed
     [automation] = [a for a in _api(env, "/automations/filter") if a["name"] == "retrain-on-drift"]
-    inspected = _prefect(["automation", "inspect", "retrain-on-drift", "--output", "json"], env, repo)
+    inspected = prefect_cli(["automation", "inspect", "retrain-on-drift", "--output", "json"], env, repo)
     assert automation["id"] in inspected and "skinlesion.drift.detected" in inspected, inspected
     trigger, [action] = automation["trigger"], automation["actions"]
     assert automation["enabled"]
@@ -164,7 +166,7 @@ def test_a_drifted_batch_starts_one_retrain_through_the_trigger(repo_copy, prefe
     try:
         # ---- a bundle to check against
         t0 = time.monotonic()
-        first = _run_deployment(env, repo, worker)
+        first = run_deployment(env, repo, worker)
         timings["first retrain (whole pipeline)"] = time.monotonic() - t0
         assert first["state_type"] == "COMPLETED", f"{first['state']}\n{worker.tail(120)}"
         assert (repo / "models" / "production" / "bundle.json").is_file()
@@ -177,7 +179,7 @@ def test_a_drifted_batch_starts_one_retrain_through_the_trigger(repo_copy, prefe
         clean = _draw_batch(repo, CLEAN, seed=1101, n=100)
         (clean / "metadata.csv").unlink()
         t0 = time.monotonic()
-        m1 = _run_deployment(env, repo, worker, deployment="monitor/daily", timeout=600)
+        m1 = run_deployment(env, repo, worker, deployment="monitor/daily", timeout=600)
         timings["monitor, clean batch"] = time.monotonic() - t0
         assert m1["state_type"] == "COMPLETED", f"{m1['state']}\n{worker.tail(120)}"
         art = _artifact(f"drift-{slug(CLEAN)}", m1["id"], env)
@@ -190,7 +192,7 @@ def test_a_drifted_batch_starts_one_retrain_through_the_trigger(repo_copy, prefe
         drifted = _draw_batch(repo, DRIFTED, seed=1202, n=200, profile="clinic_b").resolve()
         batch_rows = _rows(drifted / "metadata.csv")
         t0 = time.monotonic()
-        m2 = _run_deployment(env, repo, worker, deployment="monitor/daily", timeout=600)
+        m2 = run_deployment(env, repo, worker, deployment="monitor/daily", timeout=600)
         timings["monitor, drifted batch"] = time.monotonic() - t0
         assert m2["state_type"] == "COMPLETED", f"{m2['state']}\n{worker.tail(120)}"
         art = _artifact(f"drift-{slug(DRIFTED)}", m2["id"], env)
@@ -205,14 +207,14 @@ def test_a_drifted_batch_starts_one_retrain_through_the_trigger(repo_copy, prefe
         timings["trigger -> retrain run created"] = time.monotonic() - t0
         assert len(new) == 1, f"expected one retrain run from the trigger, got {list(new)}\n{worker.tail(80)}"
         [run_id] = new
-        triggered = _inspect(run_id, env, repo)
+        triggered = inspect_run(run_id, env, repo)
         assert triggered["created_by"]["type"] == "AUTOMATION", triggered["created_by"]
         assert triggered["created_by"]["display_value"] == "retrain-on-drift"
         assert triggered["deployment_id"] == on_demand["id"]
         assert json.loads(triggered["parameters"]["extra_sources"]) == [str(drifted)]
 
         t0 = time.monotonic()
-        done = _wait_run(run_id, env, repo, worker, timeout=900)
+        done = wait_run(run_id, env, repo, worker, timeout=900)
         timings["triggered retrain"] = time.monotonic() - t0
         assert done["state_type"] == "COMPLETED", f"{done['state']}\n{worker.tail(120)}"
         params = yaml.safe_load((repo / "params.yaml").read_text())
@@ -232,7 +234,7 @@ def test_a_drifted_batch_starts_one_retrain_through_the_trigger(repo_copy, prefe
         # ---- nothing new: nothing checked, no retrain
         known = set(_retrain_runs(env))
         t0 = time.monotonic()
-        m3 = _run_deployment(env, repo, worker, deployment="monitor/daily", timeout=300)
+        m3 = run_deployment(env, repo, worker, deployment="monitor/daily", timeout=300)
         timings["monitor, nothing new"] = time.monotonic() - t0
         assert m3["state_type"] == "COMPLETED", f"{m3['state']}\n{worker.tail(120)}"
         summary = _artifact("monitor-summary", m3["id"], env)["data"]

@@ -22,7 +22,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.e2e.conftest import PREFECT, Background, _deployment, _prefect, _wait_run
+from tests.e2e.conftest import PREFECT, Background, prefect_cli, read_deployment, wait_run
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.heavy]
 
@@ -48,9 +48,9 @@ def test_two_runs_on_two_workers_serialize_through_the_deployment_limit_on_postg
     timings: dict[str, float] = {}
     t0 = time.monotonic()
     for pool in ("cpu-pool", "gpu-pool"):
-        _prefect(["work-pool", "create", pool, "--type", "process"], env, repo)
-    _prefect(["deploy", "--all"], env, repo)
-    deployment = _deployment("retrain/on-demand", env)
+        prefect_cli(["work-pool", "create", pool, "--type", "process"], env, repo)
+    prefect_cli(["deploy", "--all"], env, repo)
+    deployment = read_deployment("retrain/on-demand", env)
     limit = deployment.get("global_concurrency_limit") or {}
     assert limit.get("limit") == 1, deployment
     timings["deploy"] = time.monotonic() - t0
@@ -78,7 +78,7 @@ def test_two_runs_on_two_workers_serialize_through_the_deployment_limit_on_postg
             made.raise_for_status()
             run_ids.append(made.json()["id"])
         t0 = time.monotonic()
-        ends = [_wait_run(r, env, repo, workers[0], timeout=900) for r in run_ids]
+        ends = [wait_run(r, env, repo, workers[0], timeout=900) for r in run_ids]
         timings["two runs"] = time.monotonic() - t0
         tails = "\n".join(w.tail(80) for w in workers)
         for info in ends:

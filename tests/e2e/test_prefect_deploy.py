@@ -22,10 +22,10 @@ from tests.e2e.conftest import (
     PREFECT,
     TINY,
     Background,
-    _deployment,
-    _latest_artifact,
-    _prefect,
-    _run_deployment,
+    latest_artifact,
+    prefect_cli,
+    read_deployment,
+    run_deployment,
 )
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -51,11 +51,13 @@ def test_deploy_run_promote_then_reject_through_a_real_server(repo_copy, prefect
 
     t0 = time.monotonic()
     for pool in ("cpu-pool", "gpu-pool"):
-        _prefect(["work-pool", "create", pool, "--type", "process"], env, repo)
-    deployed = _prefect(["deploy", "--all"], env, repo)
+        prefect_cli(["work-pool", "create", pool, "--type", "process"], env, repo)
+    deployed = prefect_cli(["deploy", "--all"], env, repo)
     for name in ("retrain/weekly", "retrain/on-demand", "retrain/on-demand-gpu"):
         assert f"Deployment '{name}' successfully created" in deployed.replace("\n", " ").replace("  ", " ")
-    weekly = json.loads(_prefect(["deployment", "inspect", "retrain/weekly", "--output", "json"], env, repo))
+    weekly = json.loads(
+        prefect_cli(["deployment", "inspect", "retrain/weekly", "--output", "json"], env, repo)
+    )
     assert [s["schedule"] for s in weekly["schedules"]] == [
         {"cron": "0 3 * * 1", "timezone": "UTC", "day_or": True}
     ]
@@ -63,7 +65,7 @@ def test_deploy_run_promote_then_reject_through_a_real_server(repo_copy, prefect
     assert weekly["pull_steps"] == [
         {"prefect.deployments.steps.set_working_directory": {"directory": str(repo.resolve())}}
     ]
-    on_demand = _deployment("retrain/on-demand", env)  # it owns an automation: see _deployment
+    on_demand = read_deployment("retrain/on-demand", env)  # it owns an automation: see deployment
     assert on_demand["schedules"] == [] and on_demand["work_pool_name"] == "cpu-pool"
     timings["deploy"] = time.monotonic() - t0
 
@@ -75,7 +77,7 @@ def test_deploy_run_promote_then_reject_through_a_real_server(repo_copy, prefect
     )
     try:
         t0 = time.monotonic()
-        first = _run_deployment(env, repo, worker)
+        first = run_deployment(env, repo, worker)
         timings["first run (whole pipeline)"] = time.monotonic() - t0
         assert first["state_type"] == "COMPLETED", f"{first['state']}\n{worker.tail(120)}"
         assert first["state_name"] == "Completed", first["state"]["message"]
@@ -100,7 +102,7 @@ def test_deploy_run_promote_then_reject_through_a_real_server(repo_copy, prefect
         calibration = json.loads((repo / "metrics" / "calibration.json").read_text())
         assert record["metrics"]["metrics/calibration.json"]["threshold"] == calibration["threshold"]
 
-        summary = _latest_artifact("retrain-summary", env, repo)
+        summary = latest_artifact("retrain-summary", env, repo)
         md = summary["data"]
         assert summary["flow_run_id"] == first["id"]
         assert "**Outcome:** promoted: no production model yet; test_malignant_recall" in md
@@ -108,7 +110,7 @@ def test_deploy_run_promote_then_reject_through_a_real_server(repo_copy, prefect
         assert re.search(r"\| custom_cnn \| \d\.\d{3}", md), md
         assert f"`{record['data_version']}`" in md
         assert "| `train@mobilenetv2` | ran |" in md
-        listed = _prefect(["artifact", "ls"], env, repo)
+        listed = prefect_cli(["artifact", "ls"], env, repo)
         assert "retrain-summary" in listed and "retrain-metri" in listed
 
         # Second run: a rebuilt candidate (new recall target: calibrate reruns) facing a gate the
@@ -121,7 +123,7 @@ def test_deploy_run_promote_then_reject_through_a_real_server(repo_copy, prefect
             "gate_overrides": {"promote.max_auc_drop": -1.0},
         }
         t0 = time.monotonic()
-        second = _run_deployment(env, repo, worker, "--params", json.dumps(sabotage))
+        second = run_deployment(env, repo, worker, "--params", json.dumps(sabotage))
         timings["second run (calibrate only)"] = time.monotonic() - t0
         assert second["state_type"] == "COMPLETED", f"{second['state']}\n{worker.tail(120)}"
         assert second["state_name"] == "Not promoted"
@@ -132,12 +134,12 @@ def test_deploy_run_promote_then_reject_through_a_real_server(repo_copy, prefect
         assert (repo / "dvc.lock").read_text() != lock_before
         assert _snapshot(prod) == before
         assert run_cmd(["git", "tag"], repo).stdout.split() == tags
-        md2 = _latest_artifact("retrain-summary", env, repo)["data"]
+        md2 = latest_artifact("retrain-summary", env, repo)["data"]
         assert "**Outcome:** not promoted:" in md2 and "| macro_auc | FAIL |" in md2
         assert "**GATE OVERRIDDEN by the operator (gate_overrides), this run only:** " in md2
         assert "## Data version: same as production" in md2
         assert "## Paired comparison with production" in md2 and "test images less **0** (0 lesions)" in md2
-        diff = _latest_artifact("retrain-metrics-diff", env, repo)
+        diff = latest_artifact("retrain-metrics-diff", env, repo)
         rows = json.loads(diff["data"])
         recall = next(r for r in rows if r["metric"] == "target_recall")
         assert (recall["production"], recall["candidate"]) == (0.95, 0.97)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.conftest import Background, _free_port, wait_healthy
+from tests.e2e.conftest import Background, free_port, wait_healthy
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.realdata]
 
@@ -61,7 +61,7 @@ def served(shared_ham, tmp_path_factory):
     }.items():
         (metrics / rel).parent.mkdir(parents=True, exist_ok=True)
         (metrics / rel).symlink_to(made / src)
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
     app = Background(
         "web",

@@ -19,11 +19,12 @@ import pandas as pd
 import pytest
 from PIL import Image, ImageEnhance, ImageFilter
 
+from skinlesion.core.errors import StageError
 from skinlesion.measure.imagefeatures import jpeg_quality
 from skinlesion.params.load import parse_params
 from stages import drift
+from tests.builders.images import huge_header_jpeg, truncated_jpeg
 from tests.integration.real_bundle import build
-from tests.unit.test_drift import huge_header_jpeg, truncated_jpeg
 
 pytestmark = [pytest.mark.realdata, pytest.mark.slow]
 
@@ -144,7 +145,7 @@ def test_a_bomb_and_an_all_bad_folder(real):
     huge_header_jpeg(folder / "bomb.jpg")
     (folder / "fake.jpg").write_text("hello")
     with pytest.raises(
-        drift.StageError, match=r"none of the 2 image file\(s\) is readable .*bomb.jpg: 20000x20000"
+        StageError, match=r"none of the 2 image file\(s\) is readable .*bomb.jpg: 20000x20000"
     ):
         _check(real, folder, "hostile")
     # with good images beside it, the bomb is listed and the check goes on

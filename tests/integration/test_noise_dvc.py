@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tools.noise import noise_bands, read_noise
+from tools.noisefile import noise_bands, read_noise
 
 REPO = Path(__file__).resolve().parents[2]
 

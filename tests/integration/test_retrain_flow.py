@@ -234,7 +234,7 @@ def test_with_two_gpus_each_concurrent_train_stage_is_handed_its_own_device_id(t
     """What this shows: the flow runs train@a and train@b at once (DVC releases its lock while a
     stage command runs) and hands each a different CUDA_VISIBLE_DEVICES id. The toy stages touch
     no GPU; that TensorFlow then sees only that device is the gpu-marked
-    tests/unit/test_train.py::test_each_concurrent_stage_sees_only_its_own_gpu."""
+    tests/unit/model/test_train.py::test_each_concurrent_stage_sees_only_its_own_gpu."""
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
     monkeypatch.setenv("TOY_TRAIN_SECONDS", "4")
     state = retrain(stages=["train"], return_state=True)
@@ -304,12 +304,12 @@ def test_the_gate_scores_production_on_the_same_images(toy, prefect_api, tmp_pat
     the first promotion the next run scores production on the candidate's test images it has not
     seen (task score-production) and decides on the paired CI. The stored toy metrics are equal
     for both runs: only the paired comparison can tell the candidates apart."""
-    from flows.promote import score_requests
+    from flows.gate_paired import score_requests
     from skinlesion.measure.predictions import write_predictions
     from skinlesion.measure.scoring import IMAGE_ONLY
+    from tests.builders.bundles import make_bundle
+    from tests.builders.frames import served, with_probs
     from tests.conftest import make_jpeg
-    from tests.unit.test_gate_paired import served, with_probs
-    from tests.unit.test_serve import make_bundle
 
     real = tmp_path / "real"
     make_bundle(real / "bundle")

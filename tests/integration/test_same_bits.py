@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import yaml
 
-from tests.unit.test_train import make_prepared
+from tests.builders.training import make_prepared
 
 MEMBERS = ("mobilenetv2", "custom_cnn")  # the demo's ensemble
 # Keys that measure the machine (wall time, throughput), not the model.

@@ -2,8 +2,9 @@
 
 The folder is a slice of the real release as a user would hand it over: the original metadata
 lines, byte for byte (ages like ``80.0``, empty ages, ``unknown`` sex or site), and links to the
-real images in a subfolder. The bundle is the tiny untrained fusion bundle of the unit tests:
-what is checked is that the command reads real data and counts images, lesions and modes right.
+real images in a subfolder. The bundle is the tiny untrained fusion bundle of the unit tests
+(tests/builders/bundles.make_evaluate_bundle): what is checked is that the command reads real
+data and counts images, lesions and modes right.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import pytest
 from serve.evaluate import main
 from skinlesion.core.schema import MALIGNANT
 from skinlesion.measure.predictions import complete_metadata
-from tests.unit.test_serve_evaluate import make_bundle
+from tests.builders.bundles import make_evaluate_bundle
 
 pytestmark = [pytest.mark.realdata]
 
@@ -58,7 +59,7 @@ def test_real_images_are_scored_in_both_modes_and_lesions_counted(shared_ham, tm
         fh.writelines(line for line in lines[1:] if line.split(",")[1] in wanted)
     for i in rows["image_id"]:
         (folder / "images" / f"{i}.jpg").symlink_to(thumbs / f"{i}.jpg")
-    bundle = make_bundle(tmp_path / "bundle", fusion=True)
+    bundle = make_evaluate_bundle(tmp_path / "bundle", fusion=True)
 
     out = tmp_path / "metrics.json"
     rc = main([str(folder), "--bundle", str(bundle), "--out", str(out), "--bootstrap", "50", "--no-progress"])

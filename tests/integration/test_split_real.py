@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from skinlesion.params.load import parse_params
-from stages.download import import_folder
+from skinlesion.sources.local import import_folder
 from stages.split import run
 
 pytestmark = [pytest.mark.slow, pytest.mark.realdata]

@@ -11,8 +11,10 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from skinlesion.core.splits import SPLITS
 from skinlesion.params.load import parse_params
-from stages.validate import SPLITS, ValidationFailed, run
+from stages.validate import ValidationFailed, run
+from tests.builders.images import claim_size
 
 LONG_NAMES = {
     "akiec": "actinic keratoses",
@@ -298,10 +300,7 @@ def test_a_20000_by_20000_image_is_refused_from_its_header(tmp_path, shared_ham,
     measure that checking such a file allocates nothing; here the user sees why it is refused."""
     root = build(tmp_path, shared_ham, subset)
     path = root / "raw" / "images" / f"{victim[0]}.jpg"
-    data = bytearray(path.read_bytes())
-    i = data.find(b"\xff\xc0")
-    data[i + 5 : i + 9] = (20_000).to_bytes(2, "big") * 2
-    replace(path, bytes(data))
+    replace(path, claim_size(path.read_bytes(), 20_000, 20_000))
     msg = failure(root)
     assert (
         "images: more than max_pixels=100000000 pixels (refused before decoding): 1 file, "

@@ -135,7 +135,7 @@ test-fast: setup  ## the tests that take seconds
 	$(BIN)/python -m pytest -m "not slow and not e2e"
 
 lint: setup  ## ruff
-	$(BIN)/ruff check stages flows serve tests bench
+	$(BIN)/ruff check stages skinlesion flows serve tools tests bench
 
 bench: setup  ## benchmarks (need ../shared/data/ham10000); results go to bench/RESULTS.md
 	$(BIN)/python -m bench.run $(BENCH)

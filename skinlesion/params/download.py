@@ -24,9 +24,10 @@ class SyntheticParams:
     # Fraction of lesions drawn part-way towards a look-alike class (a naevus that looks like a
     # melanoma): keeps the task learnable but not perfectly separable, as in real dermoscopy.
     atypical_rate: float = bounded(0.2, lo=0.0, hi=1.0)
-    # Whose set it is (skinlesion/sources/synthetic_catalogue.py's PROFILES): default, or another clinic with its own
-    # patients and dermatoscope (colour cast, lighting, vignette, export): a drifted batch. Each
-    # clinic's image_ids and lesion_ids come from its own range: it can join the default set.
+    # Whose set it is (skinlesion/sources/synthetic_catalogue.py's PROFILES): default, or another
+    # clinic with its own patients and dermatoscope (colour cast, lighting, vignette, export): a
+    # drifted batch. Each clinic's image_ids and lesion_ids come from its own range: it can join
+    # the default set.
     profile: Literal["default", "clinic_b", "clinic_c"] = "default"
 
 

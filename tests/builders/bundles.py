@@ -98,23 +98,31 @@ def write_bundle(
     return root
 
 
-def make_bundle(root: Path, *, seed: int = 0, threshold: float = 0.3, temperature: float = 1.3) -> Path:
-    """A bundle folder as ``calibrate`` writes it, with one untrained custom-CNN member."""
+def custom_cnn_member(root: Path, *, seed: int, **spec: object) -> Path:
+    """An untrained custom-CNN member saved at ``root/members/custom_cnn/model.keras`` (``spec``:
+    more :class:`ModelSpec` fields, e.g. ``fusion=True, fusion_units=8``); its path."""
     import keras
 
     from skinlesion.model.networks import ModelSpec, build_backbone, build_model, output_bias_from_counts
 
     keras.utils.set_random_seed(seed)
     bb, _ = build_backbone("custom_cnn", SIZE, "none")
-    spec = ModelSpec(
+    model_spec = ModelSpec(
         backbone="custom_cnn",
         image_size=SIZE,
         output_bias=output_bias_from_counts([30, 50, 110, 12, 111, 670, 14]),
+        **spec,
     )
-    model = build_model(spec, bb, pretrained=False)
+    model = build_model(model_spec, bb, pretrained=False)
     member = root / "members" / "custom_cnn" / "model.keras"
     member.parent.mkdir(parents=True)
     model.save(member)
+    return member
+
+
+def make_bundle(root: Path, *, seed: int = 0, threshold: float = 0.3, temperature: float = 1.3) -> Path:
+    """A bundle folder as ``calibrate`` writes it, with one untrained custom-CNN member."""
+    member = custom_cnn_member(root, seed=seed)
     meta = {
         "format_version": 1,
         "created": "2026-11-30T12:00:00Z",
@@ -142,23 +150,7 @@ def make_evaluate_bundle(root: Path, *, fusion: bool, synthetic: bool = False, s
 
     ``fusion``: a member with the metadata inputs and format 2 with both operating points
     (the image-only one with the balanced decision); otherwise format 1 (image-only)."""
-    import keras
-
-    from skinlesion.model.networks import ModelSpec, build_backbone, build_model, output_bias_from_counts
-
-    keras.utils.set_random_seed(seed)
-    bb, _ = build_backbone("custom_cnn", SIZE, "none")
-    spec = ModelSpec(
-        backbone="custom_cnn",
-        image_size=SIZE,
-        fusion=fusion,
-        fusion_units=8,
-        output_bias=output_bias_from_counts([30, 50, 110, 12, 111, 670, 14]),
-    )
-    model = build_model(spec, bb, pretrained=False)
-    member = root / "members" / "custom_cnn" / "model.keras"
-    member.parent.mkdir(parents=True)
-    model.save(member)
+    member = custom_cnn_member(root, seed=seed, fusion=fusion, fusion_units=8)
     meta = {
         "created": "2026-11-30T12:00:00Z",
         "classes": list(CLASSES),
